@@ -1,0 +1,248 @@
+"""Typed configuration schema, loading (packaged YAML -> user YAML -> dotted overrides) and checks.
+
+Every check lives here; a bad key, type or value raises :class:`UserInputError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from alphastomics.errors import UserInputError
+
+TrainingMode = Literal["joint", "expr_to_pos", "pos_to_expr"]
+SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
+
+
+@dataclass
+class DiffusionConfig:
+    diffusion_steps: int = 1000
+    nu_expression: float = 1.0
+    nu_position: float = 1.0
+    noise_schedule: Literal["cosine"] = "cosine"
+
+
+@dataclass
+class LossConfig:
+    lambda_expression: float = 1.0
+    lambda_position: float = 1.0
+    use_distance_matrix: bool = True
+    exact_distance_max_cells: int = 3000
+    n_neighbor_pairs: int = 16
+    n_random_pairs: int = 48
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ff_mult: int = 2
+    n_fourier_features: int = 16
+    fourier_scale: float = 1.0
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class PreprocessingConfig:
+    gene_list_file: str | None = None
+    position_key: str = "ccf"
+    position_is_3d: bool = True
+
+
+@dataclass
+class LoadingConfig:
+    mode: Literal["slice", "cell"] = "slice"
+    batch_size: int = 1
+    max_cells: int | None = None
+    neighborhood_fraction: float = 0.5
+    num_workers: int = 0
+
+
+@dataclass
+class DataConfig:
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    loading: LoadingConfig = field(default_factory=LoadingConfig)
+
+
+@dataclass
+class TrainingConfig:
+    max_epochs: int = 200
+    max_steps: int = -1
+    max_time_minutes: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    precision: str = "32-true"
+    gradient_clip_val: float = 1.0
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    p_clean_expression: float = 0.4
+    p_clean_position: float = 0.4
+    accelerator: str = "auto"
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv"
+    log_every_n_steps: int = 10
+    val_every_n_epochs: int = 5
+    val_sample_steps: int = 20
+    val_max_slices: int = 2
+    max_consecutive_nonfinite: int = 10
+
+
+@dataclass
+class SamplingConfig:
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+
+
+@dataclass
+class DistributedConfig:
+    enabled: bool = False
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_nodes: int = 1
+    devices: int = 1
+    deepspeed_stage: int = 2
+
+
+@dataclass
+class Config:
+    training_mode: TrainingMode = "joint"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _check(cfg: Config) -> None:
+    checks: list[tuple[bool, str]] = [
+        (cfg.diffusion.diffusion_steps >= 2, "diffusion.diffusion_steps must be >= 2"),
+        (cfg.diffusion.nu_expression > 0, "diffusion.nu_expression must be > 0"),
+        (cfg.diffusion.nu_position > 0, "diffusion.nu_position must be > 0"),
+        (cfg.loss.lambda_expression >= 0, "loss.lambda_expression must be >= 0"),
+        (cfg.loss.lambda_position >= 0, "loss.lambda_position must be >= 0"),
+        (cfg.loss.exact_distance_max_cells >= 2, "loss.exact_distance_max_cells must be >= 2"),
+        (cfg.loss.n_neighbor_pairs >= 0, "loss.n_neighbor_pairs must be >= 0"),
+        (cfg.loss.n_random_pairs >= 0, "loss.n_random_pairs must be >= 0"),
+        (
+            cfg.loss.n_neighbor_pairs + cfg.loss.n_random_pairs > 0,
+            "loss.n_neighbor_pairs + loss.n_random_pairs must be > 0",
+        ),
+        (cfg.model.hidden_dim > 0, "model.hidden_dim must be > 0"),
+        (cfg.model.n_layers >= 1, "model.n_layers must be >= 1"),
+        (cfg.model.n_heads >= 1, "model.n_heads must be >= 1"),
+        (
+            cfg.model.hidden_dim % cfg.model.n_heads == 0,
+            f"model.hidden_dim ({cfg.model.hidden_dim}) must be divisible by model.n_heads "
+            f"({cfg.model.n_heads})",
+        ),
+        (cfg.model.ff_mult >= 1, "model.ff_mult must be >= 1"),
+        (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.data.loading.batch_size >= 1, "data.loading.batch_size must be >= 1"),
+        (
+            cfg.data.loading.max_cells is None or cfg.data.loading.max_cells >= 2,
+            "data.loading.max_cells must be null or >= 2",
+        ),
+        (
+            0 <= cfg.data.loading.neighborhood_fraction <= 1,
+            "data.loading.neighborhood_fraction must be in [0, 1]",
+        ),
+        (cfg.data.loading.num_workers >= 0, "data.loading.num_workers must be >= 0"),
+        (cfg.training.max_epochs >= 1, "training.max_epochs must be >= 1"),
+        (cfg.training.lr > 0, "training.lr must be > 0"),
+        (cfg.training.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
+        (0 <= cfg.training.p_clean_expression <= 1, "training.p_clean_expression must be in [0, 1]"),
+        (0 <= cfg.training.p_clean_position <= 1, "training.p_clean_position must be in [0, 1]"),
+        (
+            cfg.training.p_clean_expression + cfg.training.p_clean_position <= 1,
+            "training.p_clean_expression + training.p_clean_position must be <= 1",
+        ),
+        (0 < cfg.training.ema_decay < 1, "training.ema_decay must be in (0, 1)"),
+        (cfg.training.val_every_n_epochs >= 1, "training.val_every_n_epochs must be >= 1"),
+        (cfg.training.val_sample_steps >= 1, "training.val_sample_steps must be >= 1"),
+        (
+            cfg.training.max_consecutive_nonfinite >= 1,
+            "training.max_consecutive_nonfinite must be >= 1",
+        ),
+        (cfg.sampling.steps >= 1, "sampling.steps must be >= 1"),
+        (
+            cfg.sampling.steps <= cfg.diffusion.diffusion_steps,
+            f"sampling.steps ({cfg.sampling.steps}) must be <= diffusion.diffusion_steps "
+            f"({cfg.diffusion.diffusion_steps})",
+        ),
+        (0 <= cfg.sampling.eta <= 1, "sampling.eta must be in [0, 1]"),
+        (cfg.distributed.num_nodes >= 1, "distributed.num_nodes must be >= 1"),
+        (cfg.distributed.devices >= 1, "distributed.devices must be >= 1"),
+        (cfg.distributed.deepspeed_stage in (1, 2, 3), "distributed.deepspeed_stage must be 1-3"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserInputError(f"invalid config: {message}")
+
+
+def default_config_path() -> Path:
+    """Path of the packaged, commented ``config.yaml``."""
+    return Path(str(resources.files("alphastomics") / "config.yaml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build a checked :class:`Config`.
+
+    Order: schema defaults, the packaged ``config.yaml``, ``base`` (e.g. a checkpoint's saved
+    config), the user's ``path``, then dotted ``KEY=VALUE`` overrides.
+    """
+    layers = [OmegaConf.structured(Config), OmegaConf.load(default_config_path())]
+    if base is not None:
+        layers.append(OmegaConf.create(base))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # noqa: BLE001 - any YAML error becomes one user-facing line
+            raise UserInputError(f"config file {path} is not valid YAML: {err}") from err
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(
+                f"override {item!r} is not KEY=VALUE; write e.g. training.max_epochs=5"
+            )
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        reason = str(err).splitlines()[0]
+        raise UserInputError(
+            f"invalid config key {key!r}: {reason}. See `alphastomics train --print_config` "
+            "for every key and its type"
+        ) from err
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of ``cfg`` (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """Resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
