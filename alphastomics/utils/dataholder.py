@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,6 +95,28 @@ class DataHolder:
             object.__setattr__(self, "gene_mask", gene_mask)
         elif self.gene_mask.shape != (b, g):
             raise ValueError(f"gene_mask must be {(b, g)}, got {tuple(self.gene_mask.shape)}")
+
+    @classmethod
+    def from_arrays(
+        cls,
+        expression: np.ndarray,
+        positions: np.ndarray,
+        *,
+        gene_mask: np.ndarray | None = None,
+        cell_type: np.ndarray | None = None,
+        slice_index: int | None = None,
+    ) -> DataHolder:
+        """A one-item holder (B = 1) from one slice's arrays: expression (N, G), positions (N, D)."""
+        n = expression.shape[0]
+        return cls(
+            expression=torch.as_tensor(np.asarray(expression, dtype=np.float32))[None],
+            positions=torch.as_tensor(np.asarray(positions, dtype=np.float32))[None],
+            node_mask=torch.ones(1, n, dtype=torch.bool),
+            gene_mask=None if gene_mask is None else torch.as_tensor(np.asarray(gene_mask, bool))[None],
+            cell_type=None if cell_type is None else torch.as_tensor(np.asarray(cell_type, np.int64))[None],
+            cell_index=torch.arange(n)[None],
+            slice_index=None if slice_index is None else torch.tensor([slice_index]),
+        )
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,246 @@
+"""The denoiser network: noisy (expression, positions, times) -> predicted clean values (x0)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alphastomics.attn_model.layers import (
+    AdaptiveLayerNorm,
+    ExpressionEncoder,
+    PositionEncoder,
+    TimeEmbedding,
+)
+from alphastomics.attn_model.transformer import TransformerLayer
+from alphastomics.utils.dataholder import apply_mask, center
+
+# Smoothing of the radius in the position head, in position units. Coordinates are scaled to unit
+# RMS radius, so this is 1 % of a slice radius: nearer the centroid the unit direction fades
+# smoothly to 0 instead of blowing up its gradient (LUNA divides by ||x|| + 1e-9).
+_RADIUS_EPS = 1e-2
+
+
+@dataclass
+class DenoiserOutput:
+    """What :class:`Denoiser` returns; padded rows are 0 in every field.
+
+    Attributes
+    ----------
+    expression
+        (B, N, G) predicted clean expression (also for unmeasured genes: an imputation).
+    positions
+        (B, N, D) predicted clean positions, zero masked centroid.
+    hidden
+        (B, N, H) final per-cell representation (input of the output heads).
+    expression_embedding
+        (B, N, H) output of the expression encoder.
+    position_embedding
+        (B, N, H) output of the position encoder.
+    """
+
+    expression: Tensor
+    positions: Tensor
+    hidden: Tensor
+    expression_embedding: Tensor
+    position_embedding: Tensor
+
+
+class Denoiser(nn.Module):
+    """Transformer over the cells of a slice that predicts clean expression and positions.
+
+    Cells are embedded by an expression encoder (expression plus a per-gene "measured"
+    indicator) and a position encoder (coordinates, their norm, random Fourier features), summed,
+    and passed through ``n_layers`` pre-LN transformer layers whose attention is linear in the
+    number of cells. Each modality's time gets its own sinusoidal embedding and MLP; their sum
+    conditions every LayerNorm (adaptive LayerNorm, as in DiT), so each layer knows how noisy
+    each modality is, and separate MLPs keep "expression noisy" and "positions noisy" apart.
+
+    Output heads (x0-prediction):
+
+    - expression: ``gate_e(t_e) * expression_t + Linear(h)``, with a per-gene gate in (0, 1)
+      from the expression time alone. G genes do not fit through H features, so at low noise the
+      skip carries the input and the head only corrects it; at t = 1 the gate can learn 0 (the
+      c_skip of Karras et al. 2022, learned instead of derived from a schedule).
+    - positions: a free update path ``x = gate_p(t_p) * positions_t + Linear(h)`` (D outputs,
+      so cells can move anywhere), then LUNA's norm scaling with a 1-dimensional norm, written as
+      a radial correction ``x + unit(x) * r(h, ||x||)``: the new norm ``||x|| + r`` comes from
+      the cell state and its current distance to the centroid only, which makes it rotation
+      invariant; it is the quantity expression predicts independently of a slice's arbitrary
+      orientation. The result is centred with the masked centroid.
+
+    Symmetries and guarantees (enforced by ``tests/test_model.py``):
+
+    - permutation-equivariant over cells;
+    - translation-invariant: ``positions_t`` is re-centred with its masked centroid on entry;
+      the predicted positions have zero masked centroid;
+    - not rotation-equivariant: coordinates, Fourier frequencies and the linear heads see the
+      axes. Teach the invariance by random rotations of training positions where frames are
+      arbitrary;
+    - padded cells (``node_mask`` False) never change real cells' outputs, and their own outputs
+      are 0; batch items are independent; unmeasured genes (``gene_mask`` False) are never read;
+    - every parameter receives a gradient in each forward/backward, so plain DDP works.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes G.
+    n_dims
+        Number of spatial dimensions D (2 or 3).
+    hidden_dim
+        Width H of cell states; divisible by ``n_heads``.
+    n_layers
+        Number of transformer layers.
+    n_heads
+        Attention heads.
+    ff_mult
+        Feed-forward width as a multiple of H.
+    n_fourier_features
+        Random Fourier frequencies of the position encoder (0 disables them).
+    fourier_scale
+        Standard deviation of those frequencies, in 1 / position units.
+    dropout
+        Dropout in attention and feed-forward.
+    layer_norm_eps
+        LayerNorm epsilon.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> from alphastomics.config import ModelConfig
+    >>> net = Denoiser(n_genes=50, n_dims=3, **dataclasses.asdict(ModelConfig()))
+    """
+
+    def __init__(
+        self,
+        *,
+        n_genes: int,
+        n_dims: int = 3,
+        hidden_dim: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        ff_mult: int = 2,
+        n_fourier_features: int = 16,
+        fourier_scale: float = 1.0,
+        dropout: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.n_genes = n_genes
+        self.n_dims = n_dims
+        self.hidden_dim = hidden_dim
+
+        self.expression_encoder = ExpressionEncoder(n_genes, hidden_dim)
+        self.position_encoder = PositionEncoder(
+            n_dims, hidden_dim, n_fourier_features, fourier_scale
+        )
+        self.expression_time = TimeEmbedding(hidden_dim)
+        self.position_time = TimeEmbedding(hidden_dim)
+        self.layers = nn.ModuleList(
+            TransformerLayer(hidden_dim, n_heads, ff_mult, dropout, layer_norm_eps)
+            for _ in range(n_layers)
+        )
+        self.final_norm = AdaptiveLayerNorm(hidden_dim, layer_norm_eps)
+
+        self.expression_head = nn.Linear(hidden_dim, n_genes)
+        self.expression_skip = nn.Linear(hidden_dim, n_genes)
+        self.position_head = nn.Linear(hidden_dim, n_dims)
+        self.position_skip = nn.Linear(hidden_dim, 1)
+        self.radius_head = nn.Sequential(
+            nn.Linear(hidden_dim + 1, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1)
+        )
+
+    def forward(
+        self,
+        expression_t: Tensor,
+        positions_t: Tensor,
+        t_expression: Tensor,
+        t_position: Tensor,
+        node_mask: Tensor,
+        gene_mask: Tensor,
+    ) -> DenoiserOutput:
+        """Predict clean expression and positions from their noisy versions.
+
+        Parameters
+        ----------
+        expression_t
+            (B, N, G) noisy (or clean) expression.
+        positions_t
+            (B, N, D) noisy (or clean) positions; any translation gives the same output.
+        t_expression, t_position
+            (B,) float diffusion time of each modality in [0, 1] (0 = clean).
+        node_mask
+            (B, N) bool, True for a real cell.
+        gene_mask
+            (B, G) bool, True for a gene the item's slice measured.
+
+        Returns
+        -------
+        DenoiserOutput
+            Predictions and representations; padded rows are 0.
+        """
+        self._check_shapes(
+            expression_t, positions_t, t_expression, t_position, node_mask, gene_mask
+        )
+        mask = node_mask.bool()
+        measured = gene_mask.bool()
+
+        # inputs: padded cells and unmeasured genes read as 0, positions re-centred
+        expr_t = apply_mask(expression_t * measured.unsqueeze(1).to(expression_t.dtype), mask)
+        pos_t = center(positions_t, mask)  # (B, N, D)
+
+        expr_emb = apply_mask(self.expression_encoder(expr_t, measured), mask)  # (B, N, H)
+        pos_emb = apply_mask(self.position_encoder(pos_t), mask)  # (B, N, H)
+        time_expr = self.expression_time(t_expression)  # (B, H)
+        time_pos = self.position_time(t_position)  # (B, H)
+        cond = time_expr + time_pos  # (B, H)
+
+        h = expr_emb + pos_emb  # (B, N, H)
+        for layer in self.layers:
+            h = layer(h, cond, mask)
+        h = apply_mask(self.final_norm(h, cond), mask)  # (B, N, H)
+
+        # expression: per-gene skip of the noisy input + correction from the cell state
+        gate_expr = torch.sigmoid(self.expression_skip(F.silu(time_expr))).unsqueeze(1)  # (B, 1, G)
+        expr_hat = apply_mask(gate_expr * expr_t + self.expression_head(h), mask)  # (B, N, G)
+
+        # positions: free update path, then a radial correction of the norm
+        gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)
+        pos_free = gate_pos * pos_t + self.position_head(h)  # (B, N, D)
+        radius = torch.sqrt(pos_free.square().sum(dim=-1, keepdim=True) + _RADIUS_EPS**2)
+        delta_radius = self.radius_head(torch.cat([h, radius], dim=-1))  # (B, N, 1)
+        pos_hat = center(pos_free + pos_free / radius * delta_radius, mask)  # (B, N, D)
+
+        return DenoiserOutput(
+            expression=expr_hat,
+            positions=pos_hat,
+            hidden=h,
+            expression_embedding=expr_emb,
+            position_embedding=pos_emb,
+        )
+
+    def _check_shapes(
+        self,
+        expression_t: Tensor,
+        positions_t: Tensor,
+        t_expression: Tensor,
+        t_position: Tensor,
+        node_mask: Tensor,
+        gene_mask: Tensor,
+    ) -> None:
+        b, n = node_mask.shape
+        expected = {
+            "expression_t": ((b, n, self.n_genes), expression_t.shape),
+            "positions_t": ((b, n, self.n_dims), positions_t.shape),
+            "t_expression": ((b,), t_expression.shape),
+            "t_position": ((b,), t_position.shape),
+            "gene_mask": ((b, self.n_genes), gene_mask.shape),
+        }
+        for name, (want, got) in expected.items():
+            if tuple(got) != want:
+                raise ValueError(
+                    f"Denoiser: {name} must have shape {want} (from node_mask {(b, n)}, "
+                    f"n_genes={self.n_genes}, n_dims={self.n_dims}), got {tuple(got)}"
+                )

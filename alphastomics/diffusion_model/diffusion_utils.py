@@ -1,0 +1,145 @@
+"""Schedule maths and masked noise draws shared by the noise model, the loss and the sampler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from alphastomics.utils.dataholder import apply_mask, center
+
+# Largest per-step beta_t = 1 - alpha_bar[t] / alpha_bar[t - 1] (Nichol & Dhariwal 2021, sec. 3.2
+# clip beta_t <= 0.999 so that the last steps stay finite; MiDi clips alpha_t >= 0.001 likewise).
+MAX_BETA = 0.999
+
+
+def cosine_alpha_bar(diffusion_steps: int, nu: float = 1.0, s: float = 0.008) -> Tensor:
+    """Cosine schedule of the signal level ``alpha_bar`` with exponent ``nu`` on time (MiDi).
+
+    ``alpha_bar(t) = cos(pi/2 * (t**nu + s) / (1 + s))**2 / cos(pi/2 * s / (1 + s))**2`` at
+    ``t = step / T`` (Nichol & Dhariwal 2021, eq. 17, https://arxiv.org/abs/2102.09672; the
+    exponent ``nu`` is MiDi's, Vignac et al. 2023, https://arxiv.org/abs/2302.09048). ``nu > 1``
+    keeps more signal early (noise comes later), ``nu < 1`` destroys it sooner.
+
+    The raw curve reaches exactly 0 at ``t = 1``. Each per-step ratio
+    ``alpha_bar[t] / alpha_bar[t - 1]`` is therefore clipped to ``[1 - MAX_BETA, 1]``
+    (``beta_t <= 0.999``) and ``alpha_bar`` is rebuilt as their cumulative product, so
+    ``alpha_bar[T]`` is tiny but strictly positive and every step is finite.
+
+    Parameters
+    ----------
+    diffusion_steps
+        T, number of steps (>= 1).
+    nu
+        Exponent on t inside the cosine (> 0).
+    s
+        Offset that keeps beta_1 from being vanishingly small.
+
+    Returns
+    -------
+    Tensor
+        (T + 1,) float64, ``alpha_bar[0] = 1``, strictly decreasing, ``alpha_bar[T] > 0``.
+    """
+    if diffusion_steps < 1:
+        raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
+    if nu <= 0:
+        raise ValueError(f"nu must be > 0, got {nu}")
+    t = torch.linspace(0.0, 1.0, diffusion_steps + 1, dtype=torch.float64)
+    f = torch.cos(0.5 * math.pi * (t**nu + s) / (1.0 + s)) ** 2
+    alpha_bar = f / f[0]
+    step_alpha = (alpha_bar[1:] / alpha_bar[:-1]).clamp(min=1.0 - MAX_BETA, max=1.0)
+    return torch.cat([alpha_bar.new_ones(1), torch.cumprod(step_alpha, dim=0)])
+
+
+def extract(coeffs: Tensor, step: Tensor, n_dims_out: int) -> Tensor:
+    """Pick one coefficient per item and shape it to broadcast over (B, ...).
+
+    Parameters
+    ----------
+    coeffs
+        (T + 1,) schedule values indexed by integer step.
+    step
+        (B,) long steps in [0, T].
+    n_dims_out
+        Number of dimensions of the tensor the result multiplies, e.g. 3 for (B, N, F).
+
+    Returns
+    -------
+    Tensor
+        (B, 1, ..., 1) with ``n_dims_out`` dimensions, e.g. (B, 1, 1).
+    """
+    return coeffs[step].reshape(step.shape[0], *([1] * (n_dims_out - 1)))
+
+
+def _randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    # Draw on the generator's own device, so a CPU generator gives the same numbers on any device.
+    draw_device = generator.device if generator is not None else device
+    x = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype)
+    return x.to(device) if device is not None else x
+
+
+def sample_masked_gaussian(
+    shape: tuple[int, ...],
+    node_mask: Tensor,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Standard normal noise with padded rows set to zero.
+
+    Parameters
+    ----------
+    shape
+        (B, N, F).
+    node_mask
+        (B, N) bool, True for a real cell.
+    generator
+        Random source (on any device; the draw is moved to ``device``).
+    device, dtype
+        Of the result; default ``node_mask.device`` and the default float dtype.
+
+    Returns
+    -------
+    Tensor
+        (B, N, F), N(0, 1) on real rows, exactly 0 on padded rows.
+    """
+    device = node_mask.device if device is None else device
+    return apply_mask(_randn(tuple(shape), generator, device, dtype), node_mask)
+
+
+def sample_centered_gaussian(
+    shape: tuple[int, ...],
+    node_mask: Tensor,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Standard normal noise projected onto the zero-centre-of-mass subspace of the real cells.
+
+    This is the isotropic Gaussian on the (N - 1) * D dimensional subspace used for
+    translation-invariant coordinates (Hoogeboom et al. 2022, EDM for molecules, sec. 3).
+
+    Parameters
+    ----------
+    shape
+        (B, N, D).
+    node_mask
+        (B, N) bool, True for a real cell.
+    generator
+        Random source (on any device; the draw is moved to ``device``).
+    device, dtype
+        Of the result; default ``node_mask.device`` and the default float dtype.
+
+    Returns
+    -------
+    Tensor
+        (B, N, D) with zero masked mean per item and exactly 0 on padded rows.
+    """
+    device = node_mask.device if device is None else device
+    return center(_randn(tuple(shape), generator, device, dtype), node_mask)

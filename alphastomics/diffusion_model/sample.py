@@ -1,0 +1,193 @@
+"""Reverse diffusion: `DiffusionSampler` for the modes expr_to_pos, pos_to_expr and joint.
+
+Two samplers share one loop: ancestral DDPM over every step of the schedule, and DDIM (Song et
+al. 2021) over any number of steps (``eta`` = 0 deterministic, 1 ancestral-like noise). The
+sampler works in model space (standardised expression, scaled positions); mapping back to the
+user's units is done by :func:`positions_to_user_units` and the module's expression scaler.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from alphastomics.diffusion_model.diffusion_utils import (
+    sample_centered_gaussian,
+    sample_masked_gaussian,
+)
+from alphastomics.diffusion_model.noise_model import NoiseModel
+from alphastomics.utils.dataholder import apply_mask, center
+
+SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
+SamplerKind = Literal["ddim", "ddpm"]
+SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
+
+
+def step_grid(diffusion_steps: int, n_steps: int) -> list[int]:
+    """Descending integer steps ``[T, ..., 0]`` with ``n_steps`` transitions, evenly spaced.
+
+    Duplicates from rounding are removed, so fewer transitions are possible only when
+    ``n_steps > diffusion_steps``, which callers reject.
+    """
+    grid = np.linspace(diffusion_steps, 0, n_steps + 1).round().astype(int)
+    return sorted({int(s) for s in grid}, reverse=True)
+
+
+class DiffusionSampler:
+    """Draw samples from a trained denoiser.
+
+    Parameters
+    ----------
+    model
+        The ``Denoiser``: ``model(expr_t, pos_t, t_expr, t_pos, node_mask, gene_mask)`` returns an
+        object with ``expression`` (B, N, G) and ``positions`` (B, N, D) predictions of the clean data.
+    noise_model
+        The ``NoiseModel`` the denoiser was trained with.
+    sampler, steps, eta
+        Defaults for :meth:`sample`: ``"ddim"`` with ``steps`` network evaluations, or ``"ddpm"``
+        (ancestral, every one of the ``T`` steps).
+    show_progress
+        Show a tqdm bar over the reverse steps.
+
+    Examples
+    --------
+    >>> sampler = DiffusionSampler(module.model, module.noise_model)
+    >>> _, positions = sampler.sample(expr, pos, mask, mode="expr_to_pos")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_model: NoiseModel,
+        *,
+        sampler: SamplerKind = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        show_progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.noise_model = noise_model
+        self.sampler = sampler
+        self.steps = steps
+        self.eta = eta
+        self.show_progress = show_progress
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        expression: Tensor,
+        positions: Tensor,
+        node_mask: Tensor,
+        mode: SampleMode,
+        *,
+        gene_mask: Tensor | None = None,
+        sampler: SamplerKind | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the reverse process for one sample per item.
+
+        Parameters
+        ----------
+        expression
+            (B, N, G) clean expression (read in ``expr_to_pos``; only its shape otherwise).
+        positions
+            (B, N, D) clean positions (read in ``pos_to_expr``; only its shape otherwise).
+        node_mask
+            (B, N) bool, True for real cells.
+        mode
+            ``expr_to_pos``, ``pos_to_expr`` or ``joint``.
+        gene_mask
+            (B, G) bool measured genes (default all).
+        generator
+            Source of every random draw; no global RNG is touched.
+
+        Returns
+        -------
+        (expression, positions)
+            (B, N, G) and (B, N, D); the conditioning modality is returned unchanged (positions
+            centred), the generated one is the final x0 estimate. Padded rows are zero.
+        """
+        if mode not in SAMPLE_MODES:
+            raise ValueError(f"unknown sample mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
+        sampler = sampler or self.sampler
+        eta = self.eta if eta is None else eta
+        T = self.noise_model.T
+        if sampler == "ddpm":
+            grid = list(range(T, -1, -1))
+        elif sampler == "ddim":
+            n_steps = steps or self.steps
+            if not 1 <= n_steps <= T:
+                raise ValueError(f"steps must be in [1, {T}] (the model's diffusion_steps), got {n_steps}")
+            grid = step_grid(T, n_steps)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+
+        mask = node_mask.bool()
+        b = expression.shape[0]
+        device = expression.device
+        if gene_mask is None:
+            gene_mask = torch.ones(b, expression.shape[2], dtype=torch.bool, device=device)
+        gen_expr = mode in ("pos_to_expr", "joint")
+        gen_pos = mode in ("expr_to_pos", "joint")
+
+        expr = apply_mask(expression, mask)
+        pos = center(positions, mask)
+        if gen_expr:
+            expr = sample_masked_gaussian(expr.shape, mask, generator=generator, device=device)
+        if gen_pos:
+            pos = sample_centered_gaussian(pos.shape, mask, generator=generator, device=device)
+        zeros = torch.zeros(b, dtype=torch.long, device=device)
+
+        expr_hat, pos_hat = expr, pos
+        pairs = list(zip(grid[:-1], grid[1:], strict=True))
+        for t, s in tqdm(pairs, desc=f"sampling {mode}", disable=not self.show_progress):
+            step_t = torch.full((b,), t, dtype=torch.long, device=device)
+            step_s = torch.full((b,), s, dtype=torch.long, device=device)
+            t_expr = (step_t if gen_expr else zeros).float() / T
+            t_pos = (step_t if gen_pos else zeros).float() / T
+            out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
+            if gen_expr:
+                expr_hat = apply_mask(out.expression, mask)
+                expr = self._step("expression", expr_hat, expr, step_t, step_s, sampler, eta, generator)
+                expr = apply_mask(expr, mask)
+            if gen_pos:
+                pos_hat = center(out.positions, mask)
+                pos = self._step("position", pos_hat, pos, step_t, step_s, sampler, eta, generator)
+                pos = center(pos, mask)
+        return (expr_hat if gen_expr else expr), (pos_hat if gen_pos else pos)
+
+    def _step(
+        self,
+        modality: Literal["expression", "position"],
+        x0_hat: Tensor,
+        z_t: Tensor,
+        step_t: Tensor,
+        step_s: Tensor,
+        sampler: SamplerKind,
+        eta: float,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+        if sampler == "ddpm":
+            mean, std = self.noise_model.posterior(modality, x0_hat, z_t, step_t, step_s)
+            last = (step_s == 0).view(-1, *([1] * (z_t.dim() - 1)))
+            return torch.where(last, x0_hat, mean + std * noise)
+        return self.noise_model.ddim_step(modality, x0_hat, z_t, step_t, step_s, eta, noise)
+
+
+def positions_to_user_units(
+    positions: np.ndarray, center_: np.ndarray, scale: float, input_dims: int
+) -> np.ndarray:
+    """Map scaled, centred positions (N, 3) back to the user's coordinates (N, input_dims).
+
+    A generated layout is only defined up to rotation, reflection and translation; this restores
+    the slice's scale and centroid, not an orientation.
+    """
+    user = positions.astype(np.float64) * scale + np.asarray(center_, dtype=np.float64)[None, :]
+    return user[:, :input_dims].astype(np.float32)

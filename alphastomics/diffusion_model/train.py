@@ -1,0 +1,306 @@
+"""`AlphaSTomicsModule`: the LightningModule that arranges noise, network, loss and logging.
+
+It is the only place that logs. Expression arrives log-normalised from the data loaders and is
+standardised per gene here (the statistics come from the training split and live in the
+checkpoint), so every consumer of a checkpoint maps back to the same units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from alphastomics import __version__
+from alphastomics.attn_model.model import Denoiser
+from alphastomics.config import Config, config_to_dict, load_config
+from alphastomics.diffusion_model.loss import DiffusionLoss, compute_loss
+from alphastomics.diffusion_model.noise_model import NoiseModel
+from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
+from alphastomics.utils.dataholder import DataHolder, apply_mask
+
+log = logging.getLogger(__name__)
+
+
+class AlphaSTomicsModule(pl.LightningModule):
+    """Dual-modality diffusion model: training, validation and sampling entry points.
+
+    Parameters
+    ----------
+    cfg
+        A :class:`~alphastomics.config.Config` or its dict form (as stored in checkpoints).
+    num_genes
+        G, the length of the model's gene list.
+    gene_names
+        The model's genes in order (stored so new data can be matched by name).
+    gene_mean, gene_std
+        (G,) per-gene statistics of log-normalised training expression; default 0 and 1.
+    data_info
+        What the data looked like at preprocess time (AnnData keys, normalisation, cell types):
+        stored in the checkpoint so ``sample``/``test``/``extract`` need no extra flags.
+    """
+
+    def __init__(
+        self,
+        cfg: Config | dict[str, Any],
+        num_genes: int,
+        *,
+        gene_names: list[str] | None = None,
+        gene_mean: list[float] | None = None,
+        gene_std: list[float] | None = None,
+        data_info: dict[str, Any] | None = None,
+        n_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if isinstance(cfg, Config):
+            cfg_dict = config_to_dict(cfg)
+        else:
+            cfg_dict = dict(cfg)
+            cfg = load_config(base=cfg_dict)
+        self.cfg: Config = cfg
+        self.save_hyperparameters(
+            {
+                "cfg": cfg_dict,
+                "num_genes": num_genes,
+                "gene_names": list(gene_names) if gene_names is not None else None,
+                "gene_mean": list(gene_mean) if gene_mean is not None else None,
+                "gene_std": list(gene_std) if gene_std is not None else None,
+                "data_info": data_info or {},
+                "n_dims": n_dims,
+                "alphastomics_version": __version__,
+            }
+        )
+        self.model = Denoiser(n_genes=num_genes, n_dims=n_dims, **dataclasses.asdict(cfg.model))
+        self.noise_model = NoiseModel(
+            diffusion_steps=cfg.diffusion.diffusion_steps,
+            nu_expression=cfg.diffusion.nu_expression,
+            nu_position=cfg.diffusion.nu_position,
+        )
+        mean = torch.zeros(num_genes) if gene_mean is None else torch.tensor(gene_mean)
+        std = torch.ones(num_genes) if gene_std is None else torch.tensor(gene_std)
+        self.register_buffer("gene_mean", mean.float(), persistent=False)
+        self.register_buffer("gene_std", std.float().clamp(min=1e-6), persistent=False)
+        self._nonfinite_in_a_row = 0
+        self.n_skipped_steps = 0
+
+    # ------------------------------------------------------------------ expression units
+    def standardize(self, expression: Tensor, node_mask: Tensor, gene_mask: Tensor) -> Tensor:
+        """Log-normalised (B, N, G) -> model space; unmeasured genes and padded cells are 0."""
+        z = (expression - self.gene_mean) / self.gene_std
+        return apply_mask(z, node_mask) * gene_mask.unsqueeze(1).to(z.dtype)
+
+    def unstandardize(self, expression: Tensor) -> Tensor:
+        """Model space (..., G) -> log-normalised expression."""
+        return expression * self.gene_std + self.gene_mean
+
+    def on_after_batch_transfer(self, batch: DataHolder, dataloader_idx: int) -> DataHolder:
+        """Standardise expression once per batch, on the device."""
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        return batch.replace(expression=expr)
+
+    # ------------------------------------------------------------------ training
+    def _clean_masks(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Which items hold expression / positions clean this step, per ``training_mode``."""
+        device = self.device
+        mode = self.cfg.training_mode
+        if mode == "expr_to_pos":
+            clean_expr = torch.ones(batch_size, dtype=torch.bool, device=device)
+            return clean_expr, ~clean_expr
+        if mode == "pos_to_expr":
+            clean_pos = torch.ones(batch_size, dtype=torch.bool, device=device)
+            return ~clean_pos, clean_pos
+        u = torch.rand(batch_size, device=device)
+        p_expr = self.cfg.training.p_clean_expression
+        p_pos = self.cfg.training.p_clean_position
+        return u < p_expr, (u >= p_expr) & (u < p_expr + p_pos)
+
+    def diffusion_loss(self, batch: DataHolder, generator: torch.Generator | None = None) -> DiffusionLoss:
+        """Noise a standardised batch, denoise it and score the prediction."""
+        b = batch.batch_size
+        clean_expr, clean_pos = self._clean_masks(b)
+        step_e = self.noise_model.sample_steps(b, device=self.device, generator=generator)
+        step_p = self.noise_model.sample_steps(b, device=self.device, generator=generator)
+        step_e = torch.where(clean_expr, torch.zeros_like(step_e), step_e)
+        step_p = torch.where(clean_pos, torch.zeros_like(step_p), step_p)
+        noisy = self.noise_model.apply_noise(
+            batch, step_expression=step_e, step_position=step_p, generator=generator
+        )
+        out = self.model(
+            noisy.noisy_expression,
+            noisy.noisy_positions,
+            noisy.t_expression,
+            noisy.t_position,
+            noisy.node_mask,
+            noisy.gene_mask,
+        )
+        loss_cfg = self.cfg.loss
+        return compute_loss(
+            out.expression,
+            out.positions,
+            noisy,
+            lambda_expression=loss_cfg.lambda_expression,
+            lambda_position=loss_cfg.lambda_position,
+            use_distance_matrix=loss_cfg.use_distance_matrix,
+            exact_distance_max_cells=loss_cfg.exact_distance_max_cells,
+            n_neighbor_pairs=loss_cfg.n_neighbor_pairs,
+            n_random_pairs=loss_cfg.n_random_pairs,
+            expression_weight=(~clean_expr).float(),
+            position_weight=(~clean_pos).float(),
+            generator=generator,
+        )
+
+    def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
+        result = self.diffusion_loss(batch)
+        if not torch.isfinite(result.total):
+            return self._skip_nonfinite("loss")
+        self._nonfinite_in_a_row = 0
+        self.log("train/loss", result.total, batch_size=batch.batch_size, prog_bar=True)
+        self.log_dict(
+            {f"train/{k}": v for k, v in result.terms.items()}, batch_size=batch.batch_size
+        )
+        return result.total
+
+    def _skip_nonfinite(self, what: str) -> None:
+        self._nonfinite_in_a_row += 1
+        self.n_skipped_steps += 1
+        self.log("train/skipped_steps", float(self.n_skipped_steps))
+        limit = self.cfg.training.max_consecutive_nonfinite
+        log.warning("non-finite %s at step %d: step skipped", what, self.global_step)
+        if self._nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} non-finite {what} values in a row (limit "
+                f"training.max_consecutive_nonfinite={limit}); stopped. The last good checkpoint "
+                "is intact: lower training.lr, check the input data, or resume with --resume"
+            )
+        return None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Run forward/backward, then step only when every gradient is finite."""
+        if optimizer_closure is not None:
+            optimizer_closure()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite("gradient")
+            return
+        optimizer.step()
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: DataHolder, batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        result = self.diffusion_loss(batch, generator=generator)
+        b = batch.batch_size
+        self.log("val/loss", result.total, batch_size=b, prog_bar=True, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in result.terms.items()}, batch_size=b, sync_dist=True)
+        if batch_idx < self.cfg.training.val_max_slices:
+            for name, value in self.quick_sample_metrics(batch, generator).items():
+                self.log(f"val/{name}", value, batch_size=b, sync_dist=True)
+
+    def quick_sample_metrics(self, batch: DataHolder, generator: torch.Generator) -> dict[str, float]:
+        """Cheap few-step samples of both directions, scored on the first item of ``batch``."""
+        from alphastomics.utils.metrics import expression_metrics, position_metrics
+
+        steps = min(self.cfg.training.val_sample_steps, self.noise_model.T)
+        sampler = DiffusionSampler(self.model, self.noise_model, sampler="ddim", steps=steps)
+        metrics: dict[str, float] = {}
+        mask = batch.node_mask[0]
+        if self.cfg.training_mode in ("joint", "expr_to_pos"):
+            _, pos = sampler.sample(
+                batch.expression, batch.positions, batch.node_mask, "expr_to_pos",
+                gene_mask=batch.gene_mask, generator=generator,
+            )
+            pm = position_metrics(
+                batch.positions[0][mask].cpu().numpy(), pos[0][mask].cpu().numpy(), max_anchors=500
+            )
+            metrics["distance_spearman_median"] = float(pm["distance_spearman_median"])
+        if self.cfg.training_mode in ("joint", "pos_to_expr"):
+            expr, _ = sampler.sample(
+                batch.expression, batch.positions, batch.node_mask, "pos_to_expr",
+                gene_mask=batch.gene_mask, generator=generator,
+            )
+            em = expression_metrics(
+                batch.expression[0][mask].cpu().numpy(),
+                expr[0][mask].cpu().numpy(),
+                gene_mask=batch.gene_mask[0].cpu().numpy(),
+            )
+            metrics["pcc_gene_mean"] = float(em["pcc_gene_mean"])
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        batch: DataHolder,
+        mode: SampleMode,
+        *,
+        sampler: Literal["ddim", "ddpm"] | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        show_progress: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
+
+        Returns
+        -------
+        (expression, positions)
+            (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
+        """
+        batch = batch.to(self.device)
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        diffusion_sampler = DiffusionSampler(
+            self.model,
+            self.noise_model,
+            sampler=sampler or self.cfg.sampling.sampler,
+            steps=steps or self.cfg.sampling.steps,
+            eta=self.cfg.sampling.eta,
+            show_progress=show_progress,
+        )
+        expr_out, pos_out = diffusion_sampler.sample(
+            expr, batch.positions, batch.node_mask, mode, gene_mask=batch.gene_mask,
+            generator=generator,
+        )
+        expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
+        return expr_out, pos_out
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        train_cfg = self.cfg.training
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
+        total = self._total_steps()
+        warmup = min(train_cfg.warmup_steps, max(total // 4, 1))
+
+        def lr_factor(step: int) -> float:
+            # linear warm-up, then cosine decay to 10% of the peak rate
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except (RuntimeError, AttributeError, ValueError):
+            total = 10_000
+        if total <= 0 or total == float("inf"):
+            total = 10_000
+        return total
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["alphastomics_version"] = __version__
+
+
+def gene_stats_from_metadata(metadata: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per-gene mean and std of training expression recorded by ``preprocess``."""
+    mean = np.asarray(metadata["gene_mean"], dtype=np.float64)
+    std = np.asarray(metadata["gene_std"], dtype=np.float64)
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,145 @@
+"""Command line: `alphastomics preprocess|train|test|sample|extract|demo`. Wiring only, no maths."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from alphastomics import __version__
+from alphastomics.errors import UserInputError
+
+log = logging.getLogger("alphastomics")
+
+
+def _add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="AnnData (.h5ad) files -> processed store for training")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input_dir", type=Path, help="folder whose *.h5ad files are all read")
+    src.add_argument("--input", type=Path, nargs="+", help="one or more .h5ad files")
+    p.add_argument("--output_dir", type=Path, required=True, help="where the store is written")
+    p.add_argument("--gene_list_file", type=Path, help="one gene per line: the model's genes")
+    p.add_argument("--position_key", default="ccf", help="adata.obsm key of coordinates (default ccf)")
+    p.add_argument("--slice_key", default="slice", help="adata.obs column naming each cell's slice")
+    p.add_argument("--cell_type_key", help="adata.obs column with cell-type labels (optional)")
+    p.add_argument("--layer", help="use adata.layers[LAYER] instead of X")
+    p.add_argument("--normalize", choices=["auto", "log1p", "none"], default="auto",
+                   help="auto: counts get library-size normalisation + log1p, normalised data is kept")
+    p.add_argument("--val_slices", nargs="+", help="slice names held out for validation")
+    p.add_argument("--test_slices", nargs="+", help="slice names held out for testing")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of slices for validation")
+    p.add_argument("--test_fraction", type=float, default=0.1, help="share of slices for testing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a processed store")
+    p.add_argument("--config", type=Path, help="YAML config (default: the packaged config.yaml)")
+    p.add_argument("--data_dir", type=Path, help="processed store written by preprocess")
+    p.add_argument("--data_mode", choices=["slice", "cell"], help="overrides data.loading.mode")
+    p.add_argument("--output_dir", type=Path, default=Path("outputs"), help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a run folder with checkpoints")
+    p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def _add_test(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("test", help="sample held-out slices and write metrics.json and figures")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data_dir", type=Path, required=True)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--output_dir", type=Path, help="default: CHECKPOINT_DIR/../test_<split>")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing metrics and figures")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate positions, expression or whole tissue")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--input_data", type=Path, required=True, help=".h5ad or .pt input")
+    p.add_argument("--sample_mode", required=True, help="expr_to_pos | pos_to_expr | joint")
+    p.add_argument("--output", type=Path, help="output file (default: beside the input)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"])
+    p.add_argument("--num_samples", type=int, default=1, help="samples per cell (spread reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--position_key", help="default: the key used at preprocess time")
+    p.add_argument("--slice_key", help="default: the key used at preprocess time")
+    p.add_argument("--cell_type_key", help="default: the key used at preprocess time")
+    p.add_argument("--min_gene_overlap", type=float, default=0.5,
+                   help="refuse when less than this share of the model's genes is in the input")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="per-cell embeddings from a trained model")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data_dir", type=Path, help="processed store (all its slices)")
+    src.add_argument("--input_data", type=Path, help=".h5ad: also writes obsm['X_alphastomics']")
+    p.add_argument("--output", type=Path, required=True, help="embeddings .npz")
+    p.add_argument("--extract_mode", choices=["transformer", "expression", "position", "all"],
+                   default="all")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="whole pipeline on generated tissue, in minutes on a CPU")
+    p.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alphastomics",
+        description="Dual-modality diffusion over gene expression and 3D positions of cells.",
+    )
+    parser.add_argument("--version", action="version", version=f"alphastomics {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_preprocess, _add_train, _add_test, _add_sample, _add_extract, _add_demo):
+        add(sub)
+    return parser
+
+
+def _commands() -> dict[str, Callable[[argparse.Namespace], None]]:
+    from alphastomics import workflows
+
+    return {
+        "preprocess": workflows.cmd_preprocess,
+        "train": workflows.cmd_train,
+        "test": workflows.cmd_test,
+        "sample": workflows.cmd_sample,
+        "extract": workflows.cmd_extract,
+        "demo": workflows.cmd_demo,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alphastomics`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _commands()[args.command](args)
+    except UserInputError as err:
+        print(f"alphastomics {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alphastomics {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`extract`: per-cell embeddings of a processed store or an .h5ad, to .npz (and obsm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.utils.dataholder import DataHolder
+from alphastomics.utils.dataloader import ProcessedStore
+from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
+from alphastomics.utils.io import atomic_write
+from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+
+EMBEDDING_KEY = "X_alphastomics"
+
+
+def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:
+    return np.array([names[c] if 0 <= c < len(names) else "" for c in codes], dtype=str)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def extract_store(
+    module: AlphaSTomicsModule, data_dir: str | Path, output: Path, mode: ExtractMode
+) -> dict[str, np.ndarray]:
+    """Embeddings of every slice of a processed store, in store order, written to ``output``."""
+    store = ProcessedStore(data_dir)
+    holders = []
+    for index in range(len(store.metadata["slices"])):
+        arrays = store.load_slice(index)
+        holders.append(
+            DataHolder.from_arrays(
+                arrays["expression"], arrays["positions"], gene_mask=arrays["gene_mask"],
+                cell_type=arrays["cell_type"], slice_index=index,
+            )
+        )
+    result = EmbeddingExtractor(module, mode=mode).extract(holders)
+    slice_names = [s["name"] for s in store.metadata["slices"]]
+    result["cell_types"] = _names(result["cell_types"], store.metadata.get("cell_types", []))
+    result["slice"] = np.array([slice_names[i] for i in result.pop("slice_index")], dtype=str)
+    _save_npz(output, result)
+    return result
+
+
+def extract_h5ad(
+    module: AlphaSTomicsModule, input_path: Path, output: Path, mode: ExtractMode
+) -> dict[str, np.ndarray]:
+    """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm."""
+    adata = read_h5ad(input_path)
+    info = module.hparams.get("data_info", {})
+    keys = info.get("keys", {})
+    slices = prepare_anndata(
+        adata, genes=list(module.hparams["gene_names"]),
+        position_key=keys.get("position_key") or "ccf", slice_key=keys.get("slice_key") or "slice",
+        cell_type_key=keys.get("cell_type_key"), layer=keys.get("layer"),
+        normalize=(info.get("normalization") or {}).get("requested", "auto"),
+        require_positions=True, cell_types=info.get("cell_types"), source=str(input_path),
+    )
+    extractor = EmbeddingExtractor(module, mode=mode)
+    result: dict[str, np.ndarray] = {}
+    order = np.concatenate([piece.obs_indices for piece in slices])
+    for piece in slices:
+        holder = DataHolder.from_arrays(piece.expression, piece.positions, gene_mask=piece.gene_mask)
+        for key, arrays in extractor.embed(holder).items():
+            result.setdefault(key, []).extend(arrays)  # type: ignore[arg-type]
+    inverse = np.argsort(order)
+    stacked = {key: np.concatenate(parts)[inverse] for key, parts in result.items()}
+    codes = np.concatenate([piece.cell_type for piece in slices])[inverse]
+    stacked["cell_types"] = _names(codes, info.get("cell_types") or [])
+    main_key = "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
+    out = adata.copy()
+    out.obsm[EMBEDDING_KEY] = stacked[main_key]
+    out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}
+    _save_npz(output, stacked)
+    atomic_write(output.with_suffix(".h5ad"), lambda tmp: out.write_h5ad(tmp))
+    return stacked

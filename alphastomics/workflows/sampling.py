@@ -1,0 +1,239 @@
+"""`sample`: conditional or joint generation from an .h5ad (AnnData out) or a .pt (tensors out)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import procrustes
+
+from alphastomics import __version__
+from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
+from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.errors import UserInputError
+from alphastomics.utils.dataholder import DataHolder
+from alphastomics.utils.figures import plot_genes, plot_layouts
+from alphastomics.utils.io import atomic_write, check_output_file
+from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+
+log = logging.getLogger(__name__)
+
+
+def check_sample_request(module: AlphaSTomicsModule, mode: str, steps: int | None, num_samples: int) -> None:
+    """Reject a mode, step count or sample count the checkpoint cannot serve."""
+    if mode not in SAMPLE_MODES:
+        raise UserInputError(
+            f"unknown --sample_mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}"
+        )
+    trained = module.cfg.training_mode
+    if trained != "joint" and mode != trained:
+        raise UserInputError(
+            f"this checkpoint was trained with training_mode={trained} and cannot sample {mode}; "
+            f"use --sample_mode {trained} or a checkpoint trained with training_mode=joint"
+        )
+    T = module.noise_model.T
+    if steps is not None and not 1 <= steps <= T:
+        raise UserInputError(f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})")
+    if num_samples < 1:
+        raise UserInputError(f"--num_samples {num_samples} must be >= 1")
+
+
+def _draw(
+    module: AlphaSTomicsModule, holder: DataHolder, mode: str, *, sampler: str | None,
+    steps: int | None, num_samples: int, seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N, G) expression and (K, N, 3) scaled positions of ``num_samples`` samples of one item."""
+    exprs, poss = [], []
+    for k in range(num_samples):
+        generator = torch.Generator(device=module.device).manual_seed(seed + k)
+        expr, pos = module.sample(holder, mode, sampler=sampler, steps=steps, generator=generator)
+        exprs.append(expr[0].cpu().numpy())
+        poss.append(pos[0].cpu().numpy())
+    return np.stack(exprs), np.stack(poss)
+
+
+def _aligned_spread(samples: np.ndarray) -> np.ndarray:
+    """Per-cell spread (N,) of position samples (K, N, D): RMS distance of each cell's aligned
+    positions to their mean, after a Procrustes fit of every sample onto the first."""
+    if samples.shape[0] < 2:
+        return np.zeros(samples.shape[1], dtype=np.float32)
+    ref = samples[0]
+    norm = np.linalg.norm(ref - ref.mean(0))
+    stack = np.stack([procrustes(ref, other)[1] * norm for other in samples])
+    return np.sqrt(((stack - stack.mean(0)) ** 2).sum(-1).mean(0)).astype(np.float32)
+
+
+def sample_h5ad(
+    module: AlphaSTomicsModule, input_path: Path, output_path: Path, *, mode: str,
+    sampler: str | None, steps: int | None, num_samples: int, seed: int,
+    keys: dict[str, str | None], min_gene_overlap: float, checkpoint: str,
+) -> ad.AnnData:
+    """Sample every slice of an .h5ad and write the result (see spec §3) atomically."""
+    adata = read_h5ad(input_path)
+    genes = list(module.hparams["gene_names"])
+    present = set(map(str, adata.var_names))
+    missing = [g for g in genes if g not in present]
+    share = 1 - len(missing) / len(genes)
+    if mode != "pos_to_expr" and share < min_gene_overlap:
+        raise UserInputError(
+            f"{input_path} has only {len(genes) - len(missing)} of the checkpoint's {len(genes)} "
+            f"genes ({share:.0%} < --min_gene_overlap {min_gene_overlap:.0%}); check that var_names "
+            "are gene symbols of the same panel, or lower --min_gene_overlap"
+        )
+    if missing:
+        log.warning(
+            "%d of %d model genes (%.0f%%) are not in %s; they are masked as unmeasured, not zero: %s",
+            len(missing), len(genes), 100 * (1 - share), input_path, ", ".join(missing[:10]),
+        )
+    info = module.hparams.get("data_info", {})
+    saved_keys = info.get("keys", {})
+    position_key = keys.get("position_key") or saved_keys.get("position_key") or "ccf"
+    slices = prepare_anndata(
+        adata,
+        genes=genes,
+        position_key=position_key,
+        slice_key=keys.get("slice_key") or saved_keys.get("slice_key") or "slice",
+        cell_type_key=keys.get("cell_type_key") or saved_keys.get("cell_type_key"),
+        layer=saved_keys.get("layer"),
+        normalize=(info.get("normalization") or {}).get("requested", "auto"),
+        require_positions=mode == "pos_to_expr",
+        cell_types=info.get("cell_types"),
+        source=str(input_path),
+    )
+    n, g = adata.n_obs, len(genes)
+    out_expr = np.zeros((n, g), dtype=np.float32)
+    out_std = np.zeros((n, g), dtype=np.float32)
+    out_pos = np.zeros((n, 3), dtype=np.float32)
+    spread = np.zeros(n, dtype=np.float32)
+    figure_data = []
+    for k, piece in enumerate(slices):
+        has_pos = piece.positions is not None
+        positions = piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
+        holder = DataHolder.from_arrays(piece.expression, positions, gene_mask=piece.gene_mask)
+        expr_k, pos_k = _draw(
+            module, holder, mode, sampler=sampler, steps=steps, num_samples=num_samples,
+            seed=seed + 1000 * k,
+        )
+        scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
+        center = piece.center if has_pos else np.zeros(3)
+        rows = piece.obs_indices
+        out_expr[rows] = expr_k.mean(0)
+        out_std[rows] = expr_k.std(0)
+        out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, 3)
+        spread[rows] = _aligned_spread(pos_k) * scale
+        figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_k.mean(0)))
+
+    meta = {
+        "mode": mode, "sampler": sampler or module.cfg.sampling.sampler,
+        "steps": steps or module.cfg.sampling.steps, "seed": seed, "num_samples": num_samples,
+        "checkpoint": checkpoint, "version": __version__, "input": str(input_path),
+        "missing_genes": missing, "missing_gene_share": 1 - share,
+    }
+    result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
+    result.uns["alphastomics"] = meta
+    atomic_write(output_path, lambda tmp: result.write_h5ad(tmp))
+    _figure(figure_data, output_path.with_suffix(".png"), mode, genes, module)
+    return result
+
+
+def _result_anndata(
+    adata: ad.AnnData, genes: list[str], mode: str, expr: np.ndarray, expr_std: np.ndarray,
+    pos: np.ndarray, spread: np.ndarray, num_samples: int,
+) -> ad.AnnData:
+    if mode == "joint":
+        out = ad.AnnData(
+            X=expr, obs=pd.DataFrame(index=[f"generated_{i}" for i in range(len(expr))]),
+            var=pd.DataFrame(index=genes),
+        )
+        out.obsm["spatial"] = pos
+        return out
+    if mode == "expr_to_pos":
+        out = adata.copy()
+        out.obsm["alphastomics_positions"] = pos
+        if num_samples > 1:
+            out.obs["alphastomics_position_spread"] = spread
+        return out
+    same_genes = list(map(str, adata.var_names)) == genes
+    if same_genes:
+        out = adata.copy()
+    else:
+        # the input's genes differ from the model's: the output carries the model's gene list
+        out = ad.AnnData(obs=adata.obs.copy(), var=pd.DataFrame(index=genes), obsm=dict(adata.obsm))
+    out.layers["alphastomics_expression"] = expr
+    if num_samples > 1:
+        out.layers["alphastomics_expression_std"] = expr_std
+    return out
+
+
+def _figure(figure_data: list, path: Path, mode: str, genes: list[str], module: AlphaSTomicsModule) -> None:
+    piece, true_pos, pos0, expr = figure_data[0]
+    names = module.hparams.get("data_info", {}).get("cell_types") or []
+    labels = None
+    if piece.cell_type is not None and names and (piece.cell_type >= 0).any():
+        labels = np.array([names[c] if c >= 0 else "unknown" for c in piece.cell_type], dtype=object)
+    if mode == "pos_to_expr":
+        plot_genes(true_pos, piece.expression, expr, genes, path)
+    elif true_pos is not None:
+        plot_layouts(true_pos, pos0, path, cell_types=labels, title=f"{piece.name}: {mode}")
+    else:
+        plot_layouts(pos0, pos0, path, cell_types=labels, title=f"{piece.name}: {mode} (no truth)")
+
+
+def sample_pt(
+    module: AlphaSTomicsModule, input_path: Path, output_path: Path, *, mode: str,
+    sampler: str | None, steps: int | None, num_samples: int, seed: int,
+) -> dict[str, Any]:
+    """Sample a ``.pt`` dict of tensors in model units (log-normalised, scaled) to a ``.pt``."""
+    try:
+        data = torch.load(input_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any load failure is the user's file
+        raise UserInputError(f"{input_path} is not a readable .pt file ({type(err).__name__})") from err
+    required = ("expression", "positions", "node_mask")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise UserInputError(f"{input_path} must hold a dict with keys {', '.join(required)}")
+    expr, pos, mask = (torch.as_tensor(data[k]) for k in required)
+    if expr.dim() == 2:
+        expr, pos, mask = expr[None], pos[None], mask[None]
+    if expr.shape[-1] != module.hparams["num_genes"]:
+        raise UserInputError(
+            f"{input_path}: expression has {expr.shape[-1]} genes, the checkpoint "
+            f"{module.hparams['num_genes']}; reorder it on the checkpoint's gene list"
+        )
+    holder = DataHolder(expression=expr.float(), positions=pos.float(), node_mask=mask.bool())
+    exprs, poss = [], []
+    for k in range(num_samples):
+        generator = torch.Generator(device=module.device).manual_seed(seed + k)
+        e, p = module.sample(holder, mode, sampler=sampler, steps=steps, generator=generator)
+        exprs.append(e.cpu())
+        poss.append(p.cpu())
+    out = {
+        "expression": exprs[0] if num_samples == 1 else torch.stack(exprs),
+        "positions": poss[0] if num_samples == 1 else torch.stack(poss),
+        "node_mask": holder.node_mask,
+        "mode": mode,
+        "version": __version__,
+    }
+    atomic_write(output_path, lambda tmp: torch.save(out, tmp))
+    return out
+
+
+def default_output(input_path: Path, mode: str) -> Path:
+    """``INPUT_alphastomics_MODE.h5ad`` (or ``.pt``) beside the input."""
+    return input_path.with_name(f"{input_path.stem}_alphastomics_{mode}{input_path.suffix}")
+
+
+def validate_output(path: Path, input_path: Path, overwrite: bool) -> Path:
+    """Output must not replace the input, must have the input's suffix, and its folder must exist."""
+    if path.resolve() == input_path.resolve():
+        raise UserInputError(f"--output {path} is the input file; choose another path")
+    if path.suffix != input_path.suffix:
+        raise UserInputError(
+            f"--output {path}: a {input_path.suffix} input gives a {input_path.suffix} output; "
+            f"name it *{input_path.suffix}"
+        )
+    return check_output_file(path, overwrite=overwrite)
