@@ -165,7 +165,10 @@ def _check(cfg: Config) -> None:
         (cfg.training.max_epochs >= 1, "training.max_epochs must be >= 1"),
         (cfg.training.lr > 0, "training.lr must be > 0"),
         (cfg.training.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
-        (0 <= cfg.training.p_clean_expression <= 1, "training.p_clean_expression must be in [0, 1]"),
+        (
+            0 <= cfg.training.p_clean_expression <= 1,
+            "training.p_clean_expression must be in [0, 1]",
+        ),
         (0 <= cfg.training.p_clean_position <= 1, "training.p_clean_position must be in [0, 1]"),
         (
             cfg.training.p_clean_expression + cfg.training.p_clean_position <= 1,
@@ -218,7 +221,7 @@ def load_config(
             raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
         try:
             layers.append(OmegaConf.load(path))
-        except Exception as err:  # noqa: BLE001 - any YAML error becomes one user-facing line
+        except Exception as err:
             raise UserInputError(f"config file {path} is not valid YAML: {err}") from err
     for item in overrides:
         if "=" not in item:

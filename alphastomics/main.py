@@ -21,12 +21,18 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input", type=Path, nargs="+", help="one or more .h5ad files")
     p.add_argument("--output_dir", type=Path, required=True, help="where the store is written")
     p.add_argument("--gene_list_file", type=Path, help="one gene per line: the model's genes")
-    p.add_argument("--position_key", default="ccf", help="adata.obsm key of coordinates (default ccf)")
+    p.add_argument(
+        "--position_key", default="ccf", help="adata.obsm key of coordinates (default ccf)"
+    )
     p.add_argument("--slice_key", default="slice", help="adata.obs column naming each cell's slice")
     p.add_argument("--cell_type_key", help="adata.obs column with cell-type labels (optional)")
     p.add_argument("--layer", help="use adata.layers[LAYER] instead of X")
-    p.add_argument("--normalize", choices=["auto", "log1p", "none"], default="auto",
-                   help="auto: counts get library-size normalisation + log1p, normalised data is kept")
+    p.add_argument(
+        "--normalize",
+        choices=["auto", "log1p", "none"],
+        default="auto",
+        help="auto: counts get library-size normalisation + log1p, normalised data is kept",
+    )
     p.add_argument("--val_slices", nargs="+", help="slice names held out for validation")
     p.add_argument("--test_slices", nargs="+", help="slice names held out for testing")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of slices for validation")
@@ -41,8 +47,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data_dir", type=Path, help="processed store written by preprocess")
     p.add_argument("--data_mode", choices=["slice", "cell"], help="overrides data.loading.mode")
     p.add_argument("--output_dir", type=Path, default=Path("outputs"), help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.ckpt")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in a run folder with checkpoints")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.ckpt"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh in a run folder with checkpoints"
+    )
     p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
@@ -53,7 +63,9 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data_dir", type=Path, required=True)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--output_dir", type=Path, help="default: CHECKPOINT_DIR/../test_<split>")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)")
+    p.add_argument(
+        "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"
+    )
     p.add_argument("--sampler", choices=["ddim", "ddpm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing metrics and figures")
@@ -65,15 +77,21 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input_data", type=Path, required=True, help=".h5ad or .pt input")
     p.add_argument("--sample_mode", required=True, help="expr_to_pos | pos_to_expr | joint")
     p.add_argument("--output", type=Path, help="output file (default: beside the input)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)")
+    p.add_argument(
+        "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"
+    )
     p.add_argument("--sampler", choices=["ddim", "ddpm"])
     p.add_argument("--num_samples", type=int, default=1, help="samples per cell (spread reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--position_key", help="default: the key used at preprocess time")
     p.add_argument("--slice_key", help="default: the key used at preprocess time")
     p.add_argument("--cell_type_key", help="default: the key used at preprocess time")
-    p.add_argument("--min_gene_overlap", type=float, default=0.5,
-                   help="refuse when less than this share of the model's genes is in the input")
+    p.add_argument(
+        "--min_gene_overlap",
+        type=float,
+        default=0.5,
+        help="refuse when less than this share of the model's genes is in the input",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -84,8 +102,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data_dir", type=Path, help="processed store (all its slices)")
     src.add_argument("--input_data", type=Path, help=".h5ad: also writes obsm['X_alphastomics']")
     p.add_argument("--output", type=Path, required=True, help="embeddings .npz")
-    p.add_argument("--extract_mode", choices=["transformer", "expression", "position", "all"],
-                   default="all")
+    p.add_argument(
+        "--extract_mode", choices=["transformer", "expression", "position", "all"], default="all"
+    )
     p.add_argument("--overwrite", action="store_true")
 
 

@@ -20,7 +20,9 @@ def test_every_yaml_key_is_commented():
 
 
 def test_overrides_are_applied_and_typed():
-    cfg = load_config(overrides=["training.max_epochs=3", "model.hidden_dim=32", "loss.lambda_position=0.5"])
+    cfg = load_config(
+        overrides=["training.max_epochs=3", "model.hidden_dim=32", "loss.lambda_position=0.5"]
+    )
     assert cfg.training.max_epochs == 3
     assert cfg.model.hidden_dim == 32
     assert cfg.loss.lambda_position == 0.5

@@ -27,12 +27,20 @@ def test_center_zero_masked_centroid_and_zero_padding():
 
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="shape mismatch"):
-        DataHolder(expression=torch.zeros(1, 4, 2), positions=torch.zeros(1, 5, 3), node_mask=torch.ones(1, 4))
+        DataHolder(
+            expression=torch.zeros(1, 4, 2),
+            positions=torch.zeros(1, 5, 3),
+            node_mask=torch.ones(1, 4),
+        )
 
 
 def test_collate_pads_with_zeros_and_false():
-    a = DataHolder.from_arrays(np.ones((3, 2)), np.ones((3, 3)), cell_type=np.array([0, 1, 2]), slice_index=0)
-    b = DataHolder.from_arrays(np.ones((5, 2)), np.ones((5, 3)), cell_type=np.array([1] * 5), slice_index=1)
+    a = DataHolder.from_arrays(
+        np.ones((3, 2)), np.ones((3, 3)), cell_type=np.array([0, 1, 2]), slice_index=0
+    )
+    b = DataHolder.from_arrays(
+        np.ones((5, 2)), np.ones((5, 3)), cell_type=np.array([1] * 5), slice_index=1
+    )
     batch = collate_holders([a, b])
     assert batch.expression.shape == (2, 5, 2)
     assert batch.node_mask[0].tolist() == [True, True, True, False, False]

@@ -173,13 +173,19 @@ def test_batch_items_are_independent(n_dims: int) -> None:
         )
 
 
-def test_item_without_cells_gives_zeros() -> None:
+def test_item_without_cells_gives_zeros_and_finite_gradients() -> None:
     inputs = make_inputs(3, n_real=(5, 0))
-    out = make_model(3)(**inputs)
+    inputs["positions_t"].requires_grad_(True)
+    model = make_model(3)
+    out = model(**inputs)
     for name in FIELDS:
         value = getattr(out, name)
         assert torch.isfinite(value).all(), name
         assert (value[1] == 0).all(), name
+    (out.expression.sum() + out.positions.square().sum()).backward()
+    assert torch.isfinite(inputs["positions_t"].grad).all()
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
 
 
 def test_bfloat16_autocast_is_finite() -> None:

@@ -95,7 +95,7 @@ class NoiseSchedule(nn.Module):
         return alpha * x0 + sigma * eps
 
     def _pair_terms(self, step_t: Tensor, step_s: Tensor) -> dict[str, Tensor]:
-        # VDM notation (Kingma et al. 2021, eqs. 2-3): alpha_{t|s} = alpha_t / alpha_s and
+        # VDM notation (Kingma et al. 2021, sec. 2 and app. A): alpha_{t|s} = alpha_t / alpha_s and
         # sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 = 1 - alpha_bar_t / alpha_bar_s.
         if bool((step_s > step_t).any()):
             raise ValueError("step_s must be <= step_t for every item (s is the earlier step)")
@@ -103,8 +103,8 @@ class NoiseSchedule(nn.Module):
         log_s = self.log_alpha_bar[step_s]  # (B,)
         same = step_t == step_s
         sigma_t_sq = (-torch.expm1(log_t)).clamp(min=torch.finfo(log_t.dtype).tiny)
-        sigma_s_sq = -torch.expm1(log_s)
-        sigma_ts_sq = -torch.expm1(log_t - log_s)
+        sigma_s_sq = (-torch.expm1(log_s)).clamp(min=0.0)
+        sigma_ts_sq = (-torch.expm1(log_t - log_s)).clamp(min=0.0)
         alpha_ts = torch.exp(0.5 * (log_t - log_s))
         return {
             "same": same,
@@ -122,7 +122,7 @@ class NoiseSchedule(nn.Module):
         """Coefficients of ``q(z_s | z_t, x0) = N(c_z z_t + c_x0 x0, var I)`` for any s <= t.
 
         Kingma et al. 2021 (Variational Diffusion Models, https://arxiv.org/abs/2107.00630),
-        eqs. 4-6 (Appendix A): ``c_z = alpha_{t|s} sigma_s^2 / sigma_t^2``,
+        Appendix A: ``c_z = alpha_{t|s} sigma_s^2 / sigma_t^2``,
         ``c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2``, ``var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2``.
         For s = t - 1 this is the DDPM posterior of Ho et al. 2020, eqs. 6-7. Items with s = t
         (e.g. a modality held clean, t = s = 0) get the identity ``c_z = 1, c_x0 = 0, var = 0``.
@@ -171,7 +171,8 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         p = self._pair_terms(step_t, step_s)
         r, one_minus_r = p["r"], p["one_minus_r"]
-        keep = (1.0 - eta**2 * r).clamp(min=0.0)  # (sigma_s^2 - c^2) / sigma_s^2
+        # (sigma_s^2 - c^2) / sigma_s^2 = 1 - eta^2 r, summed from non-negative parts
+        keep = one_minus_r + (1.0 - eta**2) * r
         q = (one_minus_r * keep).sqrt()
         c_z = torch.where(p["same"], 1.0, (p["sigma_s_sq"] * keep / p["sigma_t_sq"]).sqrt())
         c_x0 = p["alpha_s"] * r * (1.0 + eta**2 * one_minus_r) / (1.0 + q)
@@ -183,7 +184,7 @@ class NoiseSchedule(nn.Module):
 
 
 class NoiseModel(nn.Module):
-    """Forward diffusion of expression (B, N, G) and positions (B, N, D), each with its own schedule.
+    """Forward diffusion of expression (B, N, G) and positions (B, N, D), one schedule each.
 
     The two modalities have independent steps per item, so one batch can mix noised and clean
     items of either modality (the three sampling modes of one jointly trained model).
@@ -211,8 +212,9 @@ class NoiseModel(nn.Module):
     Noise positions only, holding expression clean, with one item's positions kept clean too:
 
     >>> nm = NoiseModel(diffusion_steps=100)
-    >>> step_pos = nm.sample_steps(2, device="cpu").masked_fill(torch.tensor([True, False]), 0)
-    >>> noisy = nm.apply_noise(batch, noise_expression=False, step_position=step_pos)  # doctest: +SKIP
+    >>> held = torch.tensor([True, False])
+    >>> step_pos = nm.sample_steps(2, device="cpu").masked_fill(held, 0)
+    >>> noisy = nm.apply_noise(batch, False, step_position=step_pos)  # doctest: +SKIP
     """
 
     def __init__(
@@ -327,7 +329,8 @@ class NoiseModel(nn.Module):
                 )
             elif eps_position.shape != positions.shape:
                 raise ValueError(
-                    f"eps_position must be {tuple(positions.shape)}, got {tuple(eps_position.shape)}"
+                    f"eps_position must be {tuple(positions.shape)}, "
+                    f"got {tuple(eps_position.shape)}"
                 )
             noisy_positions = apply_mask(
                 self.position.q_sample(positions, step_p, center(eps_position, mask)), mask
@@ -355,7 +358,7 @@ class NoiseModel(nn.Module):
     ) -> Tensor:
         if not noised:
             if step is not None and bool((step != 0).any()):
-                raise ValueError(f"step for {name} given non-zero while that modality is not noised")
+                raise ValueError(f"step for {name} is non-zero while that modality is not noised")
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         if step is None:
             return self.sample_steps(batch_size, device=device, generator=generator)
@@ -367,6 +370,8 @@ class NoiseModel(nn.Module):
 
         Parameters
         ----------
+        modality
+            ``"expression"`` or ``"position"``.
         x0, eps
             (B, N, F).
         step
@@ -389,8 +394,8 @@ class NoiseModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Mean and std of ``q(z_s | z_t, x0 = x0_hat)`` for any earlier step s (not only t - 1).
 
-        Kingma et al. 2021 (VDM), eqs. 4-6, with ``alpha_{t|s} = alpha_t / alpha_s`` and
-        ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``:
+        Kingma et al. 2021 (VDM, https://arxiv.org/abs/2107.00630), Appendix A, with
+        ``alpha_{t|s} = alpha_t / alpha_s``, ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``
         ``mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x0``,
         ``var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2``. At s = t - 1 this is Ho et al. 2020, eq. 7.
         Items with s = t return ``(z_t, 0)``.

@@ -8,6 +8,7 @@ user's units is done by :func:`positions_to_user_units` and the module's express
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -123,7 +124,9 @@ class DiffusionSampler:
         elif sampler == "ddim":
             n_steps = steps or self.steps
             if not 1 <= n_steps <= T:
-                raise ValueError(f"steps must be in [1, {T}] (the model's diffusion_steps), got {n_steps}")
+                raise ValueError(
+                    f"steps must be in [1, {T}] (the model's diffusion_steps), got {n_steps}"
+                )
             grid = step_grid(T, n_steps)
         else:
             raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
@@ -145,7 +148,7 @@ class DiffusionSampler:
         zeros = torch.zeros(b, dtype=torch.long, device=device)
 
         expr_hat, pos_hat = expr, pos
-        pairs = list(zip(grid[:-1], grid[1:], strict=True))
+        pairs = list(itertools.pairwise(grid))
         for t, s in tqdm(pairs, desc=f"sampling {mode}", disable=not self.show_progress):
             step_t = torch.full((b,), t, dtype=torch.long, device=device)
             step_s = torch.full((b,), s, dtype=torch.long, device=device)
@@ -154,7 +157,9 @@ class DiffusionSampler:
             out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
             if gen_expr:
                 expr_hat = apply_mask(out.expression, mask)
-                expr = self._step("expression", expr_hat, expr, step_t, step_s, sampler, eta, generator)
+                expr = self._step(
+                    "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator
+                )
                 expr = apply_mask(expr, mask)
             if gen_pos:
                 pos_hat = center(out.positions, mask)

@@ -120,7 +120,9 @@ class AlphaSTomicsModule(pl.LightningModule):
         p_pos = self.cfg.training.p_clean_position
         return u < p_expr, (u >= p_expr) & (u < p_expr + p_pos)
 
-    def diffusion_loss(self, batch: DataHolder, generator: torch.Generator | None = None) -> DiffusionLoss:
+    def diffusion_loss(
+        self, batch: DataHolder, generator: torch.Generator | None = None
+    ) -> DiffusionLoss:
         """Noise a standardised batch, denoise it and score the prediction."""
         b = batch.batch_size
         clean_expr, clean_pos = self._clean_masks(b)
@@ -180,7 +182,9 @@ class AlphaSTomicsModule(pl.LightningModule):
             )
         return None
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         """Run forward/backward, then step only when every gradient is finite."""
         if optimizer_closure is not None:
             optimizer_closure()
@@ -197,12 +201,16 @@ class AlphaSTomicsModule(pl.LightningModule):
         result = self.diffusion_loss(batch, generator=generator)
         b = batch.batch_size
         self.log("val/loss", result.total, batch_size=b, prog_bar=True, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in result.terms.items()}, batch_size=b, sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v for k, v in result.terms.items()}, batch_size=b, sync_dist=True
+        )
         if batch_idx < self.cfg.training.val_max_slices:
             for name, value in self.quick_sample_metrics(batch, generator).items():
                 self.log(f"val/{name}", value, batch_size=b, sync_dist=True)
 
-    def quick_sample_metrics(self, batch: DataHolder, generator: torch.Generator) -> dict[str, float]:
+    def quick_sample_metrics(
+        self, batch: DataHolder, generator: torch.Generator
+    ) -> dict[str, float]:
         """Cheap few-step samples of both directions, scored on the first item of ``batch``."""
         from alphastomics.utils.metrics import expression_metrics, position_metrics
 
@@ -212,8 +220,12 @@ class AlphaSTomicsModule(pl.LightningModule):
         mask = batch.node_mask[0]
         if self.cfg.training_mode in ("joint", "expr_to_pos"):
             _, pos = sampler.sample(
-                batch.expression, batch.positions, batch.node_mask, "expr_to_pos",
-                gene_mask=batch.gene_mask, generator=generator,
+                batch.expression,
+                batch.positions,
+                batch.node_mask,
+                "expr_to_pos",
+                gene_mask=batch.gene_mask,
+                generator=generator,
             )
             pm = position_metrics(
                 batch.positions[0][mask].cpu().numpy(), pos[0][mask].cpu().numpy(), max_anchors=500
@@ -221,8 +233,12 @@ class AlphaSTomicsModule(pl.LightningModule):
             metrics["distance_spearman_median"] = float(pm["distance_spearman_median"])
         if self.cfg.training_mode in ("joint", "pos_to_expr"):
             expr, _ = sampler.sample(
-                batch.expression, batch.positions, batch.node_mask, "pos_to_expr",
-                gene_mask=batch.gene_mask, generator=generator,
+                batch.expression,
+                batch.positions,
+                batch.node_mask,
+                "pos_to_expr",
+                gene_mask=batch.gene_mask,
+                generator=generator,
             )
             em = expression_metrics(
                 batch.expression[0][mask].cpu().numpy(),
@@ -261,7 +277,11 @@ class AlphaSTomicsModule(pl.LightningModule):
             show_progress=show_progress,
         )
         expr_out, pos_out = diffusion_sampler.sample(
-            expr, batch.positions, batch.node_mask, mode, gene_mask=batch.gene_mask,
+            expr,
+            batch.positions,
+            batch.node_mask,
+            mode,
+            gene_mask=batch.gene_mask,
             generator=generator,
         )
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
@@ -284,7 +304,10 @@ class AlphaSTomicsModule(pl.LightningModule):
             return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _total_steps(self) -> int:
         try:

@@ -99,7 +99,9 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(stage=dist.deepspeed_stage)
-    raise UserInputError(f"unknown distributed.strategy {dist.strategy!r}; use ddp, fsdp or deepspeed")
+    raise UserInputError(
+        f"unknown distributed.strategy {dist.strategy!r}; use ddp, fsdp or deepspeed"
+    )
 
 
 def resolve_accelerator(cfg: Config) -> str:
@@ -142,9 +144,7 @@ def build_trainer(
     if train_cfg.use_ema:
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
     dist = cfg.distributed
-    max_time = (
-        timedelta(minutes=train_cfg.max_time_minutes) if train_cfg.max_time_minutes else None
-    )
+    max_time = timedelta(minutes=train_cfg.max_time_minutes) if train_cfg.max_time_minutes else None
     return pl.Trainer(
         default_root_dir=str(output_dir),
         accelerator=accelerator,

@@ -112,8 +112,12 @@ class DataHolder:
             expression=torch.as_tensor(np.asarray(expression, dtype=np.float32))[None],
             positions=torch.as_tensor(np.asarray(positions, dtype=np.float32))[None],
             node_mask=torch.ones(1, n, dtype=torch.bool),
-            gene_mask=None if gene_mask is None else torch.as_tensor(np.asarray(gene_mask, bool))[None],
-            cell_type=None if cell_type is None else torch.as_tensor(np.asarray(cell_type, np.int64))[None],
+            gene_mask=None
+            if gene_mask is None
+            else torch.as_tensor(np.asarray(gene_mask, bool))[None],
+            cell_type=None
+            if cell_type is None
+            else torch.as_tensor(np.asarray(cell_type, np.int64))[None],
             cell_index=torch.arange(n)[None],
             slice_index=None if slice_index is None else torch.tensor([slice_index]),
         )

@@ -30,7 +30,9 @@ class EmbeddingExtractor:
 
     def __init__(self, module: AlphaSTomicsModule, mode: ExtractMode = "transformer") -> None:
         if mode not in ("transformer", "expression", "position", "all"):
-            raise ValueError(f"unknown extract mode {mode!r}; use transformer, expression, position or all")
+            raise ValueError(
+                f"unknown extract mode {mode!r}; use transformer, expression, position or all"
+            )
         self.module = module
         self.mode = mode
 
@@ -49,7 +51,9 @@ class EmbeddingExtractor:
         }
         wanted = fields if self.mode == "all" else {self.mode: fields[self.mode]}
         return {
-            f"{name}_embeddings": [t[i][batch.node_mask[i]].float().cpu().numpy() for i in range(batch.batch_size)]
+            f"{name}_embeddings": [
+                t[i][batch.node_mask[i]].float().cpu().numpy() for i in range(batch.batch_size)
+            ]
             for name, t in wanted.items()
         }
 

@@ -42,7 +42,9 @@ def check_output_dir(path: str | Path, *, overwrite: bool, flag: str = "--output
 
 @contextmanager
 def _temporary_sibling(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)

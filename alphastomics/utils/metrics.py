@@ -1,8 +1,6 @@
 """Evaluation metrics on numpy arrays: expression, positions, spatial autocorrelation, clustering.
 
-Every metric is linear in the number of cells: nothing builds an N×N matrix. Pairwise-distance
-metrics use all cells as anchors up to ``max_anchors`` and a seeded sample of anchors above it,
-computing anchor-to-all distance rows a chunk at a time.
+Memory is linear in cells: distance metrics use anchor-to-all rows, chunked, never an N×N matrix.
 """
 
 from __future__ import annotations

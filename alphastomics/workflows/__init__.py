@@ -27,16 +27,27 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
     genes = read_gene_list(args.gene_list_file) if args.gene_list_file else None
     pre = SpatialDataPreprocessor(
-        gene_list=genes, position_key=args.position_key, slice_key=args.slice_key,
-        cell_type_key=args.cell_type_key, layer=args.layer, normalize=args.normalize,
-        val_slices=args.val_slices, test_slices=args.test_slices,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        gene_list=genes,
+        position_key=args.position_key,
+        slice_key=args.slice_key,
+        cell_type_key=args.cell_type_key,
+        layer=args.layer,
+        normalize=args.normalize,
+        val_slices=args.val_slices,
+        test_slices=args.test_slices,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
     )
     meta = pre.preprocess_and_save(_h5ad_files(args), args.output_dir, overwrite=args.overwrite)
     log.info(
-        "wrote %s: %d genes, %d slices (train %d, val %d, test %d)", args.output_dir,
-        meta["n_genes"], len(meta["slices"]), len(meta["split"]["train"]),
-        len(meta["split"]["val"]), len(meta["split"]["test"]),
+        "wrote %s: %d genes, %d slices (train %d, val %d, test %d)",
+        args.output_dir,
+        meta["n_genes"],
+        len(meta["slices"]),
+        len(meta["split"]["train"]),
+        len(meta["split"]["val"]),
+        len(meta["split"]["test"]),
     )
 
 
@@ -51,7 +62,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(config_to_yaml(cfg), end="")
         return
     if args.data_dir is None:
-        raise UserInputError("train needs --data_dir (a folder written by `alphastomics preprocess`)")
+        raise UserInputError(
+            "train needs --data_dir (a folder written by `alphastomics preprocess`)"
+        )
     from alphastomics.workflows.train import run_training
 
     run_training(cfg, args.data_dir, args.output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -72,8 +85,14 @@ def cmd_test(args: argparse.Namespace) -> None:
             f"--steps {args.steps} must be between 1 and the model's diffusion_steps ({module.noise_model.T})"
         )
     result = run_evaluation(
-        module, args.data_dir, output_dir, split=args.split, sampler=args.sampler, steps=args.steps,
-        seed=args.seed, checkpoint=str(args.checkpoint),
+        module,
+        args.data_dir,
+        output_dir,
+        split=args.split,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        checkpoint=str(args.checkpoint),
     )
     for mode in ("expr_to_pos", "pos_to_expr"):
         if mode in result["overall"]:
@@ -97,20 +116,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserInputError(f"--input_data {source} must be an .h5ad or .pt file")
     if not source.is_file():
         raise UserInputError(f"--input_data {source} does not exist")
-    output = validate_output(args.output or default_output(source, args.sample_mode), source, args.overwrite)
+    output = validate_output(
+        args.output or default_output(source, args.sample_mode), source, args.overwrite
+    )
     module = load_module(args.checkpoint)
     check_sample_request(module, args.sample_mode, args.steps, args.num_samples)
     common = {
-        "mode": args.sample_mode, "sampler": args.sampler, "steps": args.steps,
-        "num_samples": args.num_samples, "seed": args.seed,
+        "mode": args.sample_mode,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
     }
     if source.suffix == ".pt":
         sample_pt(module, source, output, **common)
     else:
-        keys = {"position_key": args.position_key, "slice_key": args.slice_key,
-                "cell_type_key": args.cell_type_key}
-        sample_h5ad(module, source, output, keys=keys, min_gene_overlap=args.min_gene_overlap,
-                    checkpoint=str(args.checkpoint), **common)
+        keys = {
+            "position_key": args.position_key,
+            "slice_key": args.slice_key,
+            "cell_type_key": args.cell_type_key,
+        }
+        sample_h5ad(
+            module,
+            source,
+            output,
+            keys=keys,
+            min_gene_overlap=args.min_gene_overlap,
+            checkpoint=str(args.checkpoint),
+            **common,
+        )
     log.info("wrote %s", output)
 
 
@@ -135,5 +169,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from alphastomics.workflows.demo import run_demo
 
-    report = run_demo(args.output_dir, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite)
+    report = run_demo(
+        args.output_dir, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite
+    )
     print(f"\nDemo finished. Report: {report}\nFigures, metrics and samples: {args.output_dir}")

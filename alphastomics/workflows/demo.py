@@ -51,8 +51,12 @@ def run_demo(
 
     store = output_dir / "processed"
     SpatialDataPreprocessor(
-        position_key="ccf", slice_key="slice", cell_type_key="cell_type",
-        test_slices=[test_slice], val_slices=[sorted(adata.obs["slice"].unique())[-2]], seed=seed,
+        position_key="ccf",
+        slice_key="slice",
+        cell_type_key="cell_type",
+        test_slices=[test_slice],
+        val_slices=[sorted(adata.obs["slice"].unique())[-2]],
+        seed=seed,
     ).preprocess_and_save([tissue], store, overwrite=True)
 
     cfg = load_config(
@@ -62,14 +66,25 @@ def run_demo(
     run_training(cfg, store, run_dir, overwrite=True)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     module = load_module(checkpoint)
-    metrics = run_evaluation(module, store, output_dir / "test", seed=seed, checkpoint=str(checkpoint))
+    metrics = run_evaluation(
+        module, store, output_dir / "test", seed=seed, checkpoint=str(checkpoint)
+    )
 
     samples = output_dir / "samples"
     samples.mkdir(exist_ok=True)
     for mode in ("expr_to_pos", "pos_to_expr", "joint"):
         sample_h5ad(
-            module, test_h5ad, samples / f"{mode}.h5ad", mode=mode, sampler=None, steps=None,
-            num_samples=1, seed=seed, keys={}, min_gene_overlap=0.5, checkpoint=str(checkpoint),
+            module,
+            test_h5ad,
+            samples / f"{mode}.h5ad",
+            mode=mode,
+            sampler=None,
+            steps=None,
+            num_samples=1,
+            seed=seed,
+            keys={},
+            min_gene_overlap=0.5,
+            checkpoint=str(checkpoint),
         )
     elapsed = time.perf_counter() - start
     report = output_dir / "report.md"
@@ -87,13 +102,28 @@ def _report(metrics: dict[str, Any], elapsed: float, output_dir: Path, test_slic
     e2p, rnd = overall.get("expr_to_pos", {}), overall.get("baseline_random_positions", {})
     p2e, mean = overall.get("pos_to_expr", {}), overall.get("baseline_mean_expression", {})
     rows = [
-        ("expr_to_pos", "median per-cell distance Spearman", e2p.get("distance_spearman_median"),
-         "random positions", rnd.get("distance_spearman_median")),
-        ("expr_to_pos", "kNN preservation (k = 10)", e2p.get("knn_preservation"),
-         "random positions", rnd.get("knn_preservation")),
-        ("pos_to_expr", "mean gene PCC", p2e.get("pcc_gene_mean"),
-         "training mean per gene", 0.0),
-        ("pos_to_expr", "expression MSE", p2e.get("mse"), "training mean per gene", mean.get("mse")),
+        (
+            "expr_to_pos",
+            "median per-cell distance Spearman",
+            e2p.get("distance_spearman_median"),
+            "random positions",
+            rnd.get("distance_spearman_median"),
+        ),
+        (
+            "expr_to_pos",
+            "kNN preservation (k = 10)",
+            e2p.get("knn_preservation"),
+            "random positions",
+            rnd.get("knn_preservation"),
+        ),
+        ("pos_to_expr", "mean gene PCC", p2e.get("pcc_gene_mean"), "training mean per gene", 0.0),
+        (
+            "pos_to_expr",
+            "expression MSE",
+            p2e.get("mse"),
+            "training mean per gene",
+            mean.get("mse"),
+        ),
     ]
     table = "\n".join(
         f"| {mode} | {name} | {_fmt(model)} | {base_name}: {_fmt(base)} |"

@@ -57,16 +57,22 @@ def evaluate_slice(
     labels = arrays.get("cell_type")
     if mode in ("joint", "expr_to_pos"):
         start = time.perf_counter()
-        _, pos = module.sample(holder, "expr_to_pos", sampler=sampler, steps=steps, generator=generator)
+        _, pos = module.sample(
+            holder, "expr_to_pos", sampler=sampler, steps=steps, generator=generator
+        )
         pos_pred = pos[0].cpu().numpy()
         predictions["positions"] = pos_pred
         metrics["expr_to_pos"] = position_metrics(pos_true, pos_pred)
         metrics["expr_to_pos"]["seconds"] = time.perf_counter() - start
-        random_pos = sample_centered_gaussian(holder.positions.shape, holder.node_mask, generator=generator)
+        random_pos = sample_centered_gaussian(
+            holder.positions.shape, holder.node_mask, generator=generator
+        )
         metrics["baseline_random_positions"] = position_metrics(pos_true, random_pos[0].numpy())
     if mode in ("joint", "pos_to_expr"):
         start = time.perf_counter()
-        expr, _ = module.sample(holder, "pos_to_expr", sampler=sampler, steps=steps, generator=generator)
+        expr, _ = module.sample(
+            holder, "pos_to_expr", sampler=sampler, steps=steps, generator=generator
+        )
         expr_pred = expr[0].cpu().numpy()
         predictions["expression"] = expr_pred
         scores = expression_metrics(expr_true, expr_pred, gene_mask=gene_mask)
@@ -74,12 +80,19 @@ def evaluate_slice(
         if labels is not None and (np.asarray(labels) >= 0).any():
             known = np.asarray(labels) >= 0
             scores.update(
-                {f"cluster_{k}": v for k, v in clustering_metrics(expr_pred[known], np.asarray(labels)[known]).items()}
+                {
+                    f"cluster_{k}": v
+                    for k, v in clustering_metrics(
+                        expr_pred[known], np.asarray(labels)[known]
+                    ).items()
+                }
             )
         scores["seconds"] = time.perf_counter() - start
         metrics["pos_to_expr"] = scores
         mean_expr = np.broadcast_to(module.gene_mean.cpu().numpy(), expr_true.shape)
-        metrics["baseline_mean_expression"] = expression_metrics(expr_true, mean_expr, gene_mask=gene_mask)
+        metrics["baseline_mean_expression"] = expression_metrics(
+            expr_true, mean_expr, gene_mask=gene_mask
+        )
     return metrics, predictions
 
 
@@ -120,17 +133,25 @@ def run_evaluation(
         labels = _cell_type_names(np.asarray(arrays["cell_type"]), names)
         if "positions" in pred:
             plot_layouts(
-                np.asarray(arrays["positions"]), pred["positions"], output_dir / f"layout_{safe}.png",
-                cell_types=labels, title=f"{name}: expr_to_pos",
+                np.asarray(arrays["positions"]),
+                pred["positions"],
+                output_dir / f"layout_{safe}.png",
+                cell_types=labels,
+                title=f"{name}: expr_to_pos",
             )
         if "expression" in pred:
             plot_genes(
-                np.asarray(arrays["positions"]), np.asarray(arrays["expression"]), pred["expression"],
-                genes, output_dir / f"genes_{safe}.png",
+                np.asarray(arrays["positions"]),
+                np.asarray(arrays["expression"]),
+                pred["expression"],
+                genes,
+                output_dir / f"genes_{safe}.png",
             )
         log.info("scored %s (%d cells)", name, metrics["n_cells"])
     overall = {
-        key: summarize([m[key] for m in per_slice.values()], weights=[m["n_cells"] for m in per_slice.values()])
+        key: summarize(
+            [m[key] for m in per_slice.values()], weights=[m["n_cells"] for m in per_slice.values()]
+        )
         for key in next(iter(per_slice.values()))
         if isinstance(next(iter(per_slice.values()))[key], dict)
     }

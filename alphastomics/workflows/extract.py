@@ -38,8 +38,11 @@ def extract_store(
         arrays = store.load_slice(index)
         holders.append(
             DataHolder.from_arrays(
-                arrays["expression"], arrays["positions"], gene_mask=arrays["gene_mask"],
-                cell_type=arrays["cell_type"], slice_index=index,
+                arrays["expression"],
+                arrays["positions"],
+                gene_mask=arrays["gene_mask"],
+                cell_type=arrays["cell_type"],
+                slice_index=index,
             )
         )
     result = EmbeddingExtractor(module, mode=mode).extract(holders)
@@ -58,24 +61,33 @@ def extract_h5ad(
     info = module.hparams.get("data_info", {})
     keys = info.get("keys", {})
     slices = prepare_anndata(
-        adata, genes=list(module.hparams["gene_names"]),
-        position_key=keys.get("position_key") or "ccf", slice_key=keys.get("slice_key") or "slice",
-        cell_type_key=keys.get("cell_type_key"), layer=keys.get("layer"),
+        adata,
+        genes=list(module.hparams["gene_names"]),
+        position_key=keys.get("position_key") or "ccf",
+        slice_key=keys.get("slice_key") or "slice",
+        cell_type_key=keys.get("cell_type_key"),
+        layer=keys.get("layer"),
         normalize=(info.get("normalization") or {}).get("requested", "auto"),
-        require_positions=True, cell_types=info.get("cell_types"), source=str(input_path),
+        require_positions=True,
+        cell_types=info.get("cell_types"),
+        source=str(input_path),
     )
     extractor = EmbeddingExtractor(module, mode=mode)
     result: dict[str, np.ndarray] = {}
     order = np.concatenate([piece.obs_indices for piece in slices])
     for piece in slices:
-        holder = DataHolder.from_arrays(piece.expression, piece.positions, gene_mask=piece.gene_mask)
+        holder = DataHolder.from_arrays(
+            piece.expression, piece.positions, gene_mask=piece.gene_mask
+        )
         for key, arrays in extractor.embed(holder).items():
             result.setdefault(key, []).extend(arrays)  # type: ignore[arg-type]
     inverse = np.argsort(order)
     stacked = {key: np.concatenate(parts)[inverse] for key, parts in result.items()}
     codes = np.concatenate([piece.cell_type for piece in slices])[inverse]
     stacked["cell_types"] = _names(codes, info.get("cell_types") or [])
-    main_key = "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
+    main_key = (
+        "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
+    )
     out = adata.copy()
     out.obsm[EMBEDDING_KEY] = stacked[main_key]
     out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}

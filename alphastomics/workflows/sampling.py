@@ -24,7 +24,9 @@ from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
 log = logging.getLogger(__name__)
 
 
-def check_sample_request(module: AlphaSTomicsModule, mode: str, steps: int | None, num_samples: int) -> None:
+def check_sample_request(
+    module: AlphaSTomicsModule, mode: str, steps: int | None, num_samples: int
+) -> None:
     """Reject a mode, step count or sample count the checkpoint cannot serve."""
     if mode not in SAMPLE_MODES:
         raise UserInputError(
@@ -38,14 +40,22 @@ def check_sample_request(module: AlphaSTomicsModule, mode: str, steps: int | Non
         )
     T = module.noise_model.T
     if steps is not None and not 1 <= steps <= T:
-        raise UserInputError(f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})")
+        raise UserInputError(
+            f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})"
+        )
     if num_samples < 1:
         raise UserInputError(f"--num_samples {num_samples} must be >= 1")
 
 
 def _draw(
-    module: AlphaSTomicsModule, holder: DataHolder, mode: str, *, sampler: str | None,
-    steps: int | None, num_samples: int, seed: int,
+    module: AlphaSTomicsModule,
+    holder: DataHolder,
+    mode: str,
+    *,
+    sampler: str | None,
+    steps: int | None,
+    num_samples: int,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(K, N, G) expression and (K, N, 3) scaled positions of ``num_samples`` samples of one item."""
     exprs, poss = [], []
@@ -69,9 +79,18 @@ def _aligned_spread(samples: np.ndarray) -> np.ndarray:
 
 
 def sample_h5ad(
-    module: AlphaSTomicsModule, input_path: Path, output_path: Path, *, mode: str,
-    sampler: str | None, steps: int | None, num_samples: int, seed: int,
-    keys: dict[str, str | None], min_gene_overlap: float, checkpoint: str,
+    module: AlphaSTomicsModule,
+    input_path: Path,
+    output_path: Path,
+    *,
+    mode: str,
+    sampler: str | None,
+    steps: int | None,
+    num_samples: int,
+    seed: int,
+    keys: dict[str, str | None],
+    min_gene_overlap: float,
+    checkpoint: str,
 ) -> ad.AnnData:
     """Sample every slice of an .h5ad and write the result (see spec §3) atomically."""
     adata = read_h5ad(input_path)
@@ -88,7 +107,11 @@ def sample_h5ad(
     if missing:
         log.warning(
             "%d of %d model genes (%.0f%%) are not in %s; they are masked as unmeasured, not zero: %s",
-            len(missing), len(genes), 100 * (1 - share), input_path, ", ".join(missing[:10]),
+            len(missing),
+            len(genes),
+            100 * (1 - share),
+            input_path,
+            ", ".join(missing[:10]),
         )
     info = module.hparams.get("data_info", {})
     saved_keys = info.get("keys", {})
@@ -113,10 +136,17 @@ def sample_h5ad(
     figure_data = []
     for k, piece in enumerate(slices):
         has_pos = piece.positions is not None
-        positions = piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
+        positions = (
+            piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
+        )
         holder = DataHolder.from_arrays(piece.expression, positions, gene_mask=piece.gene_mask)
         expr_k, pos_k = _draw(
-            module, holder, mode, sampler=sampler, steps=steps, num_samples=num_samples,
+            module,
+            holder,
+            mode,
+            sampler=sampler,
+            steps=steps,
+            num_samples=num_samples,
             seed=seed + 1000 * k,
         )
         scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
@@ -129,10 +159,16 @@ def sample_h5ad(
         figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_k.mean(0)))
 
     meta = {
-        "mode": mode, "sampler": sampler or module.cfg.sampling.sampler,
-        "steps": steps or module.cfg.sampling.steps, "seed": seed, "num_samples": num_samples,
-        "checkpoint": checkpoint, "version": __version__, "input": str(input_path),
-        "missing_genes": missing, "missing_gene_share": 1 - share,
+        "mode": mode,
+        "sampler": sampler or module.cfg.sampling.sampler,
+        "steps": steps or module.cfg.sampling.steps,
+        "seed": seed,
+        "num_samples": num_samples,
+        "checkpoint": checkpoint,
+        "version": __version__,
+        "input": str(input_path),
+        "missing_genes": missing,
+        "missing_gene_share": 1 - share,
     }
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     result.uns["alphastomics"] = meta
@@ -142,12 +178,19 @@ def sample_h5ad(
 
 
 def _result_anndata(
-    adata: ad.AnnData, genes: list[str], mode: str, expr: np.ndarray, expr_std: np.ndarray,
-    pos: np.ndarray, spread: np.ndarray, num_samples: int,
+    adata: ad.AnnData,
+    genes: list[str],
+    mode: str,
+    expr: np.ndarray,
+    expr_std: np.ndarray,
+    pos: np.ndarray,
+    spread: np.ndarray,
+    num_samples: int,
 ) -> ad.AnnData:
     if mode == "joint":
         out = ad.AnnData(
-            X=expr, obs=pd.DataFrame(index=[f"generated_{i}" for i in range(len(expr))]),
+            X=expr,
+            obs=pd.DataFrame(index=[f"generated_{i}" for i in range(len(expr))]),
             var=pd.DataFrame(index=genes),
         )
         out.obsm["spatial"] = pos
@@ -170,12 +213,16 @@ def _result_anndata(
     return out
 
 
-def _figure(figure_data: list, path: Path, mode: str, genes: list[str], module: AlphaSTomicsModule) -> None:
+def _figure(
+    figure_data: list, path: Path, mode: str, genes: list[str], module: AlphaSTomicsModule
+) -> None:
     piece, true_pos, pos0, expr = figure_data[0]
     names = module.hparams.get("data_info", {}).get("cell_types") or []
     labels = None
     if piece.cell_type is not None and names and (piece.cell_type >= 0).any():
-        labels = np.array([names[c] if c >= 0 else "unknown" for c in piece.cell_type], dtype=object)
+        labels = np.array(
+            [names[c] if c >= 0 else "unknown" for c in piece.cell_type], dtype=object
+        )
     if mode == "pos_to_expr":
         plot_genes(true_pos, piece.expression, expr, genes, path)
     elif true_pos is not None:
@@ -185,14 +232,23 @@ def _figure(figure_data: list, path: Path, mode: str, genes: list[str], module: 
 
 
 def sample_pt(
-    module: AlphaSTomicsModule, input_path: Path, output_path: Path, *, mode: str,
-    sampler: str | None, steps: int | None, num_samples: int, seed: int,
+    module: AlphaSTomicsModule,
+    input_path: Path,
+    output_path: Path,
+    *,
+    mode: str,
+    sampler: str | None,
+    steps: int | None,
+    num_samples: int,
+    seed: int,
 ) -> dict[str, Any]:
     """Sample a ``.pt`` dict of tensors in model units (log-normalised, scaled) to a ``.pt``."""
     try:
         data = torch.load(input_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure is the user's file
-        raise UserInputError(f"{input_path} is not a readable .pt file ({type(err).__name__})") from err
+    except Exception as err:
+        raise UserInputError(
+            f"{input_path} is not a readable .pt file ({type(err).__name__})"
+        ) from err
     required = ("expression", "positions", "node_mask")
     if not isinstance(data, dict) or any(k not in data for k in required):
         raise UserInputError(f"{input_path} must hold a dict with keys {', '.join(required)}")

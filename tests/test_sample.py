@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from alphastomics.attn_model.model import Denoiser
+from alphastomics.diffusion_model.noise_model import NoiseModel
+from alphastomics.diffusion_model.sample import DiffusionSampler, step_grid
+from alphastomics.utils.dataholder import center, masked_mean
+
+
+def _setup(n_dims=3, T=50):
+    torch.manual_seed(0)
+    model = Denoiser(n_genes=6, n_dims=n_dims, hidden_dim=16, n_layers=1, n_heads=2).eval()
+    noise = NoiseModel(diffusion_steps=T)
+    gen = torch.Generator().manual_seed(1)
+    expr = torch.randn(2, 9, 6, generator=gen)
+    pos = torch.randn(2, 9, n_dims, generator=gen)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    expr[1, 6:] = 0
+    pos[1, 6:] = 0
+    return DiffusionSampler(model, noise), expr, pos, mask
+
+
+def test_step_grid_descends_from_T_to_zero():
+    grid = step_grid(1000, 50)
+    assert grid[0] == 1000 and grid[-1] == 0
+    assert len(grid) == 51
+    assert grid == sorted(set(grid), reverse=True)
+    assert step_grid(10, 10) == list(range(10, -1, -1))
+
+
+@pytest.mark.parametrize("mode", ["expr_to_pos", "pos_to_expr", "joint"])
+@pytest.mark.parametrize("n_dims", [2, 3])
+def test_sample_shapes_masking_and_condition(mode, n_dims):
+    sampler, expr, pos, mask = _setup(n_dims)
+    gen = torch.Generator().manual_seed(0)
+    e, p = sampler.sample(expr, pos, mask, mode, steps=5, generator=gen)
+    assert e.shape == expr.shape and p.shape == pos.shape
+    assert torch.isfinite(e).all() and torch.isfinite(p).all()
+    assert torch.all(e[1, 6:] == 0) and torch.all(p[1, 6:] == 0)
+    assert torch.allclose(masked_mean(p, mask), torch.zeros(2, n_dims), atol=1e-5)
+    if mode == "expr_to_pos":
+        assert torch.equal(e, expr)
+    if mode == "pos_to_expr":
+        assert torch.allclose(p, center(pos, mask), atol=1e-6)
+        assert not torch.equal(e, expr)
+
+
+@pytest.mark.parametrize("sampler_kind", ["ddim", "ddpm"])
+def test_sampling_is_reproducible_from_a_seed(sampler_kind):
+    sampler, expr, pos, mask = _setup()
+    runs = [
+        sampler.sample(
+            expr,
+            pos,
+            mask,
+            "joint",
+            sampler=sampler_kind,
+            steps=5,
+            eta=0.5,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for seed in (3, 3, 4)
+    ]
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0])
+    assert not torch.equal(runs[0][1], runs[2][1])
+
+
+def test_sampling_does_not_touch_global_rng():
+    sampler, expr, pos, mask = _setup()
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    sampler.sample(expr, pos, mask, "joint", steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(1), before)
+
+
+def test_bad_requests_are_rejected():
+    sampler, expr, pos, mask = _setup(T=20)
+    with pytest.raises(ValueError, match="steps must be in"):
+        sampler.sample(expr, pos, mask, "joint", steps=21)
+    with pytest.raises(ValueError, match="unknown sample mode"):
+        sampler.sample(expr, pos, mask, "sideways")

@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from alphastomics.config import load_config
+from alphastomics.datasets import synthetic_tissue
+from alphastomics.diffusion_model.checkpoint import load_module
+from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.diffusion_model.trainer import build_trainer
+from alphastomics.errors import UserInputError
+from alphastomics.utils.dataholder import DataHolder, collate_holders
+from alphastomics.utils.metrics import position_metrics
+
+SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]
+
+
+def _slice(n_cells=600, n_genes=32, seed=0):
+    adata = synthetic_tissue(n_cells=n_cells, n_genes=n_genes, n_slices=1, seed=seed)
+    counts = np.asarray(adata.X, dtype=np.float64)
+    expr = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    pos = adata.obsm["ccf"].astype(np.float64)
+    pos -= pos.mean(0)
+    pos /= np.sqrt((pos**2).sum(1).mean() / 3)
+    return expr, pos.astype(np.float32)
+
+
+def _module(expr, overrides):
+    cfg = load_config(overrides=[*SMALL, *overrides])
+    return AlphaSTomicsModule(
+        cfg, expr.shape[1], gene_mean=expr.mean(0).tolist(), gene_std=(expr.std(0) + 1e-3).tolist()
+    )
+
+
+def test_learning_sanity_expr_to_pos():
+    """A few hundred CPU steps on one generated slice: loss / 10 and Spearman >= 0.8."""
+    torch.manual_seed(0)
+    expr, pos = _slice()
+    module = _module(expr, ["training_mode=expr_to_pos"])
+    holder = DataHolder.from_arrays(expr, pos)
+    batch = module.on_after_batch_transfer(holder, 0)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(500):
+        result = module.diffusion_loss(batch)
+        optimizer.zero_grad()
+        result.total.backward()
+        optimizer.step()
+        losses.append(result.total.item())
+    assert np.mean(losses[:10]) / np.mean(losses[-10:]) >= 10
+    module.eval()
+    _, sampled = module.sample(
+        holder, "expr_to_pos", steps=20, generator=torch.Generator().manual_seed(0)
+    )
+    spearman = position_metrics(pos, sampled[0].numpy())["distance_spearman_median"]
+    assert spearman >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("mode", "expect_expr_clean", "expect_pos_clean"),
+    [("expr_to_pos", True, False), ("pos_to_expr", False, True)],
+)
+def test_directional_modes_hold_one_modality_clean(mode, expect_expr_clean, expect_pos_clean):
+    expr, _ = _slice(n_cells=50, n_genes=8)
+    module = _module(expr, [f"training_mode={mode}"])
+    clean_expr, clean_pos = module._clean_masks(64)
+    assert bool(clean_expr.all()) is expect_expr_clean
+    assert bool(clean_pos.all()) is expect_pos_clean
+
+
+def test_joint_mode_clean_shares():
+    expr, _ = _slice(n_cells=50, n_genes=8)
+    module = _module(expr, ["training.p_clean_expression=0.3", "training.p_clean_position=0.2"])
+    torch.manual_seed(0)
+    clean_expr, clean_pos = module._clean_masks(20000)
+    assert abs(clean_expr.float().mean().item() - 0.3) < 0.02
+    assert abs(clean_pos.float().mean().item() - 0.2) < 0.02
+    assert not (clean_expr & clean_pos).any()
+
+
+def _loader(expr, pos, n_items=4):
+    items = [DataHolder.from_arrays(expr, pos) for _ in range(n_items)]
+    return DataLoader(items, batch_size=2, collate_fn=collate_holders)
+
+
+def test_fit_checkpoint_round_trip(tmp_path):
+    expr, pos = _slice(n_cells=80, n_genes=8)
+    cfg = load_config(overrides=[*SMALL, "training.max_epochs=2", "training.val_every_n_epochs=1"])
+    module = AlphaSTomicsModule(cfg, 8, gene_names=[f"g{i}" for i in range(8)])
+    trainer = build_trainer(cfg, tmp_path, enable_progress_bar=False)
+    trainer.fit(module, _loader(expr, pos), _loader(expr, pos, 2))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    loaded = load_module(last)
+    assert loaded.hparams["gene_names"] == [f"g{i}" for i in range(8)]
+    holder = DataHolder.from_arrays(expr, pos)
+    module.eval()
+    a = module.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
+    b = loaded.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_nonfinite_loss_steps_are_skipped_then_training_stops(tmp_path):
+    expr, pos = _slice(n_cells=40, n_genes=8)
+    bad = expr.copy()
+    bad[0, 0] = np.nan
+    cfg = load_config(
+        overrides=[*SMALL, "training.max_epochs=1", "training.max_consecutive_nonfinite=3"]
+    )
+    module = AlphaSTomicsModule(cfg, 8)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    loader = DataLoader(
+        [DataHolder.from_arrays(bad, pos) for _ in range(2)],
+        batch_size=1,
+        collate_fn=collate_holders,
+    )
+    trainer = build_trainer(cfg, tmp_path, has_validation=False, enable_progress_bar=False)
+    trainer.fit(module, loader)
+    assert module.n_skipped_steps == 2
+    after = module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    module2 = AlphaSTomicsModule(cfg, 8)
+    loader3 = DataLoader(
+        [DataHolder.from_arrays(bad, pos) for _ in range(3)],
+        batch_size=1,
+        collate_fn=collate_holders,
+    )
+    trainer = build_trainer(cfg, tmp_path / "b", has_validation=False, enable_progress_bar=False)
+    with pytest.raises(FloatingPointError, match="max_consecutive_nonfinite"):
+        trainer.fit(module2, loader3)
+
+
+def test_checkpoint_errors(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserInputError, match="not a readable checkpoint"):
+        load_module(junk)
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(UserInputError, match="not an AlphaSTomics checkpoint"):
+        load_module(tmp_path / "other.ckpt")
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_module(tmp_path / "missing.ckpt")
+
+
+def test_seed_everything_gives_identical_training(tmp_path):
+    expr, pos = _slice(n_cells=60, n_genes=8)
+    cfg = load_config(overrides=[*SMALL, "training.max_epochs=2"])
+    states = []
+    for run in ("a", "b"):
+        pl.seed_everything(5, verbose=False)
+        module = AlphaSTomicsModule(cfg, 8)
+        trainer = build_trainer(
+            cfg, tmp_path / run, has_validation=False, enable_progress_bar=False
+        )
+        trainer.fit(module, _loader(expr, pos))
+        states.append(module.model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
