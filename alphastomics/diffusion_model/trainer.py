@@ -165,4 +165,6 @@ def build_trainer(
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         deterministic=False,
+        # our samplers shard items per rank themselves (see utils/dataloader.py)
+        use_distributed_sampler=False,
     )

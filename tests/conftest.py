@@ -1,0 +1,129 @@
+"""Shared test helpers and fixtures: tiny generated data, CPU only, each built in well under 1 s.
+
+- :func:`make_tiny_adata` builds a small AnnData in memory (see its docstring).
+- ``tiny_adata``: ``make_tiny_adata()``; 3 slices of about 60 cells, 16 genes, raw counts,
+  ``obsm["ccf"]`` 3D, ``obs["slice"]`` and ``obs["cell_type"]``.
+- ``tiny_h5ad``: ``tiny_adata`` written to ``tmp_path / "tiny.h5ad"``.
+- ``tiny_store``: a processed store (session-scoped, READ-ONLY: copy it before changing it)
+  made by ``SpatialDataPreprocessor(cell_type_key="cell_type", val_slices=["slice_2"],
+  test_slices=["slice_3"])`` from ``make_tiny_adata(n_slices=4, n_cells=50)``: train =
+  slice_0 and slice_1, val = slice_2, test = slice_3; slices have different cell counts.
+- ``seqfish_path`` / ``bdtnp_path``: the shared real data sets; the test is skipped when absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import pytest
+import scipy.sparse as sp
+
+from alphastomics.datasets import synthetic_tissue
+from alphastomics.utils.preprocess import SpatialDataPreprocessor
+
+SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+SEQFISH = SHARED_DATA / "seqfish_embryo" / "seqfish_embryo.h5ad"
+BDTNP = SHARED_DATA / "bdtnp_drosophila" / "bdtnp_drosophila.h5ad"
+
+
+def make_tiny_adata(
+    n_slices: int = 3,
+    n_cells: int = 60,
+    n_genes: int = 16,
+    n_dims: int = 3,
+    seed: int = 0,
+    *,
+    counts: bool = True,
+    sparse: bool = False,
+    n_cell_types: int = 4,
+    position_key: str = "ccf",
+) -> ad.AnnData:
+    """A small synthetic tissue (:func:`synthetic_tissue`) for tests.
+
+    Parameters
+    ----------
+    n_slices
+        Slices ``slice_0`` … in ``obs["slice"]``.
+    n_cells
+        Cells per slice on average (slice sizes differ a little: cells are uniform in space).
+    n_genes
+        Genes ``gene_0`` … .
+    n_dims
+        3: ``obsm[position_key]`` is (N, 3); 2: the z column is dropped.
+    seed
+        Seed of the generator.
+    counts
+        True: integer counts in ``X``; False: log-normalised expression.
+    sparse
+        Store ``X`` as a CSR matrix.
+    n_cell_types
+        Labels ``type_0`` … in ``obs["cell_type"]``.
+    position_key
+        ``obsm`` key of the coordinates.
+    """
+    adata = synthetic_tissue(
+        n_cells=n_slices * n_cells,
+        n_genes=n_genes,
+        n_slices=n_slices,
+        n_cell_types=n_cell_types,
+        seed=seed,
+        counts=counts,
+        size=(300.0, 200.0, 100.0 * n_slices),
+    )
+    coordinates = adata.obsm.pop("ccf")
+    adata.obsm[position_key] = coordinates[:, :n_dims].copy()
+    if sparse:
+        adata.X = sp.csr_matrix(adata.X)
+    return adata
+
+
+def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
+    """Write ``adata`` to ``path`` and return the path."""
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def tiny_adata() -> ad.AnnData:
+    return make_tiny_adata()
+
+
+@pytest.fixture
+def tiny_h5ad(tmp_path: Path, tiny_adata: ad.AnnData) -> Path:
+    return write_h5ad(tiny_adata, tmp_path / "tiny.h5ad")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_store")
+    source = write_h5ad(make_tiny_adata(n_slices=4, n_cells=50), folder / "tiny4.h5ad")
+    pre = SpatialDataPreprocessor(
+        cell_type_key="cell_type",
+        val_slices=["slice_2"],
+        test_slices=["slice_3"],
+        progress=False,
+    )
+    pre.preprocess_and_save([source], folder / "store")
+    return folder / "store"
+
+
+@pytest.fixture
+def seqfish_path() -> Path:
+    if not SEQFISH.is_file():
+        pytest.skip(f"real data not found at {SEQFISH}")
+    return SEQFISH
+
+
+@pytest.fixture
+def bdtnp_path() -> Path:
+    if not BDTNP.is_file():
+        pytest.skip(f"real data not found at {BDTNP}")
+    return BDTNP
+
+
+def assert_nothing_written(output_dir: Path) -> None:
+    """``output_dir`` was not created and no temporary sibling folder is left behind."""
+    assert not output_dir.exists()
+    leftovers = [p.name for p in output_dir.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
