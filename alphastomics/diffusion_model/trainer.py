@@ -44,6 +44,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class BestCheckpointFallback(pl.Callback):
+    """Guarantee ``best.ckpt`` after training, even when validation never ran.
+
+    ``ModelCheckpoint`` writes ``best.ckpt`` only once its monitored value exists; a short run
+    (fewer epochs than ``training.val_every_n_epochs``) would otherwise leave only ``last.ckpt``.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        best = Path(self.checkpoint.dirpath) / "best.ckpt"
+        if not best.exists() and trainer.global_step > 0:
+            log.info("no validation score yet: best.ckpt is the final state")
+            trainer.save_checkpoint(str(best))
+
+
 def _logger(cfg: Config, output_dir: Path) -> Logger:
     kind = cfg.training.logger
     if kind == "tensorboard":
@@ -138,7 +155,11 @@ def build_trainer(
         save_last=True,
         enable_version_counter=False,
     )
-    callbacks: list[pl.Callback] = [checkpoint, *(extra_callbacks or [])]
+    callbacks: list[pl.Callback] = [
+        checkpoint,
+        BestCheckpointFallback(checkpoint),
+        *(extra_callbacks or []),
+    ]
     if enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if train_cfg.use_ema:

@@ -109,8 +109,8 @@ class DataHolder:
         """A one-item holder (B = 1) from one slice's arrays: expression (N, G), positions (N, D)."""
         n = expression.shape[0]
         return cls(
-            expression=torch.as_tensor(np.asarray(expression, dtype=np.float32))[None],
-            positions=torch.as_tensor(np.asarray(positions, dtype=np.float32))[None],
+            expression=torch.from_numpy(np.array(expression, dtype=np.float32))[None],
+            positions=torch.from_numpy(np.array(positions, dtype=np.float32))[None],
             node_mask=torch.ones(1, n, dtype=torch.bool),
             gene_mask=None
             if gene_mask is None
