@@ -15,6 +15,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.strategies import FSDPStrategy
 
 from alphastomics.config import Config
 from alphastomics.errors import UserInputError
@@ -56,7 +57,9 @@ class BestCheckpointFallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = Path(self.checkpoint.dirpath) / "best.ckpt"
-        if not best.exists() and trainer.global_step > 0:
+        # rank 0 decides: saving is a collective, every rank must agree to call it
+        missing = trainer.strategy.broadcast(not best.exists())
+        if missing and trainer.global_step > 0:
             log.info("no validation score yet: best.ckpt is the final state")
             trainer.save_checkpoint(str(best))
 
@@ -71,7 +74,7 @@ def _logger(cfg: Config, output_dir: Path) -> Logger:
             )
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(output_dir), name="logs", version="")
+        return TensorBoardLogger(save_dir=str(output_dir), name="logs")
     if kind == "wandb":
         if importlib.util.find_spec("wandb") is None:
             raise UserInputError(
@@ -80,11 +83,44 @@ def _logger(cfg: Config, output_dir: Path) -> Logger:
         from pytorch_lightning.loggers import WandbLogger
 
         return WandbLogger(save_dir=str(output_dir), project="alphastomics")
-    return CSVLogger(save_dir=str(output_dir), name="logs", version="")
+    # one version_<k> folder per run or resume, so a resume never replaces earlier logs
+    return CSVLogger(save_dir=str(output_dir), name="logs")
+
+
+class FSDPGradientClipping(pl.Callback):
+    """Clip the global gradient norm under FSDP, where Lightning's own norm clipping refuses.
+
+    Calls the root FSDP module's ``clip_grad_norm_`` (a collective: every rank runs it) just
+    before each optimizer step.
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        trainer.strategy.model.clip_grad_norm_(self.max_norm)
 
 
 def build_strategy(cfg: Config, accelerator: str) -> Any:
-    """Map ``distributed.strategy`` to a Lightning strategy object (or ``"auto"``)."""
+    """Map ``distributed.strategy`` to a Lightning strategy object (or ``"auto"``).
+
+    Parameters
+    ----------
+    cfg
+        The run's config; only ``distributed`` is read.
+    accelerator
+        The resolved accelerator (:func:`resolve_accelerator`): ``gpu``/``cuda`` or ``cpu``.
+
+    Returns
+    -------
+    Any
+        ``"auto"`` when ``distributed.enabled`` is false; else ``DDPStrategy`` (NCCL on GPU,
+        gloo on CPU), ``FSDPStrategy`` (full sharding, one FSDP unit per ``TransformerLayer``,
+        full state dicts so checkpoints load anywhere) or ``DeepSpeedStrategy`` (ZeRO stage
+        ``distributed.deepspeed_stage``).
+    """
     dist = cfg.distributed
     if not dist.enabled:
         return "auto"
@@ -98,11 +134,13 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
             raise UserInputError(
                 "distributed.strategy=fsdp needs CUDA GPUs; on CPU use distributed.strategy=ddp"
             )
-        from pytorch_lightning.strategies import FSDPStrategy
-
         from alphastomics.attn_model.transformer import TransformerLayer
 
-        return FSDPStrategy(auto_wrap_policy={TransformerLayer}, sharding_strategy="FULL_SHARD")
+        return FSDPStrategy(
+            auto_wrap_policy={TransformerLayer},
+            sharding_strategy="FULL_SHARD",
+            state_dict_type="full",
+        )
     if dist.strategy == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise UserInputError(
@@ -131,6 +169,56 @@ def resolve_accelerator(cfg: Config) -> str:
             f"training.accelerator={acc} but no CUDA GPU is visible; use training.accelerator=cpu"
         )
     return acc
+
+
+def resolve_devices(cfg: Config, accelerator: str) -> tuple[int, int]:
+    """Devices per node and number of nodes for the Trainer.
+
+    Without ``distributed.enabled`` this is ``(1, 1)``. Under ``torchrun`` the processes already
+    exist: ``distributed.devices``/``num_nodes`` must match ``LOCAL_WORLD_SIZE`` and
+    ``WORLD_SIZE / LOCAL_WORLD_SIZE``, and are taken from there when left at their default 1.
+
+    Raises
+    ------
+    UserInputError
+        The config disagrees with torchrun's environment, or asks for more GPUs than are visible.
+    """
+    dist = cfg.distributed
+    devices, num_nodes = (dist.devices, dist.num_nodes) if dist.enabled else (1, 1)
+    if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if not dist.enabled:
+            if world > 1:
+                raise UserInputError(
+                    f"torchrun started {world} processes but distributed.enabled=false; "
+                    f"add distributed.enabled=true"
+                )
+            return 1, 1
+        if local < 1 or world % local:
+            raise UserInputError(
+                f"torchrun WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}; "
+                "start every node with the same --nproc_per_node"
+            )
+        env_nodes = world // local
+        if (devices, num_nodes) == (1, 1):
+            devices, num_nodes = local, env_nodes
+        elif devices != local:
+            raise UserInputError(
+                f"distributed.devices={devices} but torchrun started {local} processes per node "
+                f"(--nproc_per_node); set distributed.devices={local}"
+            )
+        elif num_nodes != env_nodes:
+            raise UserInputError(
+                f"distributed.num_nodes={num_nodes} but torchrun started {env_nodes} nodes "
+                f"(WORLD_SIZE={world} / LOCAL_WORLD_SIZE={local}); set distributed.num_nodes={env_nodes}"
+            )
+    if accelerator in ("gpu", "cuda") and devices > torch.cuda.device_count():
+        raise UserInputError(
+            f"distributed.devices={devices} but this machine has {torch.cuda.device_count()} "
+            f"visible GPU(s); set distributed.devices={torch.cuda.device_count()}"
+        )
+    return devices, num_nodes
 
 
 def build_trainer(
@@ -164,19 +252,24 @@ def build_trainer(
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if train_cfg.use_ema:
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
-    dist = cfg.distributed
+    devices, num_nodes = resolve_devices(cfg, accelerator)
+    strategy = build_strategy(cfg, accelerator)
+    clip_val = train_cfg.gradient_clip_val or None
+    if clip_val and isinstance(strategy, FSDPStrategy):
+        callbacks.append(FSDPGradientClipping(clip_val))
+        clip_val = None
     max_time = timedelta(minutes=train_cfg.max_time_minutes) if train_cfg.max_time_minutes else None
     return pl.Trainer(
         default_root_dir=str(output_dir),
         accelerator=accelerator,
-        devices=dist.devices if dist.enabled else 1,
-        num_nodes=dist.num_nodes if dist.enabled else 1,
-        strategy=build_strategy(cfg, accelerator),
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         precision=train_cfg.precision,
         max_epochs=train_cfg.max_epochs,
         max_steps=train_cfg.max_steps,
         max_time=max_time,
-        gradient_clip_val=train_cfg.gradient_clip_val or None,
+        gradient_clip_val=clip_val,
         log_every_n_steps=train_cfg.log_every_n_steps,
         check_val_every_n_epoch=train_cfg.val_every_n_epochs,
         num_sanity_val_steps=0,

@@ -114,10 +114,10 @@ class DataHolder:
             node_mask=torch.ones(1, n, dtype=torch.bool),
             gene_mask=None
             if gene_mask is None
-            else torch.as_tensor(np.asarray(gene_mask, bool))[None],
+            else torch.from_numpy(np.array(gene_mask, bool))[None],
             cell_type=None
             if cell_type is None
-            else torch.as_tensor(np.asarray(cell_type, np.int64))[None],
+            else torch.from_numpy(np.array(cell_type, np.int64))[None],
             cell_index=torch.arange(n)[None],
             slice_index=None if slice_index is None else torch.tensor([slice_index]),
         )

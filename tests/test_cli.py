@@ -1,0 +1,344 @@
+"""Every command end to end on tiny generated data, through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from alphastomics.main import main
+from tests.conftest import make_tiny_adata
+
+TINY = [
+    "model.hidden_dim=16",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "diffusion.diffusion_steps=20",
+    "sampling.steps=4",
+    "training.max_epochs=2",
+    "training.val_every_n_epochs=1",
+    "training.val_sample_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A store, a trained run and an .h5ad of the test slice, shared by the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    adata = make_tiny_adata(n_slices=4, n_cells=50)
+    h5ad = root / "tissue.h5ad"
+    adata.write_h5ad(h5ad)
+    test_h5ad = root / "slice_3.h5ad"
+    adata[adata.obs["slice"] == "slice_3"].copy().write_h5ad(test_h5ad)
+    store = root / "store"
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(h5ad),
+                "--output_dir",
+                str(store),
+                "--cell_type_key",
+                "cell_type",
+                "--test_slices",
+                "slice_3",
+                "--val_slices",
+                "slice_2",
+            ]
+        )
+        == 0
+    )
+    run = root / "run"
+    assert main(["train", "--data_dir", str(store), "--output_dir", str(run), *TINY]) == 0
+    return {
+        "root": root,
+        "h5ad": h5ad,
+        "test_h5ad": test_h5ad,
+        "store": store,
+        "run": run,
+        "ckpt": run / "checkpoints" / "best.ckpt",
+    }
+
+
+def test_train_writes_checkpoints_config_and_csv_logs(trained):
+    run = trained["run"]
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "hidden_dim: 16" in (run / "config.yaml").read_text()
+    assert list((run / "logs").glob("version_*/metrics.csv"))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["cfg"]["model"]["hidden_dim"] == 16
+    assert ckpt["hyper_parameters"]["data_info"]["keys"]["position_key"] == "ccf"
+
+
+def test_train_refuses_to_reuse_a_run_folder(trained, capsys):
+    code = main(
+        ["train", "--data_dir", str(trained["store"]), "--output_dir", str(trained["run"]), *TINY]
+    )
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert main(["train", "--print_config", "training.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+
+
+def test_test_writes_metrics_and_figures(trained, tmp_path):
+    out = tmp_path / "test"
+    assert (
+        main(
+            [
+                "test",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--data_dir",
+                str(trained["store"]),
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["slices"]) == {"slice_3"}
+    overall = metrics["overall"]
+    for key in (
+        "distance_spearman_median",
+        "knn_preservation",
+        "procrustes_disparity",
+        "contact_f1",
+    ):
+        assert key in overall["expr_to_pos"]
+    for key in ("pcc_gene_mean", "spearman_gene_mean", "mse", "morans_i_pearson", "cluster_ari"):
+        assert key in overall["pos_to_expr"]
+    assert "baseline_random_positions" in overall
+    assert (out / "layout_slice_3.png").is_file() and (out / "genes_slice_3.png").is_file()
+    # a second run refuses to replace the metrics without --overwrite
+    assert (
+        main(
+            [
+                "test",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--data_dir",
+                str(trained["store"]),
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize("mode", ["expr_to_pos", "pos_to_expr", "joint"])
+def test_sample_h5ad_every_mode(trained, tmp_path, mode):
+    out = tmp_path / f"{mode}.h5ad"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--input_data",
+                str(trained["test_h5ad"]),
+                "--sample_mode",
+                mode,
+                "--output",
+                str(out),
+                "--num_samples",
+                "2",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    result = ad.read_h5ad(out)
+    source = ad.read_h5ad(trained["test_h5ad"])
+    info = result.uns["alphastomics"]
+    assert info["mode"] == mode and info["seed"] == 3 and info["num_samples"] == 2
+    assert {"steps", "sampler", "checkpoint", "version"} <= set(info)
+    if mode == "expr_to_pos":
+        pos = result.obsm["alphastomics_positions"]
+        assert pos.shape == (source.n_obs, 3) and np.isfinite(pos).all()
+        # back in the input's units: similar spread to the true coordinates
+        true = source.obsm["ccf"]
+        ratio = pos.std(0).sum() / true.std(0).sum()
+        assert 0.2 < ratio < 5
+        assert "alphastomics_position_spread" in result.obs
+    elif mode == "pos_to_expr":
+        assert result.layers["alphastomics_expression"].shape == (source.n_obs, source.n_vars)
+        assert "alphastomics_expression_std" in result.layers
+    else:
+        assert result.n_obs == source.n_obs and result.obsm["spatial"].shape == (source.n_obs, 3)
+    assert out.with_suffix(".png").is_file()
+
+
+def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
+    adata = ad.read_h5ad(trained["test_h5ad"])
+    shuffled = adata[:, list(reversed(adata.var_names))[:-2]].copy()  # reordered, 2 genes missing
+    src = tmp_path / "shuffled.h5ad"
+    shuffled.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--input_data",
+                str(src),
+                "--sample_mode",
+                "expr_to_pos",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    info = ad.read_h5ad(out).uns["alphastomics"]
+    assert len(info["missing_genes"]) == 2
+    assert info["missing_gene_share"] == pytest.approx(2 / adata.n_vars)
+
+
+def test_sample_pt_round_trip(trained, tmp_path):
+    from alphastomics.utils.dataloader import ProcessedStore
+
+    store = ProcessedStore(trained["store"])
+    arrays = store.load_slice(store.slice_indices("test")[0])
+    src = tmp_path / "in.pt"
+    torch.save(
+        {
+            "expression": torch.tensor(np.array(arrays["expression"])),
+            "positions": torch.tensor(np.array(arrays["positions"])),
+            "node_mask": torch.ones(len(arrays["positions"]), dtype=torch.bool),
+        },
+        src,
+    )
+    out = tmp_path / "out.pt"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--input_data",
+                str(src),
+                "--sample_mode",
+                "expr_to_pos",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = torch.load(out, weights_only=False)
+    assert result["positions"].shape == (1, len(arrays["positions"]), 3)
+    assert result["mode"] == "expr_to_pos"
+
+
+def test_sample_refuses_to_overwrite(trained, tmp_path, capsys):
+    out = tmp_path / "exists.h5ad"
+    out.write_text("keep me")
+    code = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--input_data",
+            str(trained["test_h5ad"]),
+            "--sample_mode",
+            "joint",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
+def test_extract_store_and_h5ad(trained, tmp_path):
+    out = tmp_path / "emb.npz"
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--data_dir",
+                str(trained["store"]),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    emb = np.load(out)
+    n = sum(
+        s["n_cells"] for s in json.loads((trained["store"] / "metadata.json").read_text())["slices"]
+    )
+    assert emb["expression_embeddings"].shape == (n, 16)
+    assert emb["position_embeddings"].shape == (n, 16)
+    assert emb["cell_types"].shape == (n,) and emb["cell_types"][0].startswith("type_")
+    out2 = tmp_path / "emb2.npz"
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(trained["ckpt"]),
+                "--input_data",
+                str(trained["test_h5ad"]),
+                "--output",
+                str(out2),
+                "--extract_mode",
+                "transformer",
+            ]
+        )
+        == 0
+    )
+    written = ad.read_h5ad(out2.with_suffix(".h5ad"))
+    assert written.obsm["X_alphastomics"].shape == (written.n_obs, 16)
+
+
+def test_resume_continues_from_last(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert (
+        main(
+            [
+                "train",
+                "--data_dir",
+                str(trained["store"]),
+                "--output_dir",
+                str(run),
+                "--resume",
+                *[o for o in TINY if "max_epochs" not in o],
+                "training.max_epochs=3",
+            ]
+        )
+        == 0
+    )
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert after > before
+    assert len(list((run / "logs").glob("version_*/metrics.csv"))) == 2  # earlier logs kept
+
+
+def test_module_entry_point_and_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "alphastomics.main", "sample", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--sample_mode" in result.stdout and "--num_samples" in result.stdout
