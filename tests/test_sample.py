@@ -81,3 +81,26 @@ def test_bad_requests_are_rejected():
         sampler.sample(expr, pos, mask, "joint", steps=21)
     with pytest.raises(ValueError, match="unknown sample mode"):
         sampler.sample(expr, pos, mask, "sideways")
+
+
+@pytest.mark.parametrize("mode", ["expr_to_pos", "pos_to_expr"])
+def test_known_cells_are_kept_exactly_in_the_input_frame(mode):
+    sampler, expr, pos, mask = _setup()
+    pos = pos + 5.0  # an input frame that is not centred
+    known = torch.zeros_like(mask)
+    known[:, :4] = True
+    e, p = sampler.sample(
+        expr, pos, mask, mode, steps=4, known=known, generator=torch.Generator().manual_seed(0)
+    )
+    if mode == "expr_to_pos":
+        assert torch.allclose(p[:, :4], pos[:, :4], atol=1e-5)
+        assert not torch.allclose(p[0, 4:], pos[0, 4:], atol=1e-2)
+    else:
+        assert torch.allclose(e[:, :4], expr[:, :4], atol=1e-6)
+    assert torch.all(p[1, 6:] == 0) and torch.all(e[1, 6:] == 0)
+
+
+def test_known_cells_need_one_clean_modality():
+    sampler, expr, pos, mask = _setup()
+    with pytest.raises(ValueError, match="one clean modality"):
+        sampler.sample(expr, pos, mask, "joint", steps=2, known=mask)

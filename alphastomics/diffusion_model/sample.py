@@ -90,6 +90,7 @@ class DiffusionSampler:
         steps: int | None = None,
         eta: float | None = None,
         generator: torch.Generator | None = None,
+        known: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the reverse process for one sample per item.
 
@@ -107,6 +108,12 @@ class DiffusionSampler:
             (B, G) bool measured genes (default all).
         generator
             Source of every random draw; no global RNG is touched.
+        known
+            (B, N) bool: cells whose value of the *generated* modality is given in the input
+            (inpainting: e.g. reference cells among which new cells are placed). At every step
+            their state is replaced by the forward-noised truth (RePaint, Lugmayr et al. 2022,
+            without resampling), so the other cells are generated around them. Known positions
+            fix the frame: the returned positions are in the input frame of the known cells.
 
         Returns
         -------
@@ -147,6 +154,10 @@ class DiffusionSampler:
             pos = sample_centered_gaussian(pos.shape, mask, generator=generator, device=device)
         zeros = torch.zeros(b, dtype=torch.long, device=device)
 
+        known = None if known is None else (known.bool() & mask)
+        if known is not None and gen_expr and gen_pos:
+            raise ValueError("known cells need one clean modality: use expr_to_pos or pos_to_expr")
+        true_expr, true_pos = apply_mask(expression, mask), positions
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
         for t, s in tqdm(pairs, desc=f"sampling {mode}", disable=not self.show_progress):
@@ -157,15 +168,41 @@ class DiffusionSampler:
             out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
             if gen_expr:
                 expr_hat = apply_mask(out.expression, mask)
+                if known is not None:
+                    expr_hat = torch.where(known.unsqueeze(-1), true_expr, expr_hat)
                 expr = self._step(
                     "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator
                 )
+                if known is not None:
+                    expr = self._replace_known(
+                        "expression", expr, expr_hat, known, step_s, generator
+                    )
                 expr = apply_mask(expr, mask)
             if gen_pos:
                 pos_hat = center(out.positions, mask)
+                if known is not None:
+                    pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
                 pos = self._step("position", pos_hat, pos, step_t, step_s, sampler, eta, generator)
+                if known is not None:
+                    pos = self._replace_known("position", pos, pos_hat, known, step_s, generator)
                 pos = center(pos, mask)
+        if known is not None and gen_pos:
+            pos_hat = apply_mask(_paste_known(pos_hat, true_pos, known, to_input_frame=True), mask)
         return (expr_hat if gen_expr else expr), (pos_hat if gen_pos else pos)
+
+    def _replace_known(
+        self,
+        modality: Literal["expression", "position"],
+        z_s: Tensor,
+        x0_known: Tensor,
+        known: Tensor,
+        step_s: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Known cells' state at step s: the forward-noised truth ``q(z_s | x0)``."""
+        eps = torch.randn(z_s.shape, generator=generator, device=z_s.device, dtype=z_s.dtype)
+        noised = self.noise_model.q_sample(modality, x0_known, step_s, eps)
+        return torch.where(known.unsqueeze(-1), noised, z_s)
 
     def _step(
         self,
@@ -184,6 +221,19 @@ class DiffusionSampler:
             last = (step_s == 0).view(-1, *([1] * (z_t.dim() - 1)))
             return torch.where(last, x0_hat, mean + std * noise)
         return self.noise_model.ddim_step(modality, x0_hat, z_t, step_t, step_s, eta, noise)
+
+
+def _paste_known(
+    pos_hat: Tensor, true_pos: Tensor, known: Tensor, *, to_input_frame: bool = False
+) -> Tensor:
+    """Replace known cells' predicted positions (B, N, D) by their true ones, translated into the
+    prediction's frame (or, with ``to_input_frame``, move the prediction into the input frame)."""
+    k = known.unsqueeze(-1).to(pos_hat.dtype)
+    count = k.sum(dim=1).clamp(min=1)  # (B, 1)
+    shift = ((pos_hat - true_pos) * k).sum(dim=1) / count  # (B, D) prediction minus input frame
+    if to_input_frame:
+        return torch.where(known.unsqueeze(-1), true_pos, pos_hat - shift.unsqueeze(1))
+    return torch.where(known.unsqueeze(-1), true_pos + shift.unsqueeze(1), pos_hat)
 
 
 def positions_to_user_units(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 from alphastomics import __version__
@@ -87,6 +88,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         self.register_buffer("gene_mean", mean.float(), persistent=False)
         self.register_buffer("gene_std", std.float().clamp(min=1e-6), persistent=False)
         self._nonfinite_in_a_row = 0
+        self._loss_was_finite = True
         self.n_skipped_steps = 0
 
     # ------------------------------------------------------------------ expression units
@@ -159,9 +161,9 @@ class AlphaSTomicsModule(pl.LightningModule):
 
     def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
         result = self.diffusion_loss(batch)
-        if not torch.isfinite(result.total):
+        self._loss_was_finite = bool(torch.isfinite(result.total))
+        if not self._loss_was_finite:
             return self._skip_nonfinite("loss")
-        self._nonfinite_in_a_row = 0
         self.log("train/loss", result.total, batch_size=batch.batch_size, prog_bar=True)
         self.log_dict(
             {f"train/{k}": v for k, v in result.terms.items()}, batch_size=batch.batch_size
@@ -177,8 +179,8 @@ class AlphaSTomicsModule(pl.LightningModule):
         if self._nonfinite_in_a_row >= limit:
             raise FloatingPointError(
                 f"{self._nonfinite_in_a_row} non-finite {what} values in a row (limit "
-                f"training.max_consecutive_nonfinite={limit}); stopped. The last good checkpoint "
-                "is intact: lower training.lr, check the input data, or resume with --resume"
+                f"training.max_consecutive_nonfinite={limit}), training stopped at step "
+                f"{self.global_step}: lower training.lr or check the input data, then train again"
             )
         return None
 
@@ -186,6 +188,12 @@ class AlphaSTomicsModule(pl.LightningModule):
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
         """Run forward/backward, then step only when every gradient is finite."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed runs the closure and the step itself (and skips overflowing steps)
+            optimizer.step(closure=optimizer_closure)
+            if self._loss_was_finite:
+                self._nonfinite_in_a_row = 0
+            return
         if optimizer_closure is not None:
             optimizer_closure()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -194,6 +202,8 @@ class AlphaSTomicsModule(pl.LightningModule):
             self._skip_nonfinite("gradient")
             return
         optimizer.step()
+        if grads:  # a real step (a skipped loss leaves no gradients): the streak is over
+            self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: DataHolder, batch_idx: int) -> None:
@@ -227,10 +237,13 @@ class AlphaSTomicsModule(pl.LightningModule):
                 gene_mask=batch.gene_mask,
                 generator=generator,
             )
-            pm = position_metrics(
-                batch.positions[0][mask].cpu().numpy(), pos[0][mask].cpu().numpy(), max_anchors=500
-            )
-            metrics["distance_spearman_median"] = float(pm["distance_spearman_median"])
+            if bool(torch.isfinite(pos[0][mask]).all()):  # non-finite weights: no score
+                pm = position_metrics(
+                    batch.positions[0][mask].cpu().numpy(),
+                    pos[0][mask].cpu().numpy(),
+                    max_anchors=500,
+                )
+                metrics["distance_spearman_median"] = float(pm["distance_spearman_median"])
         if self.cfg.training_mode in ("joint", "pos_to_expr"):
             expr, _ = sampler.sample(
                 batch.expression,
@@ -240,12 +253,13 @@ class AlphaSTomicsModule(pl.LightningModule):
                 gene_mask=batch.gene_mask,
                 generator=generator,
             )
-            em = expression_metrics(
-                batch.expression[0][mask].cpu().numpy(),
-                expr[0][mask].cpu().numpy(),
-                gene_mask=batch.gene_mask[0].cpu().numpy(),
-            )
-            metrics["pcc_gene_mean"] = float(em["pcc_gene_mean"])
+            if bool(torch.isfinite(expr[0][mask]).all()):
+                em = expression_metrics(
+                    batch.expression[0][mask].cpu().numpy(),
+                    expr[0][mask].cpu().numpy(),
+                    gene_mask=batch.gene_mask[0].cpu().numpy(),
+                )
+                metrics["pcc_gene_mean"] = float(em["pcc_gene_mean"])
         return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
     # ------------------------------------------------------------------ sampling
@@ -258,8 +272,12 @@ class AlphaSTomicsModule(pl.LightningModule):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         show_progress: bool = False,
+        known: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
+
+        ``known`` (B, N) bool marks cells whose generated modality is given (inpainting, see
+        :meth:`DiffusionSampler.sample`).
 
         Returns
         -------
@@ -283,6 +301,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             mode,
             gene_mask=batch.gene_mask,
             generator=generator,
+            known=None if known is None else known.to(self.device),
         )
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
@@ -320,6 +339,15 @@ class AlphaSTomicsModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["alphastomics_version"] = __version__
+        checkpoint["alphastomics_nonfinite"] = {
+            "skipped_steps": self.n_skipped_steps,
+            "in_a_row": self._nonfinite_in_a_row,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("alphastomics_nonfinite") or {}
+        self.n_skipped_steps = int(counts.get("skipped_steps", 0))
+        self._nonfinite_in_a_row = int(counts.get("in_a_row", 0))
 
 
 def gene_stats_from_metadata(metadata: dict[str, Any]) -> tuple[list[float], list[float]]:
