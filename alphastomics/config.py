@@ -101,6 +101,7 @@ class SamplingConfig:
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
     eta: float = 0.0
+    expression_estimate: Literal["mean", "sample"] = "mean"
 
 
 @dataclass

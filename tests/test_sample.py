@@ -104,3 +104,27 @@ def test_known_cells_need_one_clean_modality():
     sampler, expr, pos, mask = _setup()
     with pytest.raises(ValueError, match="one clean modality"):
         sampler.sample(expr, pos, mask, "joint", steps=2, known=mask)
+
+
+@pytest.mark.parametrize("mode", ["expr_to_pos", "pos_to_expr"])
+def test_predict_mean_is_one_step_per_draw_and_masked(mode):
+    sampler, expr, pos, mask = _setup()
+    calls = []
+    forward = sampler.model.forward
+
+    def counting(*args):
+        calls.append(args[2:4])
+        return forward(*args)
+
+    sampler.model.forward = counting
+    gen = torch.Generator().manual_seed(0)
+    e, p = sampler.predict_mean(expr, pos, mask, mode, generator=gen, n_draws=3)
+    assert len(calls) == 3
+    t_expr, t_pos = calls[0]
+    assert (t_expr == (1 if mode == "pos_to_expr" else 0)).all()
+    assert (t_pos == (1 if mode == "expr_to_pos" else 0)).all()
+    assert torch.all(e[1, 6:] == 0) and torch.all(p[1, 6:] == 0)
+    if mode == "pos_to_expr":
+        assert torch.allclose(p, center(pos, mask), atol=1e-6)
+    else:
+        assert torch.equal(e, expr)

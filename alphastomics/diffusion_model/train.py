@@ -273,11 +273,13 @@ class AlphaSTomicsModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         show_progress: bool = False,
         known: Tensor | None = None,
+        expression_estimate: Literal["mean", "sample"] = "sample",
     ) -> tuple[Tensor, Tensor]:
         """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
 
         ``known`` (B, N) bool marks cells whose generated modality is given (inpainting, see
-        :meth:`DiffusionSampler.sample`).
+        :meth:`DiffusionSampler.sample`). With ``expression_estimate="mean"``, ``pos_to_expr``
+        returns the conditional mean (:meth:`DiffusionSampler.predict_mean`) instead of a draw.
 
         Returns
         -------
@@ -294,6 +296,16 @@ class AlphaSTomicsModule(pl.LightningModule):
             eta=self.cfg.sampling.eta,
             show_progress=show_progress,
         )
+        if mode == "pos_to_expr" and expression_estimate == "mean" and known is None:
+            expr_out, pos_out = diffusion_sampler.predict_mean(
+                expr,
+                batch.positions,
+                batch.node_mask,
+                mode,
+                gene_mask=batch.gene_mask,
+                generator=generator,
+            )
+            return apply_mask(self.unstandardize(expr_out), batch.node_mask), pos_out
         expr_out, pos_out = diffusion_sampler.sample(
             expr,
             batch.positions,

@@ -70,8 +70,14 @@ def evaluate_slice(
         metrics["baseline_random_positions"] = position_metrics(pos_true, random_pos[0].numpy())
     if mode in ("joint", "pos_to_expr"):
         start = time.perf_counter()
+        estimate = module.cfg.sampling.expression_estimate
         expr, _ = module.sample(
-            holder, "pos_to_expr", sampler=sampler, steps=steps, generator=generator
+            holder,
+            "pos_to_expr",
+            sampler=sampler,
+            steps=steps,
+            generator=generator,
+            expression_estimate=estimate,
         )
         expr_pred = expr[0].cpu().numpy()
         predictions["expression"] = expr_pred
@@ -88,6 +94,7 @@ def evaluate_slice(
                 }
             )
         scores["seconds"] = time.perf_counter() - start
+        scores["estimate"] = estimate
         metrics["pos_to_expr"] = scores
         mean_expr = np.broadcast_to(module.gene_mean.cpu().numpy(), expr_true.shape)
         metrics["baseline_mean_expression"] = expression_metrics(
@@ -115,7 +122,7 @@ def run_evaluation(
             f"{data_dir} has no {split!r} slices; preprocess with --test_slices/--test_fraction or "
             "pass --split val/train"
         )
-    _check_genes(module, store.metadata["genes"], data_dir)
+    check_store_genes(module, store.metadata["genes"], data_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = store.metadata.get("cell_types", [])
@@ -169,11 +176,16 @@ def run_evaluation(
     return result
 
 
-def _check_genes(module: AlphaSTomicsModule, genes: list[str], source: str | Path) -> None:
+def check_store_genes(module: AlphaSTomicsModule, genes: list[str], source: str | Path) -> None:
+    """A store must have exactly the checkpoint's gene list (its arrays are in that order)."""
     model_genes = module.hparams.get("gene_names")
     if model_genes is not None and list(model_genes) != list(genes):
+        shared = len(set(model_genes) & set(genes))
+        order = " (same genes, another order)" if shared == len(genes) == len(model_genes) else ""
         raise UserInputError(
-            f"{source} was preprocessed with a different gene list ({len(genes)} genes) than the "
-            f"checkpoint ({len(model_genes)} genes); preprocess with --gene_list_file listing the "
-            "checkpoint's genes, or use `sample` on an .h5ad, which matches genes by name"
+            f"{source} was preprocessed with a different gene list than the checkpoint: "
+            f"{shared} of the checkpoint's {len(model_genes)} genes are among the store's "
+            f"{len(genes)}{order}; preprocess with --gene_list_file listing the checkpoint's "
+            "genes (missing ones are masked), or use `sample` on an .h5ad, which matches genes "
+            "by name"
         )

@@ -56,15 +56,29 @@ def _draw(
     steps: int | None,
     num_samples: int,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N, G) expression and (K, N, 3) scaled positions of ``num_samples`` samples of one item."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expression point estimate (N, G), its spread over samples (N, G), positions (K, N, 3).
+
+    For ``pos_to_expr`` with ``sampling.expression_estimate: mean`` the point estimate is the
+    conditional mean; otherwise it is the mean of the ``num_samples`` draws.
+    """
+    use_mean = mode == "pos_to_expr" and module.cfg.sampling.expression_estimate == "mean"
     exprs, poss = [], []
-    for k in range(num_samples):
+    n_draws = num_samples if (num_samples > 1 or not use_mean) else 0
+    for k in range(n_draws):
         generator = torch.Generator(device=module.device).manual_seed(seed + k)
         expr, pos = module.sample(holder, mode, sampler=sampler, steps=steps, generator=generator)
         exprs.append(expr[0].cpu().numpy())
         poss.append(pos[0].cpu().numpy())
-    return np.stack(exprs), np.stack(poss)
+    if use_mean:
+        generator = torch.Generator(device=module.device).manual_seed(seed)
+        point, pos = module.sample(holder, mode, generator=generator, expression_estimate="mean")
+        poss = poss or [pos[0].cpu().numpy()]
+        point = point[0].cpu().numpy()
+    else:
+        point = np.mean(exprs, axis=0)
+    spread = np.std(exprs, axis=0) if len(exprs) > 1 else np.zeros_like(point)
+    return point, spread, np.stack(poss)
 
 
 def _aligned_spread(samples: np.ndarray) -> np.ndarray:
@@ -140,7 +154,7 @@ def sample_h5ad(
             piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
         )
         holder = DataHolder.from_arrays(piece.expression, positions, gene_mask=piece.gene_mask)
-        expr_k, pos_k = _draw(
+        expr_point, expr_spread, pos_k = _draw(
             module,
             holder,
             mode,
@@ -152,11 +166,11 @@ def sample_h5ad(
         scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
         center = piece.center if has_pos else np.zeros(3)
         rows = piece.obs_indices
-        out_expr[rows] = expr_k.mean(0)
-        out_std[rows] = expr_k.std(0)
+        out_expr[rows] = expr_point
+        out_std[rows] = expr_spread
         out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, 3)
         spread[rows] = _aligned_spread(pos_k) * scale
-        figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_k.mean(0)))
+        figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 
     meta = {
         "mode": mode,
@@ -169,6 +183,7 @@ def sample_h5ad(
         "input": str(input_path),
         "missing_genes": missing,
         "missing_gene_share": 1 - share,
+        "expression_estimate": module.cfg.sampling.expression_estimate,
     }
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     result.uns["alphastomics"] = meta
