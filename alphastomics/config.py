@@ -102,6 +102,7 @@ class SamplingConfig:
     steps: int = 50
     eta: float = 0.0
     expression_estimate: Literal["mean", "sample"] = "mean"
+    warm_start: float = 0.0
 
 
 @dataclass
@@ -189,6 +190,7 @@ def _check(cfg: Config) -> None:
             f"({cfg.diffusion.diffusion_steps})",
         ),
         (0 <= cfg.sampling.eta <= 1, "sampling.eta must be in [0, 1]"),
+        (0 <= cfg.sampling.warm_start <= 1, "sampling.warm_start must be in [0, 1]"),
         (cfg.distributed.num_nodes >= 1, "distributed.num_nodes must be >= 1"),
         (cfg.distributed.devices >= 1, "distributed.devices must be >= 1"),
         (cfg.distributed.deepspeed_stage in (1, 2, 3), "distributed.deepspeed_stage must be 1-3"),

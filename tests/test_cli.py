@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alphastomics.main import main
-from tests.conftest import make_tiny_adata
+from conftest import make_tiny_adata
 
 TINY = [
     "model.hidden_dim=16",

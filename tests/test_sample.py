@@ -128,3 +128,29 @@ def test_predict_mean_is_one_step_per_draw_and_masked(mode):
         assert torch.allclose(p, center(pos, mask), atol=1e-6)
     else:
         assert torch.equal(e, expr)
+
+
+def test_warm_start_uses_fewer_steps_from_the_mean_estimate():
+    sampler, expr, pos, mask = _setup(T=50)
+    seen = []
+    forward = sampler.model.forward
+
+    def recording(*args):
+        seen.append(float(args[3][0]))
+        return forward(*args)
+
+    sampler.model.forward = recording
+    sampler.sample(
+        expr,
+        pos,
+        mask,
+        "expr_to_pos",
+        steps=5,
+        warm_start=0.2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # one mean evaluation at t = 1, then 5 reverse steps from t = 10/50 down
+    assert seen[0] == 1.0
+    assert seen[1] == pytest.approx(0.2) and len(seen) == 6
+    with pytest.raises(ValueError, match="warm_start"):
+        sampler.sample(expr, pos, mask, "expr_to_pos", steps=5, warm_start=1.5)

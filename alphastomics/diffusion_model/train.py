@@ -274,6 +274,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         show_progress: bool = False,
         known: Tensor | None = None,
         expression_estimate: Literal["mean", "sample"] = "sample",
+        warm_start: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
 
@@ -294,6 +295,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             sampler=sampler or self.cfg.sampling.sampler,
             steps=steps or self.cfg.sampling.steps,
             eta=self.cfg.sampling.eta,
+            warm_start=self.cfg.sampling.warm_start,
             show_progress=show_progress,
         )
         if mode == "pos_to_expr" and expression_estimate == "mean" and known is None:
@@ -314,6 +316,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             gene_mask=batch.gene_mask,
             generator=generator,
             known=None if known is None else known.to(self.device),
+            warm_start=warm_start,
         )
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out

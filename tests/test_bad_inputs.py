@@ -1,0 +1,398 @@
+"""Bad input through the CLI: one line naming the problem and the fix, a non-zero exit, no
+traceback, no partial output, and nothing a user had overwritten without --overwrite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from alphastomics.main import main
+from conftest import make_tiny_adata
+
+TINY = [
+    "model.hidden_dim=16",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "diffusion.diffusion_steps=20",
+    "sampling.steps=4",
+    "training.max_epochs=1",
+    "training.val_every_n_epochs=5",
+    "training.accelerator=cpu",
+]
+
+
+PYTHON_CLI = [sys.executable, "-m", "alphastomics.main"]
+
+
+def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, command: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one stderr line ``alphastomics CMD: error: ...``."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"alphastomics {command}: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-epoch model on ``tiny_store`` and an .h5ad of its genes (16 genes, 3D ``ccf``)."""
+    root = tmp_path_factory.mktemp("bad")
+    out = root / "run"
+    assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
+    h5ad = root / "cells.h5ad"
+    make_tiny_adata(n_slices=1, n_cells=30).write_h5ad(h5ad)
+    return {"ckpt": out / "checkpoints" / "last.ckpt", "store": tiny_store, "h5ad": h5ad}
+
+
+# ------------------------------------------------------------------------------------------
+# preprocess
+
+
+def _garbage(adata: ad.AnnData, path: Path) -> None:
+    path.write_bytes(b"\x89HDF\r\n this is not an HDF5 file")
+
+
+def _coords(columns: int) -> Callable[[ad.AnnData, Path], None]:
+    def change(adata: ad.AnnData, path: Path) -> None:
+        adata.obsm["ccf"] = np.ones((adata.n_obs, columns)) * np.arange(adata.n_obs)[:, None]
+        adata.write_h5ad(path)
+
+    return change
+
+
+def _set(where: str, value: float) -> Callable[[ad.AnnData, Path], None]:
+    def change(adata: ad.AnnData, path: Path) -> None:
+        if where == "coords":
+            coords = adata.obsm["ccf"].copy()
+            coords[3, 1] = value
+            adata.obsm["ccf"] = coords
+        else:
+            adata.X = adata.X.astype(np.float32)
+            adata.X[5, 2] = value
+        adata.write_h5ad(path)
+
+    return change
+
+
+def _zero_slice(adata: ad.AnnData, path: Path) -> None:
+    adata.X[(adata.obs["slice"] == "slice_1").to_numpy()] = 0
+    adata.write_h5ad(path)
+
+
+def _one_cell_slice(adata: ad.AnnData, path: Path) -> None:
+    first = np.flatnonzero((adata.obs["slice"] == "slice_1").to_numpy())[0]
+    keep = (adata.obs["slice"] != "slice_1").to_numpy()
+    keep[first] = True
+    adata[keep].copy().write_h5ad(path)
+
+
+def _duplicate_genes(adata: ad.AnnData, path: Path) -> None:
+    adata.var_names = ["gene_0", *adata.var_names[1:-1], "gene_1"]
+    adata.write_h5ad(path)
+
+
+def _no_position_key(adata: ad.AnnData, path: Path) -> None:
+    adata.obsm["spatial"] = adata.obsm.pop("ccf")
+    adata.write_h5ad(path)
+
+
+PREPROCESS_CASES: dict[str, tuple[Callable[[ad.AnnData, Path], None], list[str], list[str]]] = {
+    "corrupt h5ad": (_garbage, [], ["cannot read", "bad.h5ad", "valid .h5ad"]),
+    "missing position key": (
+        _no_position_key,
+        [],
+        ["obsm['ccf']", "'spatial'", "--position_key spatial"],
+    ),
+    "1-column coordinates": (_coords(1), [], ["shape (60, 1)", "2 or 3 columns"]),
+    "4-column coordinates": (_coords(4), [], ["shape (60, 4)", "2 or 3 columns"]),
+    "NaN coordinates": (_set("coords", np.nan), [], ["NaN or infinite", "obsm['ccf']", "drop"]),
+    "inf coordinates": (_set("coords", np.inf), [], ["NaN or infinite", "obsm['ccf']"]),
+    "NaN expression": (_set("X", np.nan), [], ["1 cells have NaN or infinite", "adata.X"]),
+    "all-zero slice": (
+        _zero_slice,
+        [],
+        ["slice 'slice_1'", "zero expression", "--normalize none"],
+    ),
+    "one-cell slice": (_one_cell_slice, [], ["slice 'slice_1'", "1 cell", "at least 2"]),
+    "duplicate genes": (_duplicate_genes, [], ["duplicate gene names", "'gene_1'", "unique"]),
+    "gene list without overlap": (
+        lambda adata, path: adata.write_h5ad(path),
+        ["--gene_list_file", "GENES"],
+        ["2 genes of the gene list are in no input file", "'GAPDH'"],
+    ),
+    "unknown slice key": (
+        lambda adata, path: adata.write_h5ad(path),
+        ["--slice_key", "section"],
+        ["no obs column 'section'", "--slice_key"],
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+@pytest.mark.parametrize("case", list(PREPROCESS_CASES))
+def test_preprocess_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    build, flags, fragments = PREPROCESS_CASES[case]
+    source = tmp_path / "bad.h5ad"
+    build(make_tiny_adata(n_slices=2, n_cells=30), source)
+    genes = tmp_path / "genes.txt"
+    genes.write_text("GAPDH\nACTB\n")
+    flags = [str(genes) if f == "GENES" else f for f in flags]
+    out = tmp_path / "work" / "store"
+    code, err = run_cli(["preprocess", "--input", source, "--output_dir", out, *flags], capsys)
+    assert_one_line_error(code, err, "preprocess", *fragments)
+    assert not out.parent.exists()  # no partial store, not even its parent folder
+
+
+def test_all_zero_slice_is_kept_without_normalisation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = tmp_path / "zero.h5ad"
+    _zero_slice(make_tiny_adata(n_slices=2, n_cells=30), source)
+    out = tmp_path / "store"
+    assert (
+        main(
+            ["preprocess", "--input", str(source), "--output_dir", str(out), "--normalize", "none"]
+        )
+        == 0
+    )
+    assert "slice 'slice_1' has zero expression" in caplog.text
+
+
+def test_preprocess_keeps_an_existing_store(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, err = run_cli(["preprocess", "--input", run["h5ad"], "--output_dir", out], capsys)
+    assert_one_line_error(code, err, "preprocess", "not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+# ------------------------------------------------------------------------------------------
+# train
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["training.learning_rate=0.1"], ["'training.learning_rate'", "--print_config"]),
+        (["diffusion.diffusion_steps=-5"], ["diffusion.diffusion_steps must be >= 2"]),
+        (["training.lr=fast"], ["'training.lr'"]),
+        (["training.max_epochs"], ["not KEY=VALUE"]),
+    ],
+)
+def test_train_bad_config(
+    tiny_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: list[str],
+    fragments: list[str],
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data_dir", tiny_store, "--output_dir", out, *overrides]
+    assert_one_line_error(*run_cli(args, capsys), "train", *fragments)
+    assert not out.exists()
+
+
+def test_train_unknown_key_in_config_file(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "my.yaml"
+    config.write_text("model:\n  hidden_dim: 16\n  depth: 3\n")
+    args = ["train", "--config", config, "--data_dir", tiny_store, "--output_dir", tmp_path / "r"]
+    assert_one_line_error(*run_cli(args, capsys), "train", "'model.depth'")
+
+
+def test_train_needs_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--data_dir", tmp_path, "--output_dir", tmp_path / "run", *TINY]
+    assert_one_line_error(*run_cli(args, capsys), "train", "no metadata.json", "preprocess")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@pytest.mark.parametrize("command", ["test", "sample", "extract"])
+def test_not_a_checkpoint(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    junk = tmp_path / "model.ckpt"
+    junk.write_text("this is a text file, not a checkpoint\n")
+    args = {
+        "test": ["--data_dir", run["store"], "--output_dir", tmp_path / "t"],
+        "sample": ["--input_data", run["h5ad"], "--sample_mode", "joint"],
+        "extract": ["--data_dir", run["store"], "--output", tmp_path / "e.npz"],
+    }[command]
+    code, err = run_cli([command, "--checkpoint", junk, *args], capsys)
+    assert_one_line_error(code, err, command, "model.ckpt", "not a readable checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_checkpoint_and_store_with_other_genes(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "other.h5ad"
+    make_tiny_adata(n_slices=3, n_cells=30, n_genes=10).write_h5ad(source)
+    store = tmp_path / "store"
+    assert main(["preprocess", "--input", str(source), "--output_dir", str(store)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "test"
+    args = ["test", "--checkpoint", run["ckpt"], "--data_dir", store, "--output_dir", out]
+    assert_one_line_error(
+        *run_cli(args, capsys), "test", "10 of the checkpoint's 16 genes", "--gene_list_file"
+    )
+    args = ["extract", "--checkpoint", run["ckpt"], "--data_dir", store, "--output", out / "e.npz"]
+    out.mkdir()
+    assert_one_line_error(*run_cli(args, capsys), "extract", "10 of the checkpoint's 16 genes")
+    assert not any(out.iterdir())
+
+
+def test_sample_h5ad_with_too_few_genes(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adata = make_tiny_adata(n_slices=1, n_cells=30)
+    adata.var_names = [f"other_{i}" if i >= 4 else g for i, g in enumerate(adata.var_names)]
+    source = tmp_path / "few.h5ad"
+    adata.write_h5ad(source)
+    args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source]
+    code, err = run_cli([*args, "--sample_mode", "expr_to_pos"], capsys)
+    assert_one_line_error(
+        code, err, "sample", "only 4 of the checkpoint's 16", "--min_gene_overlap"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.h5ad"]
+
+
+# ------------------------------------------------------------------------------------------
+# sample / test / extract requests
+
+
+def _no_positions(path: Path) -> Path:
+    adata = make_tiny_adata(n_slices=1, n_cells=30)
+    del adata.obsm["ccf"]
+    adata.write_h5ad(path)
+    return path
+
+
+SAMPLE_CASES: dict[str, tuple[list[str], list[str]]] = {
+    "pos_to_expr without positions": (
+        ["--input_data", "{tmp}/nopos.h5ad", "--sample_mode", "pos_to_expr"],
+        ["no coordinates in adata.obsm['ccf']", "nopos.h5ad"],
+    ),
+    "unknown sample mode": (
+        ["--sample_mode", "pos2expr"],
+        ["unknown --sample_mode 'pos2expr'", "expr_to_pos"],
+    ),
+    "steps above T": (["--sample_mode", "joint", "--steps", "21"], ["--steps 21", "(20)"]),
+    "zero steps": (["--sample_mode", "joint", "--steps", "0"], ["--steps 0", "between 1"]),
+    "output in a missing folder": (
+        ["--sample_mode", "joint", "--output", "{tmp}/missing/out.h5ad"],
+        ["folder", "does not exist", "create it first"],
+    ),
+    "output with another suffix": (
+        ["--sample_mode", "joint", "--output", "{tmp}/out.pt"],
+        ["a .h5ad input gives a .h5ad output"],
+    ),
+    "input is not h5ad or pt": (
+        ["--sample_mode", "joint", "--input_data", "{tmp}/cells.csv"],
+        ["must be an .h5ad or .pt file"],
+    ),
+    "bad sampler flag": (["--sample_mode", "joint", "--sampler", "euler"], ["invalid choice"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sample_bad_request(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    flags, fragments = SAMPLE_CASES[case]
+    _no_positions(tmp_path / "nopos.h5ad")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    base = ["sample", "--checkpoint", run["ckpt"]]
+    if "--input_data" not in flags:
+        base += ["--input_data", run["h5ad"]]
+    code, err = run_cli([*base, *flags], capsys)
+    line = assert_one_line_error(code, err, "sample", *fragments)
+    if case == "bad sampler flag":
+        assert "alphastomics sample --help" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nopos.h5ad"]
+    assert not list(run["h5ad"].parent.glob("cells_alphastomics_*"))
+
+
+def test_test_steps_above_T_and_existing_metrics(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "t"
+    args = ["test", "--checkpoint", run["ckpt"], "--data_dir", run["store"], "--output_dir", out]
+    assert_one_line_error(*run_cli([*args, "--steps", "50"], capsys), "test", "--steps 50", "(20)")
+    assert not out.exists()
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert_one_line_error(*run_cli(args, capsys), "test", "--overwrite")
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_outputs_are_never_overwritten_silently(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sample_out, npz = tmp_path / "out.h5ad", tmp_path / "emb.npz"
+    for path in (sample_out, npz):
+        path.write_bytes(b"user data")
+    sample = ["sample", "--checkpoint", run["ckpt"], "--input_data", run["h5ad"]]
+    code, err = run_cli([*sample, "--sample_mode", "joint", "--output", sample_out], capsys)
+    assert_one_line_error(code, err, "sample", "already exists", "--overwrite")
+    extract = ["extract", "--checkpoint", run["ckpt"], "--data_dir", run["store"]]
+    assert_one_line_error(*run_cli([*extract, "--output", npz], capsys), "extract", "--overwrite")
+    assert sample_out.read_bytes() == npz.read_bytes() == b"user data"
+    code, err = run_cli([*extract, "--output", tmp_path / "missing" / "e.npz"], capsys)
+    assert_one_line_error(code, err, "extract", "does not exist", "create it first")
+
+
+def test_pt_input_without_the_expected_keys(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.pt"
+    torch.save({"expression": torch.zeros(1, 5, 16)}, source)
+    args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source, "--sample_mode", "joint"]
+    assert_one_line_error(*run_cli(args, capsys), "sample", "positions, node_mask")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["test", "--checkpoint", "x.ckpt"], capsys)
+    assert_one_line_error(code, err, "test", "--data_dir", "alphastomics test --help")
+
+
+def test_subprocess_shows_no_traceback(tmp_path: Path) -> None:
+    """A real process: the user sees one line and exit status 2, never a traceback."""
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(b"not an h5ad")
+    result = subprocess.run(
+        [*PYTHON_CLI, "preprocess", "--input", str(bad), "--output_dir", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("alphastomics preprocess: error: cannot read") and "bad.h5ad" in last
+    assert not (tmp_path / "store").exists()
