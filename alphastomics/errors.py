@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can fix (bad file, key, value or flag)."""
+"""Exceptions the CLI reports on one line: problems a user can fix, and early stops of training."""
 
 from __future__ import annotations
 
@@ -8,3 +8,15 @@ class UserInputError(ValueError):
 
     The message must name the file, key or value at fault and say how to fix it.
     """
+
+
+class TrainingStopped(Exception):
+    """Training stopped early (interrupted, or too many non-finite steps) in a known state.
+
+    The CLI prints the message (what happened, which checkpoint holds what, how to go on) on one
+    line and exits with ``exit_code``: 128 + the signal number after SIGINT/SIGTERM, 1 otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

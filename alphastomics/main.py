@@ -7,11 +7,19 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from alphastomics import __version__
-from alphastomics.errors import UserInputError
+from alphastomics.errors import TrainingStopped, UserInputError
 
 log = logging.getLogger("alphastomics")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +125,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alphastomics",
         description="Dual-modality diffusion over gene expression and 3D positions of cells.",
     )
@@ -142,9 +150,22 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], None]]:
     }
 
 
+def _is_override(item: str) -> bool:
+    return "=" in item and not item.startswith("-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alphastomics`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may come after flags: `train a.b=1 --resume c.d=2`
+        if extra and args.command == "train" and all(_is_override(e) for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -154,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         print(f"alphastomics {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"alphastomics {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"alphastomics {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -3,15 +3,102 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # t in [0, 1] is stretched onto the 0..1000 integer-step range the classic sinusoidal embedding was
 # built for (Vaswani et al. 2017; Ho et al. 2020), so its slow frequencies still vary over [0, 1].
 _TIME_SCALE = 1000.0
 _MAX_PERIOD = 10000.0
+
+
+def _use_fused(x: Tensor) -> bool:
+    # The memory-lean autograd functions below only run where they change nothing but memory:
+    # a gradient is being recorded and no autocast region re-types the ops inside them.
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
+class _ModulatedLayerNorm(torch.autograd.Function):
+    """``layer_norm(x) * (1 + scale) + shift`` saving only ``x`` and the (B, N, 1) statistics.
+
+    The plain expression keeps both ``x`` (for LayerNorm's backward) and ``layer_norm(x)`` (for
+    the gradient of ``scale``) alive until the backward pass; this recomputes the normalised
+    values there instead (one element-wise pass), one (B, N, H) tensor less per call.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+        normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        return torch.addcmul(shift, normed, 1 + scale)  # (B, N, H)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, rstd, scale = ctx.saved_tensors
+        need_x, need_scale, need_shift, _ = ctx.needs_input_grad
+        grad_x = grad_scale = grad_shift = None
+        if need_scale:
+            normed = (x - mean) * rstd  # (B, N, H), recomputed
+            grad_scale = (grad * normed).sum(dim=1, keepdim=True)  # (B, 1, H)
+        if need_shift:
+            grad_shift = grad.sum(dim=1, keepdim=True)  # (B, 1, H)
+        if need_x:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad * (1 + scale), x, (x.shape[-1],), mean, rstd, None, None, [True, False, False]
+            )[0]
+        return grad_x, grad_scale, grad_shift, None
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """``linear(act(a), weight, bias)`` saving only ``a``: the activation is recomputed in backward.
+
+    The plain modules keep both ``a`` (for the activation's backward) and ``act(a)`` (for the
+    linear layer's weight gradient): one (B, N, width) tensor more per call.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: Tensor, weight: Tensor, bias: Tensor | None, activation: str
+    ) -> Tensor:
+        ctx.save_for_backward(a, weight)
+        ctx.has_bias = bias is not None
+        ctx.activation = activation
+        return F.linear(_ACTIVATIONS[activation](a), weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a, weight = ctx.saved_tensors
+        need_a, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_a = grad_weight = grad_bias = None
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (B·N, out)
+        if need_weight:
+            hidden = _ACTIVATIONS[ctx.activation](a).reshape(-1, a.shape[-1])  # recomputed
+            grad_weight = grad_2d.t() @ hidden  # (out, in)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_2d.sum(dim=0)
+        if need_a:
+            grad_hidden = grad @ weight  # (..., in)
+            if ctx.activation == "gelu":
+                grad_a = torch.ops.aten.gelu_backward(grad_hidden, a)
+            else:
+                grad_a = torch.ops.aten.silu_backward(grad_hidden, a)
+        return grad_a, grad_weight, grad_bias, None
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
+
+
+def activation_linear(a: Tensor, activation: str, linear: nn.Linear) -> Tensor:
+    """``linear(act(a))`` for ``activation`` in {"gelu", "silu"}, memory-lean under autograd."""
+    if _use_fused(a):
+        return _ActivationLinear.apply(a, linear.weight, linear.bias, activation)
+    return linear(_ACTIVATIONS[activation](a))
 
 
 class TimeEmbedding(nn.Module):
@@ -62,6 +149,8 @@ class AdaptiveLayerNorm(nn.Module):
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         """Normalise ``x`` (B, N, H) and modulate it by ``cond`` (B, H) -> (B, N, H)."""
         shift, scale = self.modulation(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, H)
+        if _use_fused(x):
+            return _ModulatedLayerNorm.apply(x, scale, shift, self.norm.eps)
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -80,7 +169,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, H) -> (B, N, H)."""
-        return self.net(x)
+        first, _, dropout, second, _ = self.net
+        if self.training and dropout.p > 0:
+            return self.net(x)
+        return activation_linear(first(x), "gelu", second)
 
 
 class ExpressionEncoder(nn.Module):
@@ -105,12 +197,20 @@ class ExpressionEncoder(nn.Module):
         self.measured_in = nn.Linear(n_genes, hidden_dim, bias=False)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
 
-    def forward(self, expression: Tensor, gene_mask: Tensor) -> Tensor:
-        """Encode ``expression`` (B, N, G) with ``gene_mask`` (B, G) bool -> (B, N, H)."""
+    def forward(
+        self, expression: Tensor, gene_mask: Tensor, *, premasked: bool = False
+    ) -> Tensor:
+        """Encode ``expression`` (B, N, G) with ``gene_mask`` (B, G) bool -> (B, N, H).
+
+        ``premasked=True`` promises that ``expression`` is already 0 at unmeasured genes, which
+        saves a (B, N, G) copy.
+        """
         measured = gene_mask.to(expression.dtype)  # (B, G)
-        h = self.expression_in(expression * measured.unsqueeze(1))  # (B, N, H)
+        if not premasked:
+            expression = expression * measured.unsqueeze(1)
+        h = self.expression_in(expression)  # (B, N, H)
         h = h + self.measured_in(measured).unsqueeze(1)  # (B, N, H)
-        return self.mlp(h)
+        return activation_linear(h, "silu", self.mlp[1])
 
 
 class PositionEncoder(nn.Module):
@@ -158,4 +258,4 @@ class PositionEncoder(nn.Module):
         radius = torch.linalg.vector_norm(positions, dim=-1, keepdim=True)  # (B, N, 1)
         angles = positions @ self.fourier_weight.to(positions.dtype)  # (B, N, F)
         features = torch.cat([positions, radius, angles.sin(), angles.cos()], dim=-1)
-        return self.mlp(features)  # (B, N, H)
+        return activation_linear(self.mlp[0](features), "silu", self.mlp[2])  # (B, N, H)

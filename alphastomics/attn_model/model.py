@@ -13,6 +13,7 @@ from alphastomics.attn_model.layers import (
     ExpressionEncoder,
     PositionEncoder,
     TimeEmbedding,
+    activation_linear,
 )
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.utils.dataholder import apply_mask, center
@@ -191,7 +192,7 @@ class Denoiser(nn.Module):
         expr_t = apply_mask(expression_t * measured.unsqueeze(1).to(expression_t.dtype), mask)
         pos_t = center(positions_t, mask)  # (B, N, D)
 
-        expr_emb = apply_mask(self.expression_encoder(expr_t, measured), mask)  # (B, N, H)
+        expr_emb = apply_mask(self.expression_encoder(expr_t, measured, premasked=True), mask)
         pos_emb = apply_mask(self.position_encoder(pos_t), mask)  # (B, N, H)
         time_expr = self.expression_time(t_expression)  # (B, H)
         time_pos = self.position_time(t_position)  # (B, H)
@@ -210,7 +211,8 @@ class Denoiser(nn.Module):
         gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)
         pos_free = gate_pos * pos_t + self.position_head(h)  # (B, N, D)
         radius = torch.sqrt(pos_free.square().sum(dim=-1, keepdim=True) + _RADIUS_EPS**2)
-        delta_radius = self.radius_head(torch.cat([h, radius], dim=-1))  # (B, N, 1)
+        first, _, last = self.radius_head
+        delta_radius = activation_linear(first(torch.cat([h, radius], dim=-1)), "silu", last)
         pos_hat = center(pos_free + pos_free / radius * delta_radius, mask)  # (B, N, D)
 
         return DenoiserOutput(

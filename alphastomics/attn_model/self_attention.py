@@ -15,8 +15,60 @@ dtype, device and ``torch.compile``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+
+def attention_context(
+    keys: Sequence[Tensor], values: Sequence[Tensor], masks: Sequence[Tensor]
+) -> Tensor:
+    """Normalised context ``softmax_cells(K)ᵀ V`` of all cells, given in chunks along N.
+
+    Parameters
+    ----------
+    keys, values
+        Chunks (B, K, n_c, d) of the keys and values per head; the chunks together hold all N
+        cells (one chunk is the plain case).
+    masks
+        Matching (B, n_c) bool chunks, True for a real cell.
+
+    Returns
+    -------
+    Tensor
+        (B, K, d, d) float32 context. Padded keys get weight exactly 0 and padded values are
+        zeroed; the key softmax subtracts the max over all real cells (no gradient, it cancels)
+        and runs in float32, so it stays finite for 200k cells and large logits. An item
+        without real cells gets a zero context.
+    """
+    with torch.autocast(device_type=keys[0].device.type, enabled=False):
+        keeps = [m[:, None, :, None] for m in masks]  # (B, 1, n_c, 1)
+        # max over the real cells of every chunk, per item, head and feature
+        k_max = torch.stack(
+            [
+                k.detach().float().masked_fill(~keep, float("-inf")).amax(dim=2)
+                for k, keep in zip(keys, keeps, strict=True)
+            ]
+        ).amax(dim=0, keepdim=False)  # (B, K, d)
+        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max)).unsqueeze(2)
+        context = normaliser = None
+        for k, v, keep in zip(keys, values, keeps, strict=True):
+            weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - k_max)  # (B, K, n_c, d)
+            v = v.float().masked_fill(~keep, 0.0)  # (B, K, n_c, d) exactly 0 on padded cells
+            part = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
+            total = weights.sum(dim=2)  # (B, K, d)
+            context = part if context is None else context + part
+            normaliser = total if normaliser is None else normaliser + total
+        # >= 1 when the item has a real cell (its max key gives exp(0) = 1); 0 -> zero context
+        return context / normaliser.clamp_min(1.0).unsqueeze(-1)  # (B, K, d, d)
+
+
+def attention_readout(q: Tensor, context: Tensor) -> Tensor:
+    """Each cell's output ``softmax_features(q_i) · context`` -> (B, K, n, d) in ``q``'s dtype."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        out = torch.einsum("bknd,bkde->bkne", q.float().softmax(dim=-1), context)  # (B, K, n, d)
+    return out.to(q.dtype)
 
 
 def masked_linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -35,22 +87,8 @@ def masked_linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Te
         (B, K, N, d) in the dtype of ``v``. Rows of padded cells are finite but meaningless; an
         item without real cells gets zeros.
     """
-    dtype = v.dtype
-    keep = mask[:, None, :, None]  # (B, 1, N, 1)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        q = q.float().softmax(dim=-1)  # (B, K, N, d) each cell's mix over the head's features
-        k = k.float().masked_fill(~keep, float("-inf"))  # (B, K, N, d)
-        # softmax over real cells, stabilised by their max; the max cancels, so no gradient
-        k_max = k.detach().amax(dim=2, keepdim=True)  # (B, K, 1, d)
-        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))
-        weights = torch.exp(k - k_max)  # (B, K, N, d) exactly 0 on padded cells
-        v = v.float().masked_fill(~keep, 0.0)  # (B, K, N, d)
-        context = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
-        # >= 1 when the item has a real cell (its max key gives exp(0) = 1); 0 -> zero context
-        normaliser = weights.sum(dim=2).clamp_min(1.0)  # (B, K, d)
-        context = context / normaliser.unsqueeze(-1)  # (B, K, d, d)
-        out = torch.einsum("bknd,bkde->bkne", q, context)  # (B, K, N, d)
-    return out.to(dtype)
+    context = attention_context([k], [v], [mask])  # (B, K, d, d)
+    return attention_readout(q, context).to(v.dtype)
 
 
 class LinearSelfAttention(nn.Module):
@@ -75,11 +113,20 @@ class LinearSelfAttention(nn.Module):
         self.out = nn.Linear(hidden_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, K, n, d) of cell states ``x`` (B, n, H)."""
+        b, n, h = x.shape
+        heads = self.qkv(x).view(b, n, 3, self.n_heads, h // self.n_heads)  # (B, n, 3, K, d)
+        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, K, n, d)
+        return q, k, v
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """Merge the heads of ``out`` (B, K, n, d) and project -> (B, n, H)."""
+        b, _, n, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, n, H)
+        return self.dropout(self.out(out))
+
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Attend over the real cells of each item: ``x`` (B, N, H), ``mask`` (B, N) bool."""
-        b, n, h = x.shape
-        heads = self.qkv(x).view(b, n, 3, self.n_heads, h // self.n_heads)  # (B, N, 3, K, d)
-        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, K, N, d)
-        out = masked_linear_attention(q, k, v, mask)  # (B, K, N, d)
-        out = out.transpose(1, 2).reshape(b, n, h)  # (B, N, H)
-        return self.dropout(self.out(out))
+        q, k, v = self.heads(x)
+        return self.project_out(masked_linear_attention(q, k, v, mask))  # (B, N, H)

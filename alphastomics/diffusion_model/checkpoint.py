@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alphastomics import __version__
+from alphastomics.config import Config, load_config
 from alphastomics.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -39,12 +40,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     saved = hparams.get("alphastomics_version") or ckpt.get("alphastomics_version")
     if saved is None:
         raise UserInputError(f"{path} records no alphastomics version; it was not written by train")
+    saved = str(saved)
     if saved.split(".")[0] != __version__.split(".")[0]:
         raise UserInputError(
             f"{path} was written by alphastomics {saved}, this is {__version__}: major versions "
             f"differ and the format may have changed; install alphastomics=={saved} to use it"
         )
     return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> Config:
+    """The checked :class:`Config` stored in a checkpoint read by :func:`read_checkpoint`.
+
+    A key this version does not know (a checkpoint from a newer version) or a bad value is a
+    :class:`UserInputError` naming the checkpoint, the key and both versions.
+    """
+    hp = ckpt["hyper_parameters"]
+    saved = hp.get("alphastomics_version") or ckpt.get("alphastomics_version")
+    if not isinstance(hp["cfg"], dict):
+        raise UserInputError(f"{path} holds no config dict; the file is damaged or was edited")
+    try:
+        return load_config(base=hp["cfg"])
+    except UserInputError as err:
+        reason = str(err).split(". See `alphastomics", 1)[0]
+        raise UserInputError(
+            f"{path}: its config does not fit alphastomics {__version__} ({reason}); it was "
+            f"written by alphastomics {saved}: use that version to load it, or train again"
+        ) from err
 
 
 def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModule:
@@ -54,7 +76,7 @@ def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModu
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     module = AlphaSTomicsModule(
-        hp["cfg"],
+        checkpoint_config(ckpt, path),
         hp["num_genes"],
         gene_names=hp.get("gene_names"),
         gene_mean=hp.get("gene_mean"),

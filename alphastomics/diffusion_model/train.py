@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch import Tensor
 
@@ -107,7 +108,9 @@ class AlphaSTomicsModule(pl.LightningModule):
         return batch.replace(expression=expr)
 
     # ------------------------------------------------------------------ training
-    def _clean_masks(self, batch_size: int) -> tuple[Tensor, Tensor]:
+    def _clean_masks(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Which items hold expression / positions clean this step, per ``training_mode``."""
         device = self.device
         mode = self.cfg.training_mode
@@ -117,7 +120,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         if mode == "pos_to_expr":
             clean_pos = torch.ones(batch_size, dtype=torch.bool, device=device)
             return ~clean_pos, clean_pos
-        u = torch.rand(batch_size, device=device)
+        u = torch.rand(batch_size, generator=generator, device=device)
         p_expr = self.cfg.training.p_clean_expression
         p_pos = self.cfg.training.p_clean_position
         return u < p_expr, (u >= p_expr) & (u < p_expr + p_pos)
@@ -127,7 +130,7 @@ class AlphaSTomicsModule(pl.LightningModule):
     ) -> DiffusionLoss:
         """Noise a standardised batch, denoise it and score the prediction."""
         b = batch.batch_size
-        clean_expr, clean_pos = self._clean_masks(b)
+        clean_expr, clean_pos = self._clean_masks(b, generator)
         step_e = self.noise_model.sample_steps(b, device=self.device, generator=generator)
         step_p = self.noise_model.sample_steps(b, device=self.device, generator=generator)
         step_e = torch.where(clean_expr, torch.zeros_like(step_e), step_e)
@@ -161,7 +164,8 @@ class AlphaSTomicsModule(pl.LightningModule):
 
     def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
         result = self.diffusion_loss(batch)
-        self._loss_was_finite = bool(torch.isfinite(result.total))
+        # every rank must agree to skip, or DDP would wait forever for the skipping rank
+        self._loss_was_finite = self._all_ranks(bool(torch.isfinite(result.total)))
         if not self._loss_was_finite:
             return self._skip_nonfinite("loss")
         self.log("train/loss", result.total, batch_size=batch.batch_size, prog_bar=True)
@@ -188,8 +192,9 @@ class AlphaSTomicsModule(pl.LightningModule):
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
         """Run forward/backward, then step only when every gradient is finite."""
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            # DeepSpeed runs the closure and the step itself (and skips overflowing steps)
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) or self._uses_grad_scaler():
+            # DeepSpeed and fp16 loss scaling run the closure and the step themselves, and skip
+            # overflowing steps on their own
             optimizer.step(closure=optimizer_closure)
             if self._loss_was_finite:
                 self._nonfinite_in_a_row = 0
@@ -197,13 +202,25 @@ class AlphaSTomicsModule(pl.LightningModule):
         if optimizer_closure is not None:
             optimizer_closure()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if grads and not self._all_ranks(finite):
             optimizer.zero_grad(set_to_none=True)
             self._skip_nonfinite("gradient")
             return
         optimizer.step()
         if grads:  # a real step (a skipped loss leaves no gradients): the streak is over
             self._nonfinite_in_a_row = 0
+
+    def _all_ranks(self, decision: bool) -> bool:
+        """True only when ``decision`` holds on every rank (a no-op without distribution)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return decision
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=True))
+
+    def _uses_grad_scaler(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and str(trainer.precision) in ("16-mixed", "16")
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: DataHolder, batch_idx: int) -> None:
@@ -331,10 +348,13 @@ class AlphaSTomicsModule(pl.LightningModule):
         warmup = min(train_cfg.warmup_steps, max(total // 4, 1))
 
         def lr_factor(step: int) -> float:
-            # linear warm-up, then cosine decay to 10% of the peak rate
+            # linear warm-up, then cosine decay to 10% of the peak rate over the step budget or,
+            # when training.max_time_minutes is set, over whichever budget runs out first
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            progress = min(
+                max((step - warmup) / max(total - warmup, 1), self._time_progress()), 1.0
+            )
             return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -342,6 +362,18 @@ class AlphaSTomicsModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _time_progress(self) -> float:
+        """Share of the wall-clock budget used (0 without one); Lightning's Timer survives resume."""
+        trainer = getattr(self, "_trainer", None)
+        timer = (
+            next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer else None
+        )
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is None:
+            return 0.0
+        elapsed = timer.time_elapsed("train")
+        return min(elapsed / max(elapsed + remaining, 1e-9), 1.0)
 
     def _total_steps(self) -> int:
         try:

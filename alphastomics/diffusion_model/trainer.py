@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -15,30 +16,71 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.plugins.precision import DeepSpeedPrecision, FSDPPrecision, Precision
 from pytorch_lightning.strategies import FSDPStrategy
 
 from alphastomics.config import Config
+from alphastomics.diffusion_model.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.errors import UserInputError
+from alphastomics.utils.dataholder import DataHolder
 
 log = logging.getLogger(__name__)
+
+
+def _file_mode() -> int:
+    """Mode of a newly created file under this process's umask (read once, at import)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+def _nonfinite_weights(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of the floating-point weights with NaN or inf (``state_dict`` and, with EMA, the
+    training weights in ``current_model_state``)."""
+    return [
+        name
+        for key in ("state_dict", "current_model_state")
+        for name, value in (checkpoint.get(key) or {}).items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in the target folder, then rename it into place.
 
     An interruption (SIGTERM, SIGKILL, power loss) can leave a stray temporary file but never a
-    truncated ``last.ckpt``/``best.ckpt``.
+    truncated ``last.ckpt``/``best.ckpt``. Weights with NaN or inf are never written: the last
+    good checkpoint stays in place (a warning names the first bad tensor).
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         path = Path(path)
+        bad = _nonfinite_weights(checkpoint)
+        if bad:
+            log.warning(
+                "not writing %s: %d weight tensors hold NaN or inf (first: %s); the previous "
+                "checkpoint there is kept",
+                path,
+                len(bad),
+                bad[0],
+            )
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            torch.save(checkpoint, tmp)
+            with os.fdopen(fd, "wb") as handle:
+                if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600)
+                    os.fchmod(handle.fileno(), _FILE_MODE)
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -85,6 +127,31 @@ def _logger(cfg: Config, output_dir: Path) -> Logger:
         return WandbLogger(save_dir=str(output_dir), project="alphastomics")
     # one version_<k> folder per run or resume, so a resume never replaces earlier logs
     return CSVLogger(save_dir=str(output_dir), name="logs")
+
+
+class _HolderInput(Precision):
+    """Cast a ``DataHolder`` batch tensor by tensor.
+
+    The FSDP and DeepSpeed precision plugins' own ``convert_input`` refuses frozen dataclasses.
+    """
+
+    def convert_input(self, data: Any) -> Any:
+        if not isinstance(data, DataHolder):
+            return super().convert_input(data)
+        changes = {}
+        for field in dataclasses.fields(data):
+            value = getattr(data, field.name)
+            if isinstance(value, torch.Tensor):
+                changes[field.name] = super().convert_input(value)
+        return data.replace(**changes)
+
+
+class HolderDeepSpeedPrecision(_HolderInput, DeepSpeedPrecision):
+    """``DeepSpeedPrecision`` that accepts ``DataHolder`` batches."""
+
+
+class HolderFSDPPrecision(_HolderInput, FSDPPrecision):
+    """``FSDPPrecision`` that accepts ``DataHolder`` batches."""
 
 
 class FSDPGradientClipping(pl.Callback):
@@ -140,6 +207,7 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
             auto_wrap_policy={TransformerLayer},
             sharding_strategy="FULL_SHARD",
             state_dict_type="full",
+            precision_plugin=HolderFSDPPrecision(cfg.training.precision),  # type: ignore[arg-type]
         )
     if dist.strategy == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
@@ -153,7 +221,10 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
             )
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=dist.deepspeed_stage)
+        return DeepSpeedStrategy(
+            stage=dist.deepspeed_stage,
+            precision_plugin=HolderDeepSpeedPrecision(cfg.training.precision),  # type: ignore[arg-type]
+        )
     raise UserInputError(
         f"unknown distributed.strategy {dist.strategy!r}; use ddp, fsdp or deepspeed"
     )
@@ -240,11 +311,21 @@ def build_trainer(
         monitor=monitor,
         mode="min",
         save_top_k=1,
-        save_last=True,
+        enable_version_counter=False,
+    )
+    # last.ckpt at the end of every epoch (ModelCheckpoint(save_last=True) rewrites it only when
+    # the best score improves); GracefulInterrupt also writes it when a run is stopped
+    last = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
     callbacks: list[pl.Callback] = [
         checkpoint,
+        last,
         BestCheckpointFallback(checkpoint),
         *(extra_callbacks or []),
     ]
@@ -252,6 +333,7 @@ def build_trainer(
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if train_cfg.use_ema:
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
+    callbacks += [ResumeState(), GracefulInterrupt()]
     devices, num_nodes = resolve_devices(cfg, accelerator)
     strategy = build_strategy(cfg, accelerator)
     clip_val = train_cfg.gradient_clip_val or None

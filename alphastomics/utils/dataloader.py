@@ -301,6 +301,7 @@ class _ItemSampler(Sampler[ItemKey]):
         self.epoch = 0
         self.rank = rank
         self.world_size = world_size
+        self._skip: tuple[int, int] | None = None  # (epoch, items) to leave out of one pass
 
     def set_epoch(self, epoch: int) -> None:
         """Use the items of ``epoch`` (Lightning calls this at the start of every epoch)."""
@@ -332,8 +333,17 @@ class _ItemSampler(Sampler[ItemKey]):
         padded = (everything * math.ceil(total / len(everything)))[:total]
         return padded[rank::world_size]
 
+    def resume_at(self, epoch: int, n_items: int) -> None:
+        """Start at ``epoch`` and leave its first ``n_items`` items out of the next pass (resume)."""
+        self.epoch = epoch
+        self._skip = (epoch, n_items) if n_items > 0 else None
+
     def __iter__(self) -> Iterator[ItemKey]:
-        return iter(self.items())
+        items = self.items()
+        skip, self._skip = self._skip, None
+        if skip is not None and skip[0] == self.epoch:
+            items = items[skip[1] :]
+        return iter(items)
 
     def __len__(self) -> int:
         _, world_size = self._shard()
@@ -459,14 +469,52 @@ class CellSampler(_ItemSampler):
 # Loaders
 
 
+class ResumableDataLoader(DataLoader):
+    """Training loader whose place in the epoch is checkpointed, for exact mid-epoch resume.
+
+    Lightning stores :meth:`state_dict` (``{"epoch", "batches"}``: batches of that epoch already
+    yielded) in every checkpoint and calls :meth:`load_state_dict` on resume: the sampler then
+    leaves those batches out of the resumed epoch (or moves on to the next epoch when it was
+    complete), so a resumed run trains on the same batches as one that was never stopped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) to skip once
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: _ItemSampler = self.sampler  # type: ignore[assignment]
+        resume, self._resume = self._resume, None
+        self._batches_done = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
+        for batch in super().__iter__():
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch of the sampler and batches of it yielded so far."""
+        return {"epoch": int(self.sampler.epoch), "batches": self._batches_done}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after ``state["batches"]`` batches of ``state["epoch"]``."""
+        sampler: _ItemSampler = self.sampler  # type: ignore[assignment]
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):
+            sampler.resume_at(epoch + 1, 0)
+            return
+        sampler.resume_at(epoch, batches * (self.batch_size or 1))
+        self._resume = (epoch, batches)
+
+
 def _loader(
     dataset: SpatialDataset,
     sampler: _ItemSampler,
     batch_size: int,
     num_workers: int,
     seed: int,
+    loader_class: type[DataLoader] = DataLoader,
 ) -> DataLoader:
-    return DataLoader(
+    return loader_class(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -578,7 +626,9 @@ def create_dataloaders(
             **shard,
         )
         train_batch = 1
-    train_loader = _loader(dataset, train_sampler, train_batch, num_workers, seed)
+    train_loader = _loader(
+        dataset, train_sampler, train_batch, num_workers, seed, ResumableDataLoader
+    )
 
     eval_batch = batch_size if mode == "slice" else 1
     eval_loaders: list[DataLoader | None] = []

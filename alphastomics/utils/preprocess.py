@@ -217,6 +217,7 @@ def _check_anndata(
     _check_finite_rows(_nonfinite_rows(matrix), groups, source, _matrix_label(layer))
     applied = _decide_normalization(matrix, normalize, source, layer)
     library_size = _row_sums(matrix) if applied == "log1p" else None
+    _check_expressed_slices(matrix, library_size, groups, source, layer)
     return _CheckedAnnData(
         source=source,
         adata=adata,
@@ -229,6 +230,34 @@ def _check_anndata(
         normalization=applied,
         library_size=library_size,
     )
+
+
+def _check_expressed_slices(
+    matrix: Any,
+    library_size: np.ndarray | None,
+    groups: list[tuple[str, np.ndarray]],
+    source: str,
+    layer: str | None,
+) -> None:
+    """A slice whose expression is all zero cannot be library-size normalised: an error when
+    log1p is applied (``library_size`` given), a warning otherwise."""
+    what = _matrix_label(layer)
+    for name, rows in groups:
+        if library_size is not None:
+            if not (library_size[rows] != 0).any():
+                raise UserInputError(
+                    f"{source}: all {len(rows)} cells of slice '{name}' have zero expression in "
+                    f"{what}, so they cannot be library-size normalised; drop that slice, pick "
+                    "the counts with --layer NAME, or pass --normalize none"
+                )
+        elif (
+            matrix[rows].count_nonzero() == 0
+            if sp.issparse(matrix)
+            else not any(bool(np.any(block != 0)) for block in _row_chunks(matrix, rows))
+        ):
+            logger.warning(
+                "%s: slice '%s' has zero expression in %s everywhere", source, name, what
+            )
 
 
 def _matrix_label(layer: str | None) -> str:

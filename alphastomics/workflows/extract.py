@@ -12,6 +12,7 @@ from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
 from alphastomics.utils.io import atomic_write
 from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+from alphastomics.workflows.evaluate import check_store_genes
 
 EMBEDDING_KEY = "X_alphastomics"
 
@@ -33,6 +34,7 @@ def extract_store(
 ) -> dict[str, np.ndarray]:
     """Embeddings of every slice of a processed store, in store order, written to ``output``."""
     store = ProcessedStore(data_dir)
+    check_store_genes(module, store.gene_names, data_dir)
     holders = []
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)

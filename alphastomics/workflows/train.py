@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from alphastomics.config import Config, config_to_yaml
+from alphastomics.config import Config, config_to_dict, config_to_yaml
+from alphastomics.diffusion_model.callbacks import GracefulInterrupt
+from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.diffusion_model.trainer import build_trainer
-from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import create_dataloaders
+from alphastomics.errors import TrainingStopped, UserInputError
+from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def _check_run_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
         )
     if existing:
         for path in existing:
-            path.unlink()
+            path.unlink(missing_ok=True)  # every rank of a distributed run gets here
     return None
 
 
@@ -76,6 +80,15 @@ def run_training(
     output_dir = Path(output_dir)
     resume_from = _check_run_dir(output_dir, resume, overwrite)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
+    has_val = bool(ProcessedStore(data_dir).slice_indices("val"))
+    # the Trainer knows this process's rank before torch.distributed exists (torchrun's
+    # environment, or the processes Lightning launches itself): build it first
+    trainer = build_trainer(
+        cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
+    )
+    rank, world_size = trainer.global_rank, trainer.world_size
+    if rank != 0:
+        logging.getLogger("alphastomics").setLevel(logging.WARNING)
     loading = cfg.data.loading
     train_loader, val_loader, _, meta = create_dataloaders(
         data_dir,
@@ -85,8 +98,9 @@ def run_training(
         neighborhood_fraction=loading.neighborhood_fraction,
         num_workers=loading.num_workers,
         seed=cfg.training.seed,
+        rank=rank,
+        world_size=world_size,
     )
-    has_val = val_loader is not None and len(val_loader) > 0
     module = AlphaSTomicsModule(
         cfg,
         meta["n_genes"],
@@ -96,14 +110,116 @@ def run_training(
         data_info=data_info_from_metadata(meta),
         n_dims=meta.get("n_dims", 3),
     )
+    if world_size > 1:
+        # same initial weights everywhere (above), a different noise stream per rank (below)
+        pl.seed_everything(cfg.training.seed + rank, workers=True, verbose=False)
+    if resume_from is not None:
+        _check_resume(resume_from, cfg, meta["gene_names"], data_dir)
     _write_config(cfg, output_dir)
-    trainer = build_trainer(
-        cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
-    )
-    trainer.fit(
-        module,
-        train_dataloaders=train_loader,
-        val_dataloaders=val_loader if has_val else None,
-        ckpt_path=str(resume_from) if resume_from else None,
-    )
+    try:
+        trainer.fit(
+            module,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader if has_val else None,
+            ckpt_path=str(resume_from) if resume_from else None,
+        )
+    except FloatingPointError as err:
+        raise TrainingStopped(f"{err}; {_last_checkpoint(output_dir, 'is intact')}") from err
+    except SystemExit as err:
+        stopped = _stop_message(trainer, output_dir)
+        if stopped is None:
+            raise
+        raise TrainingStopped(*stopped) from err
     return module
+
+
+def _last_checkpoint(output_dir: Path, state: str = "holds it") -> str:
+    """``RUN/checkpoints/last.ckpt (step N) <state>``, or that there is none, for messages."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "no checkpoint was written yet"
+    try:
+        step = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # noqa: BLE001 - only for a message
+        step = "?"
+    return f"{last} (step {step}) {state}"
+
+
+def _stop_message(trainer: pl.Trainer, output_dir: Path) -> tuple[str, int] | None:
+    """Message and exit status after ``fit`` stopped on SIGINT/SIGTERM (None: not a signal)."""
+    guard = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
+    if guard is None or guard.stop_reason is None:
+        return None
+    resume = f"`alphastomics train --resume --output_dir {output_dir}` with the same --data_dir and options"
+    if guard.stop_reason == "abort":
+        return (
+            f"training aborted by Ctrl+C before a clean stop, nothing saved "
+            f"({_last_checkpoint(output_dir, 'is the latest')}); resume with {resume}",
+            130,
+        )
+    code = int(128 + getattr(signal, guard.stop_reason))
+    if guard.saved_path is None:
+        return (
+            f"training stopped by {guard.stop_reason} at step {guard.saved_step} but could not "
+            f"save it ({guard.save_error}); {_last_checkpoint(output_dir, 'is the latest')}; "
+            f"resume with {resume}",
+            code,
+        )
+    return (
+        f"training stopped by {guard.stop_reason} at step {guard.saved_step}: saved "
+        f"{guard.saved_path}; resume with {resume}",
+        code,
+    )
+
+
+_RESUMABLE_CHANGES = (
+    "training.max_epochs",
+    "training.max_steps",
+    "training.max_time_minutes",
+    "training.log_every_n_steps",
+    "training.val_every_n_epochs",
+    "training.val_sample_steps",
+    "training.val_max_slices",
+    "training.max_consecutive_nonfinite",
+    "training.logger",
+    "training.accelerator",
+    "data.loading.num_workers",
+    "sampling.",
+    "distributed.",
+)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resume(path: Path, cfg: Config, gene_names: list[str], data_dir: str | Path) -> None:
+    """``--resume`` continues the run in the checkpoint: same model, data genes and training maths."""
+    ckpt = read_checkpoint(path)
+    saved = _flat(config_to_dict(checkpoint_config(ckpt, path)))
+    wanted = _flat(config_to_dict(cfg))
+    changed = [
+        f"{key} ({saved[key]!r} -> {wanted[key]!r})"
+        for key in wanted
+        if saved.get(key) != wanted[key]
+        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise UserInputError(
+            f"--resume: the config differs from the run's checkpoint {path} in "
+            f"{', '.join(changed[:5])}; resume with the run's config ({path.parent.parent / 'config.yaml'}), "
+            "or start a new run with --overwrite or another --output_dir"
+        )
+    trained = list(ckpt["hyper_parameters"].get("gene_names") or [])
+    if trained and trained != list(gene_names):
+        shared = len(set(trained) & set(gene_names))
+        raise UserInputError(
+            f"--resume: --data_dir {data_dir} has {len(gene_names)} genes, the run was trained on "
+            f"{len(trained)} ({shared} shared, or in another order); resume with the run's store"
+        )
