@@ -12,9 +12,9 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_adata
 
 from alphastomics.main import main
-from conftest import make_tiny_adata
 
 TINY = [
     "model.hidden_dim=16",

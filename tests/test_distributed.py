@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_adata
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from alphastomics.attn_model.transformer import TransformerLayer
@@ -32,7 +33,6 @@ from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
-from conftest import make_tiny_adata
 
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "scripts" / "run_distributed.sh"
