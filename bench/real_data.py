@@ -42,7 +42,9 @@ loaded by ``ProcessedStore.load_slice``; only held-out cells enter a metric. The
 scored by ``alphastomics.workflows.evaluate.run_evaluation`` (it samples each test entry
 from its expression alone for ``expr_to_pos`` and from its positions alone for
 ``pos_to_expr``); the baselines by :func:`alphastomics.baselines.evaluate_baselines`, fitted on
-the training entries. Position metrics are invariant to rotation, reflection, translation
+the training entries. When a single slice was split by cells, a second model row places the
+test cells among the training cells of their slice (``known`` = training cells, inpainting),
+which is the information kNN regression uses too. Position metrics are invariant to rotation, reflection, translation
 and scale.
 
 Outputs in ``--output_dir``: ``data/`` (the store), ``run/`` (training), ``model_eval/seed_<s>/``
@@ -67,11 +69,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from alphastomics.baselines import BaselineResult, evaluate_baselines
 from alphastomics.errors import UserInputError
+from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
+from alphastomics.utils.metrics import position_metrics, summarize
 from alphastomics.utils.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
 
 log = logging.getLogger("bench.real_data")
@@ -494,6 +499,69 @@ def evaluate_model(
     }
 
 
+def evaluate_placement(
+    args: argparse.Namespace, checkpoint: Path, data_dir: Path
+) -> dict[str, Any] | None:
+    """Place each test entry's cells among the training cells of its slice (inpainting).
+
+    Only for stores whose single slice was split by cells: the training cells keep their true
+    positions (``known``) and the test cells are generated around them from their expression,
+    as kNN regression also uses the training cells' coordinates. Scored on the test cells only,
+    with the same metric as every other row. ``None`` for slice-level splits.
+    """
+    from alphastomics.diffusion_model.checkpoint import load_module
+
+    store = ProcessedStore(data_dir)
+    meta = store.metadata
+    if meta["split"]["by"] != "cells":
+        return None
+    module = load_module(checkpoint, map_location=_device(args.device))
+    scores, weights, seconds = [], [], 0.0
+    for s in range(args.num_seeds):
+        for i in store.slice_indices("test"):
+            source = meta["slices"][i].get("slice")
+            refs = [
+                j for j in store.slice_indices("train") if meta["slices"][j].get("slice") == source
+            ]
+            parts = [store.load_slice(j) for j in refs] + [store.load_slice(i)]
+            n_ref = sum(len(p["positions"]) for p in parts[:-1])
+            positions = np.concatenate([np.asarray(p["positions"]) for p in parts])
+            holder = DataHolder.from_arrays(
+                np.concatenate([np.asarray(p["expression"]) for p in parts]),
+                positions,
+                gene_mask=parts[-1]["gene_mask"],
+            )
+            known = torch.zeros(1, len(positions), dtype=torch.bool)
+            known[0, :n_ref] = True
+            generator = torch.Generator().manual_seed(args.seed + SEED_STRIDE * s + i)
+            start = time.perf_counter()
+            _, placed = module.sample(
+                holder,
+                "expr_to_pos",
+                sampler=args.sampler,
+                steps=args.steps,
+                generator=generator,
+                known=known,
+            )
+            seconds += time.perf_counter() - start
+            scores.append(position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy()))
+            weights.append(len(positions) - n_ref)
+    overall = summarize(scores, weights=weights)
+    return {
+        "checkpoint": str(checkpoint),
+        "training_mode": module.cfg.training_mode,
+        "sampler": args.sampler or module.cfg.sampling.sampler,
+        "steps": args.steps or module.cfg.sampling.steps,
+        "seeds": list(range(args.num_seeds)),
+        "overall": {
+            "expr_to_pos": {
+                k: {"mean": v, "std": 0.0} for k, v in overall.items() if isinstance(v, int | float)
+            }
+        },
+        "sampling_seconds": seconds / args.num_seeds,
+    }
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
@@ -705,9 +773,15 @@ def _run(
                 args, overrides, data_dir, output_dir / "run"
             )
         model = evaluate_model(args, checkpoint, data_dir, output_dir / "model_eval")
+        placement = evaluate_placement(args, checkpoint, data_dir)
+        result["placement"] = placement
     rows = [_baseline_row(b) for b in baselines]
     if model is not None:
         rows.insert(0, _model_row(model, training_seconds))
+        if result.get("placement"):
+            row = _model_row(result["placement"], training_seconds)
+            row["method"] += ", placed among training cells"
+            rows.insert(1, row)
     result.update(
         model=model, training_seconds=training_seconds, budget_minutes=args.budget_minutes
     )

@@ -266,3 +266,32 @@ def test_bdtnp_slab_split_and_knn_baseline(bench: ModuleType, bdtnp_path: Path, 
     error = np.median(np.linalg.norm(predicted - test.positions, axis=1))
     shuffled = np.median(np.linalg.norm(predicted[::-1] - test.positions, axis=1))
     assert error < 0.3 < shuffled
+
+
+def test_bench_places_held_out_cells_among_training_cells(
+    bench: ModuleType, one_slice_h5ad: Path, tmp_path: Path
+):
+    out = tmp_path / "placed"
+    result = bench.run(
+        [
+            "--h5ad",
+            str(one_slice_h5ad),
+            "--position_key",
+            "ccf",
+            "--holdout_cells",
+            "0.3",
+            "--split_axis",
+            "z",
+            *TINY_MODEL,
+            "--budget_minutes",
+            "0.03",
+            "--output_dir",
+            str(out),
+            "sampling.steps=3",
+        ]
+    )
+    methods = [row["method"] for row in result["rows"]]
+    assert methods[1].endswith("placed among training cells")
+    placed = result["rows"][1]
+    assert isinstance(placed["distance_spearman_median"], float)
+    assert result["placement"]["overall"]["expr_to_pos"]["n_cells"]["mean"] == 90
