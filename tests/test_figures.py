@@ -83,3 +83,11 @@ def test_failed_write_leaves_no_partial_file(
         plot_layouts(true, pred, target)
     assert target.read_bytes() == b"previous figure"
     assert [p.name for p in tmp_path.iterdir()] == ["layout.png"]
+
+
+def test_unpaired_layouts_are_not_aligned(tmp_path):
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(200, 2)) * 10
+    generated = rng.normal(size=(200, 2))
+    path = plot_layouts(reference, generated, tmp_path / "joint.png", paired=False)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -136,6 +136,7 @@ def plot_layouts(
     *,
     cell_types: ArrayLike | None = None,
     title: str = "",
+    paired: bool = True,
 ) -> Path:
     """Draw the true and the generated layout of one slice side by side and save a PNG.
 
@@ -156,6 +157,11 @@ def plot_layouts(
         first displayed axis, so a colour gradient shows where each cell was placed.
     title
         Figure title.
+    paired
+        False when the rows are not the same cells (a generated tissue next to a reference of
+        the same size): no Procrustes fit, the generated layout is only centred and scaled to
+        the reference's spread, panels are titled "reference" / "generated", and cells are
+        coloured by their position along the first displayed axis of their own panel.
 
     Returns
     -------
@@ -174,7 +180,14 @@ def plot_layouts(
             f"true_pos {true_arr.shape} and pred_pos {pred_arr.shape} must have the same shape."
         )
     n = len(true_arr)
-    aligned = procrustes_align(true_arr, pred_arr)
+    if paired:
+        aligned = procrustes_align(true_arr, pred_arr)
+    else:
+        centred = pred_arr - pred_arr.mean(axis=0)
+        spread = np.sqrt((centred**2).sum(axis=1).mean()) or 1.0
+        ref_spread = np.sqrt(((true_arr - true_arr.mean(axis=0)) ** 2).sum(axis=1).mean())
+        aligned = centred / spread * ref_spread + true_arr.mean(axis=0)
+        cell_types = None
     axes = list(_display_axes(true_arr))
     keep = _subsample(n)
     true_xy, pred_xy = true_arr[keep][:, axes], aligned[keep][:, axes]
@@ -201,6 +214,9 @@ def plot_layouts(
             fontsize="small",
             ncols=1 if len(handles) <= 15 else 2,
         )
+    elif not paired:
+        _scatter_panel(ax_true, true_xy, "reference", c=true_xy[:, 0], cmap="viridis", s=size)
+        _scatter_panel(ax_pred, pred_xy, "generated", c=pred_xy[:, 0], cmap="viridis", s=size)
     else:
         shade = true_xy[:, 0]
         _scatter_panel(ax_true, true_xy, "true", c=shade, cmap="viridis", s=size)

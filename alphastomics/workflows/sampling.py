@@ -240,6 +240,9 @@ def _figure(
         )
     if mode == "pos_to_expr":
         plot_genes(true_pos, piece.expression, expr, genes, path)
+    elif mode == "joint" and true_pos is not None:
+        # generated cells are new cells: shown beside the reference, not aligned to it
+        plot_layouts(true_pos, pos0, path, title=f"{piece.name}: joint", paired=False)
     elif true_pos is not None:
         plot_layouts(true_pos, pos0, path, cell_types=labels, title=f"{piece.name}: {mode}")
     else:
