@@ -94,13 +94,14 @@ class TrainingConfig:
     val_sample_steps: int = 20
     val_max_slices: int = 2
     max_consecutive_nonfinite: int = 10
+    checkpoint_every_minutes: float = 1.0
 
 
 @dataclass
 class SamplingConfig:
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
-    eta: float = 0.0
+    eta: float = 1.0
     expression_estimate: Literal["mean", "sample"] = "mean"
     warm_start: float = 0.0
 
@@ -182,6 +183,10 @@ def _check(cfg: Config) -> None:
         (
             cfg.training.max_consecutive_nonfinite >= 1,
             "training.max_consecutive_nonfinite must be >= 1",
+        ),
+        (
+            cfg.training.checkpoint_every_minutes >= 0,
+            "training.checkpoint_every_minutes must be >= 0",
         ),
         (cfg.sampling.steps >= 1, "sampling.steps must be >= 1"),
         (

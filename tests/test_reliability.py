@@ -38,6 +38,7 @@ TINY = [
     "training.use_ema=true",
     "training.log_every_n_steps=1",
     "training.accelerator=cpu",
+    "training.checkpoint_every_minutes=0",  # last.ckpt at every epoch end
 ]
 
 

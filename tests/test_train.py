@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -157,3 +159,25 @@ def test_seed_everything_gives_identical_training(tmp_path):
         trainer.fit(module, _loader(expr, pos))
         states.append(module.model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_last_checkpoint_is_throttled_but_always_final(tmp_path, monkeypatch):
+    from alphastomics.diffusion_model import trainer as trainer_module
+
+    writes = []
+    save = trainer_module.AtomicCheckpointIO.save_checkpoint
+
+    def counting(self, checkpoint, path, storage_options=None):
+        writes.append((Path(path).name, checkpoint["global_step"]))
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(trainer_module.AtomicCheckpointIO, "save_checkpoint", counting)
+    expr, pos = _slice(n_cells=40, n_genes=8)
+    cfg = load_config(
+        overrides=[*SMALL, "training.max_epochs=4", "training.checkpoint_every_minutes=10"]
+    )
+    module = AlphaSTomicsModule(cfg, 8)
+    trainer = build_trainer(cfg, tmp_path, has_validation=False, enable_progress_bar=False)
+    trainer.fit(module, _loader(expr, pos))
+    last_writes = [step for name, step in writes if name == "last.ckpt"]
+    assert last_writes == [8]  # 4 epochs of 2 steps: one write, at the end

@@ -16,10 +16,19 @@ _TIME_SCALE = 1000.0
 _MAX_PERIOD = 10000.0
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 def _use_fused(x: Tensor) -> bool:
     # The memory-lean autograd functions below only run where they change nothing but memory:
     # a gradient is being recorded and no autocast region re-types the ops inside them.
-    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    return torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
 
 
 class _ModulatedLayerNorm(torch.autograd.Function):
@@ -197,9 +206,7 @@ class ExpressionEncoder(nn.Module):
         self.measured_in = nn.Linear(n_genes, hidden_dim, bias=False)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
 
-    def forward(
-        self, expression: Tensor, gene_mask: Tensor, *, premasked: bool = False
-    ) -> Tensor:
+    def forward(self, expression: Tensor, gene_mask: Tensor, *, premasked: bool = False) -> Tensor:
         """Encode ``expression`` (B, N, G) with ``gene_mask`` (B, G) bool -> (B, N, H).
 
         ``premasked=True`` promises that ``expression`` is already 0 at unmeasured genes, which

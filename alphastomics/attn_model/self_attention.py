@@ -54,7 +54,8 @@ def attention_context(
         k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max)).unsqueeze(2)
         context = normaliser = None
         for k, v, keep in zip(keys, values, keeps, strict=True):
-            weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - k_max)  # (B, K, n_c, d)
+            # (B, K, n_c, d), exactly 0 on padded cells
+            weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - k_max)
             v = v.float().masked_fill(~keep, 0.0)  # (B, K, n_c, d) exactly 0 on padded cells
             part = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
             total = weights.sum(dim=2)  # (B, K, d)

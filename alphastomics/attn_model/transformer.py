@@ -73,13 +73,18 @@ class TransformerLayer(nn.Module):
         # split (not slicing): its backward assembles the input gradient in one tensor
         h_parts = h.split(size, dim=1)  # (B, n_c, H) views
         m_parts = mask.split(size, dim=1)
-        heads = [self.attention.heads(self.attention_norm(x, cond)) for x in h_parts]
-        context = attention_context([k for _, k, _ in heads], [v for _, _, v in heads], m_parts)
+        queries, keys, values = [], [], []
+        for x in h_parts:
+            q, k, v = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+            queries.append(q)
+            keys.append(k)
+            values.append(v)
+        context = attention_context(keys, values, m_parts)  # (B, K, d, d)
+        del keys, values
+        queries.reverse()  # popped from the end: each chunk's q is dropped once used
         out = []
-        for i, (x, m) in enumerate(zip(h_parts, m_parts, strict=True)):
-            q = heads[i][0]
-            heads[i] = None  # type: ignore[call-overload]  # drop this chunk's q, k, v early
-            x = x + self.attention.project_out(attention_readout(q, context))  # (B, n_c, H)
+        for x, m in zip(h_parts, m_parts, strict=True):
+            x = x + self.attention.project_out(attention_readout(queries.pop(), context))
             x = x + self.ff(self.ff_norm(x, cond))
             out.append(apply_mask(x, m))
         return torch.cat(out, dim=1)  # (B, N, H)

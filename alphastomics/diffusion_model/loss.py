@@ -219,7 +219,11 @@ class NeighborCache:
             return entry[1].long()
         neighbors = nearest_neighbors(positions, self.k)  # (n, k)
         size = positions.numel() * positions.element_size() + neighbors.numel() * 4
-        old = 0 if entry is None else entry[0].numel() * entry[0].element_size() + entry[1].numel() * 4
+        old = (
+            0
+            if entry is None
+            else entry[0].numel() * entry[0].element_size() + entry[1].numel() * 4
+        )
         if self.nbytes - old + size <= self.max_bytes:
             self._entries[key] = (positions.detach().clone(), neighbors.int())
             self.nbytes += size - old
@@ -250,8 +254,9 @@ class NeighborCache:
             return None
         counts = node_mask.sum(dim=1).tolist()
         keys = slice_index.tolist()
+        threshold = max(min_cells, 2)  # as in distance_loss
         return [
-            self.get(int(keys[i]), positions[i][node_mask[i]]) if counts[i] > min_cells else None
+            self.get(int(keys[i]), positions[i][node_mask[i]]) if counts[i] > threshold else None
             for i in range(len(counts))
         ]
 

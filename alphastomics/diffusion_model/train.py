@@ -22,12 +22,15 @@ from torch import Tensor
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import Config, config_to_dict, load_config
-from alphastomics.diffusion_model.loss import DiffusionLoss, compute_loss
+from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
 from alphastomics.utils.dataholder import DataHolder, apply_mask
+from alphastomics.utils.memory import tune_malloc
 
 log = logging.getLogger(__name__)
+
+VAL_LOSS_DRAWS = 8  # noise draws averaged into each validation loss
 
 
 class AlphaSTomicsModule(pl.LightningModule):
@@ -91,6 +94,8 @@ class AlphaSTomicsModule(pl.LightningModule):
         self._nonfinite_in_a_row = 0
         self._loss_was_finite = True
         self.n_skipped_steps = 0
+        # true neighbours of whole slices for the sampled distance loss, reused across epochs
+        self._neighbor_cache = NeighborCache(cfg.loss.n_neighbor_pairs)
 
     # ------------------------------------------------------------------ expression units
     def standardize(self, expression: Tensor, node_mask: Tensor, gene_mask: Tensor) -> Tensor:
@@ -108,6 +113,10 @@ class AlphaSTomicsModule(pl.LightningModule):
         return batch.replace(expression=expr)
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        """Keep freed tensor memory in the C heap (see :mod:`alphastomics.utils.memory`)."""
+        tune_malloc()
+
     def _clean_masks(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -160,6 +169,14 @@ class AlphaSTomicsModule(pl.LightningModule):
             expression_weight=(~clean_expr).float(),
             position_weight=(~clean_pos).float(),
             generator=generator,
+            position_neighbors=self._neighbor_cache.lookup(
+                noisy.positions,
+                noisy.node_mask,
+                noisy.slice_index,
+                loss_cfg.exact_distance_max_cells,
+            )
+            if loss_cfg.use_distance_matrix
+            else None,
         )
 
     def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
@@ -225,11 +242,19 @@ class AlphaSTomicsModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: DataHolder, batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
-        result = self.diffusion_loss(batch, generator=generator)
+        # the same VAL_LOSS_DRAWS noise levels and modality choices every validation: a single
+        # random draw per slice is too noisy to pick best.ckpt by
+        results = [self.diffusion_loss(batch, generator=generator) for _ in range(VAL_LOSS_DRAWS)]
         b = batch.batch_size
-        self.log("val/loss", result.total, batch_size=b, prog_bar=True, sync_dist=True)
+        total = torch.stack([r.total for r in results]).mean()
+        self.log("val/loss", total, batch_size=b, prog_bar=True, sync_dist=True)
         self.log_dict(
-            {f"val/{k}": v for k, v in result.terms.items()}, batch_size=b, sync_dist=True
+            {
+                f"val/{k}": torch.stack([r.terms[k] for r in results]).mean()
+                for k in results[0].terms
+            },
+            batch_size=b,
+            sync_dist=True,
         )
         if batch_idx < self.cfg.training.val_max_slices:
             for name, value in self.quick_sample_metrics(batch, generator).items():
@@ -238,11 +263,17 @@ class AlphaSTomicsModule(pl.LightningModule):
     def quick_sample_metrics(
         self, batch: DataHolder, generator: torch.Generator
     ) -> dict[str, float]:
-        """Cheap few-step samples of both directions, scored on the first item of ``batch``."""
+        """Cheap few-step samples of both directions (as `test` makes them), scored on item 0."""
         from alphastomics.utils.metrics import expression_metrics, position_metrics
 
         steps = min(self.cfg.training.val_sample_steps, self.noise_model.T)
-        sampler = DiffusionSampler(self.model, self.noise_model, sampler="ddim", steps=steps)
+        sampler = DiffusionSampler(
+            self.model,
+            self.noise_model,
+            sampler="ddim",
+            steps=steps,
+            warm_start=self.cfg.sampling.warm_start,
+        )
         metrics: dict[str, float] = {}
         mask = batch.node_mask[0]
         if self.cfg.training_mode in ("joint", "expr_to_pos"):
@@ -262,7 +293,12 @@ class AlphaSTomicsModule(pl.LightningModule):
                 )
                 metrics["distance_spearman_median"] = float(pm["distance_spearman_median"])
         if self.cfg.training_mode in ("joint", "pos_to_expr"):
-            expr, _ = sampler.sample(
+            draw = (
+                sampler.predict_mean
+                if self.cfg.sampling.expression_estimate == "mean"
+                else sampler.sample
+            )
+            expr, _ = draw(
                 batch.expression,
                 batch.positions,
                 batch.node_mask,
@@ -304,6 +340,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         (expression, positions)
             (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
         """
+        tune_malloc()  # see alphastomics.utils.memory; once per process
         batch = batch.to(self.device)
         expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         diffusion_sampler = DiffusionSampler(

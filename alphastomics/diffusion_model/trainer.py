@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class ThrottledLastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` at epoch ends, at most every ``min_interval_s`` seconds, and at the end.
+
+    A store with one or two training slices has epochs of one or two steps; writing (and
+    fsync-ing) a checkpoint after each of them would cost more than the steps themselves.
+    """
+
+    def __init__(self, *, min_interval_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_interval_s = min_interval_s
+        self._last_write = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if time.monotonic() - self._last_write < self.min_interval_s:
+            return
+        super().on_train_epoch_end(trainer, pl_module)
+        self._last_write = time.monotonic()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class BestCheckpointFallback(pl.Callback):
@@ -315,7 +340,8 @@ def build_trainer(
     )
     # last.ckpt at the end of every epoch (ModelCheckpoint(save_last=True) rewrites it only when
     # the best score improves); GracefulInterrupt also writes it when a run is stopped
-    last = ModelCheckpoint(
+    last = ThrottledLastCheckpoint(
+        min_interval_s=60.0 * train_cfg.checkpoint_every_minutes,
         dirpath=str(output_dir / "checkpoints"),
         filename="last",
         monitor=None,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,6 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.spatial import procrustes
 from scipy.spatial.distance import cdist, pdist
-from scipy.stats import rankdata
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
@@ -44,6 +45,8 @@ _CHUNK_ELEMENTS = 1 << 20
 _N_THRESHOLD_PAIRS = 1_000_000
 # above this many labelled cells clustering switches from KMeans to MiniBatchKMeans
 _MINIBATCH_ABOVE = 20_000
+# threads for the anchor rows of position_metrics (each holds a few 8 MiB blocks)
+_MAX_THREADS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +104,36 @@ def _pearson(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     ok = den > 0
     out[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
     return out
+
+
+def _rank(x: np.ndarray, axis: int) -> np.ndarray:
+    """Ranks (1-based, ties get their average rank) along ``axis``; ``scipy.stats.rankdata``.
+
+    Same values as ``rankdata(x, axis=axis)`` (method "average"), about 3 times faster on long
+    rows: ties are found after an unstable (SIMD quicksort) argsort, since the average rank of a
+    group of equal values does not depend on their order.
+    """
+    x = np.moveaxis(np.asarray(x), axis, -1)
+    shape = x.shape
+    n = shape[-1]
+    rows = x.reshape(-1, n)
+    order = np.argsort(rows, axis=1, kind="quicksort")
+    ordered = np.take_along_axis(rows, order, axis=1)
+    position = np.arange(n, dtype=np.float64)  # (n,) 0-based sorted position
+    new_value = ordered[:, 1:] != ordered[:, :-1]  # (r, n - 1) a tie group ends between
+    if new_value.all():  # no ties: rank = sorted position + 1
+        ranks_sorted = np.broadcast_to(position + 1.0, rows.shape)
+    else:
+        starts = np.ones(rows.shape, dtype=bool)
+        starts[:, 1:] = new_value
+        ends = np.ones(rows.shape, dtype=bool)
+        ends[:, :-1] = new_value
+        first = np.maximum.accumulate(np.where(starts, position, 0.0), axis=1)
+        last = np.minimum.accumulate(np.where(ends, position, n - 1.0)[:, ::-1], axis=1)[:, ::-1]
+        ranks_sorted = (first + last) / 2.0 + 1.0
+    ranks = np.empty(rows.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, ranks_sorted, axis=1)
+    return np.moveaxis(ranks.reshape(shape), -1, axis)
 
 
 def _varies(x: np.ndarray, axis: int) -> np.ndarray:
@@ -182,7 +215,7 @@ def expression_metrics(
         ok = _varies(t, 0) & _varies(p, 0)
         pcc_gene[span] = np.where(ok, _pearson(t, p, axis=0), np.nan)
         spearman_gene[span] = np.where(
-            ok, _pearson(rankdata(t, axis=0), rankdata(p, axis=0), axis=0), np.nan
+            ok, _pearson(_rank(t, axis=0), _rank(p, axis=0), axis=0), np.nan
         )
 
     # per cell (row blocks): correlations across the selected genes
@@ -194,7 +227,7 @@ def expression_metrics(
         ok = _varies(t, 1) & _varies(p, 1)
         pcc_cell[span] = np.where(ok, _pearson(t, p, axis=1), np.nan)
         spearman_cell[span] = np.where(
-            ok, _pearson(rankdata(t, axis=1), rankdata(p, axis=1), axis=1), np.nan
+            ok, _pearson(_rank(t, axis=1), _rank(p, axis=1), axis=1), np.nan
         )
 
     n_genes_scored = int(np.isfinite(pcc_gene).sum())
@@ -373,30 +406,52 @@ def position_metrics(
         thr_true = float(np.quantile(pdist(t), contact_quantile))
         thr_pred = float(np.quantile(pdist(p), contact_quantile))
 
-    # anchor rows, a block at a time: sums for the distance MSEs, per-row Spearman, contacts
+    # anchor rows, a block at a time: sums for the distance MSEs, per-row Spearman, contacts.
+    # Blocks are independent and numpy's sorts release the GIL, so they run on a few threads;
+    # the sums are combined in block order, so the result does not depend on the threads.
     n_anchors = len(anchors)
-    row_spearman = np.full(n_anchors, np.nan)
-    s_tt = s_tp = s_pp = s_err = 0.0
-    tp = n_contacts_true = n_contacts_pred = 0
-    for span in _spans(n_anchors, max(1, _CHUNK_ELEMENTS // n)):
+    spans = _spans(n_anchors, max(1, _CHUNK_ELEMENTS // n))
+
+    def block(span: slice) -> tuple[np.ndarray, np.ndarray]:
         rows = anchors[span]
         others = np.ones((len(rows), n), dtype=bool)
         others[np.arange(len(rows)), rows] = False  # drop each anchor's distance to itself
         d_t = cdist(t[rows], t)[others].reshape(len(rows), n - 1)
         d_p = cdist(p[rows], p)[others].reshape(len(rows), n - 1)
-        s_tt += float(np.square(d_t).sum())
-        s_tp += float((d_t * d_p).sum())
-        s_pp += float(np.square(d_p).sum())
-        s_err += float(np.square(d_t - d_p).sum())
-        ok = _varies(d_t, 1) & _varies(d_p, 1)
-        row_spearman[span] = np.where(
-            ok, _pearson(rankdata(d_t, axis=1), rankdata(d_p, axis=1), axis=1), np.nan
-        )
         in_true = d_t <= thr_true
         in_pred = d_p <= thr_pred
-        tp += int((in_true & in_pred).sum())
-        n_contacts_true += int(in_true.sum())
-        n_contacts_pred += int(in_pred.sum())
+        sums = np.array(
+            [
+                np.square(d_t).sum(),
+                (d_t * d_p).sum(),
+                np.square(d_p).sum(),
+                np.square(d_t - d_p).sum(),
+                (in_true & in_pred).sum(),
+                in_true.sum(),
+                in_pred.sum(),
+            ]
+        )
+        ok = _varies(d_t, 1) & _varies(d_p, 1)
+        spearman = np.where(ok, _pearson(_rank(d_t, axis=1), _rank(d_p, axis=1), axis=1), np.nan)
+        return sums, spearman
+
+    workers = min(_MAX_THREADS, os.cpu_count() or 1, len(spans))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(block, spans))
+    else:
+        results = [block(span) for span in spans]
+    row_spearman = np.concatenate([spearman for _, spearman in results])
+    s_tt = s_tp = s_pp = s_err = 0.0
+    tp = n_contacts_true = n_contacts_pred = 0
+    for sums, _ in results:
+        s_tt += float(sums[0])
+        s_tp += float(sums[1])
+        s_pp += float(sums[2])
+        s_err += float(sums[3])
+        tp += int(sums[4])
+        n_contacts_true += int(sums[5])
+        n_contacts_pred += int(sums[6])
 
     n_pairs = n_anchors * (n - 1)
     # least-squares scale for predicted distances; any scale fits a collapsed prediction
