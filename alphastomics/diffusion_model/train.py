@@ -272,6 +272,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             self.noise_model,
             sampler="ddim",
             steps=steps,
+            eta=self.cfg.sampling.eta,
             warm_start=self.cfg.sampling.warm_start,
         )
         metrics: dict[str, float] = {}

@@ -1,0 +1,61 @@
+"""The benchmark scripts still run end to end (tiny sizes; their numbers are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_runs(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    # at 200 cells `train` is the `train_exact` step (exact loss up to 3000 cells): run one
+    args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
+    args += ["--kinds", "train_exact", "sample"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {r["kind"] for r in results} == {"train_exact", "sample"}
+    assert all("error" not in r and r["seconds"] > 0 for r in results), results
+
+
+def test_sampler_quality_runs(tmp_path: Path) -> None:
+    out = tmp_path / "sampler.json"
+    bench = _load("sampler_quality")
+    args = ["--n_cells", "240", "--n_genes", "12", "--n_slices", "4", "--minutes", "1"]
+    args += ["--seeds", "0", "1", "--ddim_steps", "5", "--workdir", str(tmp_path / "work")]
+    args += ["--json", str(out), "--override", "model.hidden_dim=16", "model.n_layers=1"]
+    args += ["model.n_heads=2", "diffusion.diffusion_steps=20", "sampling.steps=5"]
+    args += ["training.max_steps=2"]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = {(r["mode"], r["label"], r["evaluations"]) for r in rows}
+    assert names == {
+        ("expr_to_pos", "ddpm", 20),
+        ("expr_to_pos", "ddim eta=0", 5),
+        ("expr_to_pos", "ddim eta=1", 5),
+        ("pos_to_expr", "ddpm", 20),
+        ("pos_to_expr", "ddim eta=0", 5),
+        ("pos_to_expr", "ddim eta=1", 5),
+        ("pos_to_expr", "mean (1 step)", 4),
+    }
+    assert all(len(r["per_seed"]) == 2 for r in rows)
