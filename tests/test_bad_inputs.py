@@ -122,7 +122,7 @@ PREPROCESS_CASES: dict[str, tuple[Callable[[ad.AnnData, Path], None], list[str],
     "4-column coordinates": (_coords(4), [], ["shape (60, 4)", "2 or 3 columns"]),
     "NaN coordinates": (_set("coords", np.nan), [], ["NaN or infinite", "obsm['ccf']", "drop"]),
     "inf coordinates": (_set("coords", np.inf), [], ["NaN or infinite", "obsm['ccf']"]),
-    "NaN expression": (_set("X", np.nan), [], ["1 cells have NaN or infinite", "adata.X"]),
+    "NaN expression": (_set("X", np.nan), [], ["1 cell has NaN or infinite", "adata.X"]),
     "all-zero slice": (
         _zero_slice,
         [],

@@ -349,7 +349,8 @@ def _slice_groups(
         n_missing = int(column.isna().sum())
         if n_missing:
             raise UserInputError(
-                f"{source}: {n_missing} cells have no value in obs['{slice_key}']; "
+                f"{source}: {n_missing} {'cell has' if n_missing == 1 else 'cells have'} no value "
+                f"in obs['{slice_key}']; "
                 "fill it in or drop those cells"
             )
         codes, names = pd.factorize(column.astype(str), sort=True)
@@ -419,7 +420,8 @@ def _check_finite_rows(
     name, count = next((n, c) for n, c in counts if c > 0)
     total = int(bad_rows.sum())
     raise UserInputError(
-        f"{source}: {total} cells have NaN or infinite values in {what} ({count} in slice "
+        f"{source}: {total} {'cell has' if total == 1 else 'cells have'} NaN or infinite values "
+        f"in {what} ({count} in slice "
         f"'{name}'); drop or fix those cells before preprocessing"
     )
 
