@@ -306,37 +306,16 @@ class NoiseModel(nn.Module):
         expression = apply_mask(data.expression, mask)
         positions = center(data.positions, mask)
 
-        if noise_expression:
-            if eps_expression is None:
-                eps_expression = sample_masked_gaussian(
-                    expression.shape, mask, generator, device, expression.dtype
-                )
-            elif eps_expression.shape != expression.shape:
-                raise ValueError(
-                    f"eps_expression must be {tuple(expression.shape)}, "
-                    f"got {tuple(eps_expression.shape)}"
-                )
-            noisy_expression = apply_mask(
-                self.expression.q_sample(expression, step_e, apply_mask(eps_expression, mask)), mask
-            )
-        else:
-            noisy_expression = expression
-
-        if noise_position:
-            if eps_position is None:
-                eps_position = sample_centered_gaussian(
-                    positions.shape, mask, generator, device, positions.dtype
-                )
-            elif eps_position.shape != positions.shape:
-                raise ValueError(
-                    f"eps_position must be {tuple(positions.shape)}, "
-                    f"got {tuple(eps_position.shape)}"
-                )
-            noisy_positions = apply_mask(
-                self.position.q_sample(positions, step_p, center(eps_position, mask)), mask
-            )
-        else:
-            noisy_positions = positions
+        noisy_expression = (
+            self._noised("expression", expression, step_e, eps_expression, mask, generator)
+            if noise_expression
+            else expression
+        )
+        noisy_positions = (
+            self._noised("position", positions, step_p, eps_position, mask, generator)
+            if noise_position
+            else positions
+        )
 
         return data.replace(
             expression=expression,
@@ -364,6 +343,25 @@ class NoiseModel(nn.Module):
             return self.sample_steps(batch_size, device=device, generator=generator)
         _check_step(step, batch_size, self.T, f"step for {name}")
         return step.to(device=device, dtype=torch.long)
+
+    def _noised(
+        self,
+        modality: Modality,
+        x0: Tensor,
+        step: Tensor,
+        eps: Tensor | None,
+        mask: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """``z_t`` of one modality: expression noise is masked, position noise also centred."""
+        draw = sample_masked_gaussian if modality == "expression" else sample_centered_gaussian
+        project = apply_mask if modality == "expression" else center
+        if eps is None:
+            eps = draw(x0.shape, mask, generator, x0.device, x0.dtype)
+        elif eps.shape != x0.shape:
+            name = "eps_expression" if modality == "expression" else "eps_position"
+            raise ValueError(f"{name} must be {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        return apply_mask(self.schedule(modality).q_sample(x0, step, project(eps, mask)), mask)
 
     def q_sample(self, modality: Modality, x0: Tensor, step: Tensor, eps: Tensor) -> Tensor:
         """``alpha_t x0 + sigma_t eps`` of one modality, with no masking or centring.
