@@ -121,6 +121,25 @@ def test_translation_invariance_and_centred_output(n_dims: int) -> None:
 
 
 @pytest.mark.parametrize("n_dims", [2, 3])
+def test_clean_positions_are_read_in_their_frame(n_dims: int) -> None:
+    # pos_to_expr: a part of a slice must be read where it lies, so a shift changes the output
+    # of an item whose positions are clean and of no other item
+    model = make_model(n_dims)
+    inputs = make_inputs(n_dims)
+    inputs["t_position"] = torch.tensor([0.0, 0.5])  # item 0 clean, item 1 noisy
+    shift = torch.tensor([2.0, -1.0, 0.5][:n_dims])
+    out = model(**inputs)
+    out_shifted = model(**{**inputs, "positions_t": inputs["positions_t"] + shift})
+    real = inputs["node_mask"][0]
+    change = (out.expression[0, real] - out_shifted.expression[0, real]).abs().max()
+    assert change > 1e-3
+    for name in FIELDS:
+        torch.testing.assert_close(
+            getattr(out, name)[1], getattr(out_shifted, name)[1], atol=ATOL, rtol=0, msg=name
+        )
+
+
+@pytest.mark.parametrize("n_dims", [2, 3])
 def test_every_parameter_gets_a_gradient(n_dims: int) -> None:
     model = make_model(n_dims).train()
     inputs = make_inputs(n_dims)

@@ -16,7 +16,7 @@ from alphastomics.diffusion_model.diffusion_utils import (
     sample_masked_gaussian,
 )
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.utils.dataholder import DataHolder, center, masked_mean
+from alphastomics.utils.dataholder import DataHolder, apply_mask, center, masked_mean
 
 T = 100
 
@@ -169,8 +169,11 @@ def test_step_zero_gives_the_clean_value_exactly() -> None:
     zeros = torch.zeros(3, dtype=torch.long)
     out = nm.apply_noise(data, step_expression=zeros, step_position=torch.tensor([0, 7, 0]))
     assert torch.equal(out.noisy_expression, data.expression)
-    assert torch.equal(out.noisy_positions[0], out.positions[0])
-    assert torch.equal(out.noisy_positions[2], out.positions[2])
+    # clean positions are the input in its own frame; the target is centred
+    masked = apply_mask(data.positions, data.node_mask)
+    assert torch.equal(out.noisy_positions[0], masked[0])
+    assert torch.equal(out.noisy_positions[2], masked[2])
+    torch.testing.assert_close(out.positions, center(data.positions, data.node_mask))
     assert not torch.equal(out.noisy_positions[1], out.positions[1])
     assert out.t_expression.tolist() == [0.0, 0.0, 0.0]
     torch.testing.assert_close(out.t_position, torch.tensor([0.0, 7 / T, 0.0]))
@@ -187,7 +190,7 @@ def test_modalities_are_independent() -> None:
     assert not torch.equal(out.noisy_positions, out.positions)
 
     out = nm.apply_noise(data, noise_position=False, generator=g)
-    assert torch.equal(out.noisy_positions, out.positions)
+    assert torch.equal(out.noisy_positions, apply_mask(data.positions, data.node_mask))
     assert (out.t_position == 0).all()
     assert (out.t_expression > 0).all()
 

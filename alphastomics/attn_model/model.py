@@ -75,8 +75,11 @@ class Denoiser(nn.Module):
     Symmetries and guarantees (enforced by ``tests/test_model.py``):
 
     - permutation-equivariant over cells;
-    - translation-invariant: ``positions_t`` is re-centred with its masked centroid on entry;
-      the predicted positions have zero masked centroid;
+    - translation-invariant while positions are noisy (``t_position > 0``): ``positions_t`` is
+      re-centred with its masked centroid on entry; the predicted positions have zero masked
+      centroid. Clean positions (``t_position = 0``, the ``pos_to_expr`` condition) are encoded
+      where they lie in their frame, so a part of a slice (a slab, a neighbourhood) is read at
+      its place in the tissue, not as if it were the whole slice;
     - not rotation-equivariant: coordinates, Fourier frequencies and the linear heads see the
       axes. Teach the invariance by random rotations of training positions where frames are
       arbitrary;
@@ -169,7 +172,8 @@ class Denoiser(nn.Module):
         expression_t
             (B, N, G) noisy (or clean) expression.
         positions_t
-            (B, N, D) noisy (or clean) positions; any translation gives the same output.
+            (B, N, D) noisy (or clean) positions. Noisy: any translation gives the same output.
+            Clean (``t_position`` 0): in the data's frame (the store's per-slice frame).
         t_expression, t_position
             (B,) float diffusion time of each modality in [0, 1] (0 = clean).
         node_mask
@@ -191,9 +195,13 @@ class Denoiser(nn.Module):
         # inputs: padded cells and unmeasured genes read as 0, positions re-centred
         expr_t = apply_mask(expression_t * measured.unsqueeze(1).to(expression_t.dtype), mask)
         pos_t = center(positions_t, mask)  # (B, N, D)
+        # clean positions are read where they lie in their frame (a slab of a registered tissue
+        # is not its neighbour); noisy ones only relative to their centroid
+        clean_pos = (t_position == 0).to(pos_t.dtype).view(-1, 1, 1)  # (B, 1, 1)
+        pos_in = pos_t + clean_pos * apply_mask(positions_t - pos_t, mask)  # (B, N, D)
 
         expr_emb = apply_mask(self.expression_encoder(expr_t, measured, premasked=True), mask)
-        pos_emb = apply_mask(self.position_encoder(pos_t), mask)  # (B, N, H)
+        pos_emb = apply_mask(self.position_encoder(pos_in), mask)  # (B, N, H)
         time_expr = self.expression_time(t_expression)  # (B, H)
         time_pos = self.position_time(t_position)  # (B, H)
         cond = time_expr + time_pos  # (B, H)

@@ -280,7 +280,8 @@ class NoiseModel(nn.Module):
             False holds that modality clean for every item (noisy = clean, step 0).
         step_expression, step_position
             (B,) long steps in [0, T]; drawn uniformly in [1, T] when None. A 0 holds that item's
-            modality clean (its noisy copy equals the clean one exactly).
+            modality clean (its noisy copy equals the clean input exactly; clean positions keep
+            their frame, they are not centred).
         eps_expression, eps_position
             (B, N, G) / (B, N, D) noise to use instead of a draw (for exact tests). Padded rows
             are zeroed and position noise is centred over real cells, which leaves centred noise
@@ -311,10 +312,13 @@ class NoiseModel(nn.Module):
             if noise_expression
             else expression
         )
-        noisy_positions = (
+        # clean positions (step 0) keep their frame: the denoiser reads where the item lies
+        noisy_positions = torch.where(
+            (step_p == 0).view(-1, 1, 1),
+            apply_mask(data.positions, mask),
             self._noised("position", positions, step_p, eps_position, mask, generator)
             if noise_position
-            else positions
+            else positions,
         )
 
         return data.replace(

@@ -172,7 +172,8 @@ class DiffusionSampler:
         gen_pos = mode in ("expr_to_pos", "joint")
 
         expr = apply_mask(expression, mask)
-        pos = center(positions, mask)
+        # a clean condition keeps its frame (the denoiser reads where it lies); noisy is centred
+        pos = center(positions, mask) if gen_pos else apply_mask(positions, mask)
         if warm_start > 0:
             expr, pos = self._warm_start(
                 expr, pos, mask, mode, top, gene_mask=gene_mask, generator=generator
@@ -218,7 +219,7 @@ class DiffusionSampler:
                 pos = center(pos, mask)
         if known is not None and gen_pos:
             pos_hat = apply_mask(_paste_known(pos_hat, true_pos, known, to_input_frame=True), mask)
-        return (expr_hat if gen_expr else expr), (pos_hat if gen_pos else pos)
+        return (expr_hat if gen_expr else expr), (pos_hat if gen_pos else center(pos, mask))
 
     @torch.inference_mode()
     def predict_mean(
@@ -251,7 +252,9 @@ class DiffusionSampler:
         b, device = expression.shape[0], expression.device
         if gene_mask is None:
             gene_mask = torch.ones(b, expression.shape[2], dtype=torch.bool, device=device)
-        expr, pos = apply_mask(expression, mask), center(positions, mask)
+        expr = apply_mask(expression, mask)
+        # the clean condition keeps its frame; generated positions are centred
+        pos = apply_mask(positions, mask) if mode == "pos_to_expr" else center(positions, mask)
         zeros = torch.zeros(b, device=device)
         ones = torch.ones(b, device=device)
         total = torch.zeros_like(expr if mode == "pos_to_expr" else pos)
@@ -264,7 +267,7 @@ class DiffusionSampler:
                 total += self.model(expr, z, zeros, ones, mask, gene_mask).positions
         mean = total / n_draws
         if mode == "pos_to_expr":
-            return apply_mask(mean, mask), pos
+            return apply_mask(mean, mask), center(pos, mask)
         return expr, center(mean, mask)
 
     def _warm_start(
@@ -287,7 +290,7 @@ class DiffusionSampler:
             eps = sample_masked_gaussian(expr.shape, mask, generator=generator, device=expr.device)
             return apply_mask(
                 self.noise_model.q_sample("expression", mean_expr, step, eps), mask
-            ), pos
+            ), pos  # the condition, in its own frame
         eps = sample_centered_gaussian(pos.shape, mask, generator=generator, device=pos.device)
         return expr, center(self.noise_model.q_sample("position", mean_pos, step, eps), mask)
 

@@ -216,7 +216,8 @@ class ItemKey:
 class SpatialDataset(Dataset):
     """Map-style dataset indexed by :class:`ItemKey`; returns single-item ``DataHolder``s.
 
-    Positions are re-centred over the item's own cells. Only the rows an item needs are read
+    Positions stay in the store's per-slice frame (a part of a slice keeps its place in it;
+    the noise model centres what it noises). Only the rows an item needs are read
     from the memory-mapped expression file. Memory maps and k-d trees (one per entry, built on
     first use) are cached per process and never pickled to workers.
     """
@@ -268,7 +269,6 @@ class SpatialDataset(Dataset):
             expression = np.asarray(data.expression[rows], dtype=np.float32)  # reads n rows
             positions = np.asarray(data.positions[rows], dtype=np.float64)
             cell_type = np.asarray(data.cell_type[rows], dtype=np.int64)
-        positions -= positions.mean(axis=0)  # every item is centred over its own cells
         n = len(rows)
         return DataHolder(
             expression=torch.from_numpy(expression).unsqueeze(0),  # (1, n, G)
@@ -568,7 +568,7 @@ def create_dataloaders(
     -------
     train_loader, val_loader, test_loader, meta
         Loaders yield padded :class:`DataHolder` batches: expression (B, N, G), positions
-        (B, N, 3) centred per item, node_mask (B, N), gene_mask (B, G), cell_type, cell_index
+        (B, N, 3) in the store's per-slice frame, node_mask (B, N), gene_mask (B, G), cell_type, cell_index
         (B, N) and slice_index (B,). val/test always hold whole slices (respecting
         ``max_cells``) and are None when the split is empty. ``meta`` is the store metadata
         plus ``n_genes``, ``gene_names``, ``data_dir``, ``mode`` and ``n_train_cells``.
