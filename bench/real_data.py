@@ -42,9 +42,10 @@ loaded by ``ProcessedStore.load_slice``; only held-out cells enter a metric. The
 scored by ``alphastomics.workflows.evaluate.run_evaluation`` (it samples each test entry
 from its expression alone for ``expr_to_pos`` and from its positions alone for
 ``pos_to_expr``); the baselines by :func:`alphastomics.baselines.evaluate_baselines`, fitted on
-the training entries. When a single slice was split by cells, a second model row places the
-test cells among the training cells of their slice (``known`` = training cells, inpainting),
-which is the information kNN regression uses too. Position metrics are invariant to rotation, reflection, translation
+the training entries. When a single slice was split by cells, a second model row generates the
+test cells among the training cells of their slice (``known`` = training cells, inpainting):
+it places them from their expression and imputes their expression at their positions, with the
+information the two kNN baselines use too. Position metrics are invariant to rotation, reflection, translation
 and scale.
 
 Outputs in ``--output_dir``: ``data/`` (the store), ``run/`` (training), ``model_eval/seed_<s>/``
@@ -71,7 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alphastomics.baselines import BaselineResult, evaluate_baselines
+from alphastomics.baselines import BaselineResult, evaluate_baselines, score_expression
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
@@ -503,12 +504,13 @@ def evaluate_model(
 def evaluate_placement(
     args: argparse.Namespace, checkpoint: Path, data_dir: Path
 ) -> dict[str, Any] | None:
-    """Place each test entry's cells among the training cells of its slice (inpainting).
+    """Score each test entry's cells in the context of the training cells of its slice.
 
-    Only for stores whose single slice was split by cells: the training cells keep their true
-    positions (``known``) and the test cells are generated around them from their expression,
-    as kNN regression also uses the training cells' coordinates. Scored on the test cells only,
-    with the same metric as every other row. ``None`` for slice-level splits.
+    Only for stores whose single slice was split by cells. The training cells are ``known``
+    (both modalities clean) and the test cells are generated among them: ``expr_to_pos`` places
+    them from their expression, ``pos_to_expr`` imputes their expression at their positions
+    (the two kNN baselines use the training cells in the same way). Scored on the test cells
+    only, with the same metrics as every other row. ``None`` for slice-level splits.
     """
     from alphastomics.diffusion_model.checkpoint import load_module
 
@@ -517,7 +519,9 @@ def evaluate_placement(
     if meta["split"]["by"] != "cells":
         return None
     module = load_module(checkpoint, map_location=_device(args.device))
-    scores, weights, seconds = [], [], 0.0
+    scores: dict[str, list[dict[str, Any]]] = {"expr_to_pos": [], "pos_to_expr": []}
+    weights: list[int] = []
+    seconds = 0.0
     for s in range(args.num_seeds):
         for i in store.slice_indices("test"):
             source = meta["slices"][i].get("slice")
@@ -527,11 +531,9 @@ def evaluate_placement(
             parts = [store.load_slice(j) for j in refs] + [store.load_slice(i)]
             n_ref = sum(len(p["positions"]) for p in parts[:-1])
             positions = np.concatenate([np.asarray(p["positions"]) for p in parts])
-            holder = DataHolder.from_arrays(
-                np.concatenate([np.asarray(p["expression"]) for p in parts]),
-                positions,
-                gene_mask=parts[-1]["gene_mask"],
-            )
+            expression = np.concatenate([np.asarray(p["expression"]) for p in parts])
+            gene_mask = np.asarray(parts[-1]["gene_mask"])
+            holder = DataHolder.from_arrays(expression, positions, gene_mask=gene_mask)
             known = torch.zeros(1, len(positions), dtype=torch.bool)
             known[0, :n_ref] = True
             generator = torch.Generator().manual_seed(args.seed + SEED_STRIDE * s + i)
@@ -544,21 +546,40 @@ def evaluate_placement(
                 generator=generator,
                 known=known,
             )
+            imputed, _ = module.sample(
+                holder,
+                "pos_to_expr",
+                sampler=args.sampler,
+                steps=args.steps,
+                generator=generator,
+                known=known,
+            )
             seconds += time.perf_counter() - start
-            scores.append(position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy()))
+            scores["expr_to_pos"].append(
+                position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy())
+            )
+            scores["pos_to_expr"].append(
+                score_expression(
+                    expression[n_ref:],
+                    imputed[0, n_ref:].cpu().numpy(),
+                    positions[n_ref:],
+                    gene_mask,
+                )
+            )
             weights.append(len(positions) - n_ref)
-    overall = summarize(scores, weights=weights)
+    overall = {}
+    for mode, mode_scores in scores.items():
+        summary = summarize(mode_scores, weights=weights)
+        overall[mode] = {
+            k: {"mean": v, "std": 0.0} for k, v in summary.items() if isinstance(v, int | float)
+        }
     return {
         "checkpoint": str(checkpoint),
         "training_mode": module.cfg.training_mode,
         "sampler": args.sampler or module.cfg.sampling.sampler,
         "steps": args.steps or module.cfg.sampling.steps,
         "seeds": list(range(args.num_seeds)),
-        "overall": {
-            "expr_to_pos": {
-                k: {"mean": v, "std": 0.0} for k, v in overall.items() if isinstance(v, int | float)
-            }
-        },
+        "overall": overall,
         "sampling_seconds": seconds / args.num_seeds,
     }
 
@@ -781,7 +802,7 @@ def _run(
         rows.insert(0, _model_row(model, training_seconds))
         if result.get("placement"):
             row = _model_row(result["placement"], training_seconds)
-            row["method"] += ", placed among training cells"
+            row["method"] += ", among the training cells"
             rows.insert(1, row)
     result.update(
         model=model, training_seconds=training_seconds, budget_minutes=args.budget_minutes

@@ -268,7 +268,7 @@ def test_bdtnp_slab_split_and_knn_baseline(bench: ModuleType, bdtnp_path: Path, 
     assert error < 0.3 < shuffled
 
 
-def test_bench_places_held_out_cells_among_training_cells(
+def test_bench_generates_held_out_cells_among_training_cells(
     bench: ModuleType, one_slice_h5ad: Path, tmp_path: Path
 ):
     out = tmp_path / "placed"
@@ -291,7 +291,9 @@ def test_bench_places_held_out_cells_among_training_cells(
         ]
     )
     methods = [row["method"] for row in result["rows"]]
-    assert methods[1].endswith("placed among training cells")
+    assert methods[1].endswith("among the training cells")
     placed = result["rows"][1]
     assert isinstance(placed["distance_spearman_median"], float)
+    assert isinstance(placed["pcc_gene_mean"], float)  # expression imputed among them too
     assert result["placement"]["overall"]["expr_to_pos"]["n_cells"]["mean"] == 90
+    assert result["placement"]["overall"]["pos_to_expr"]["n_cells"]["mean"] == 90
