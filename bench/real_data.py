@@ -538,22 +538,18 @@ def evaluate_placement(
             known[0, :n_ref] = True
             generator = torch.Generator().manual_seed(args.seed + SEED_STRIDE * s + i)
             start = time.perf_counter()
-            _, placed = module.sample(
-                holder,
-                "expr_to_pos",
-                sampler=args.sampler,
-                steps=args.steps,
-                generator=generator,
-                known=known,
-            )
-            imputed, _ = module.sample(
-                holder,
-                "pos_to_expr",
-                sampler=args.sampler,
-                steps=args.steps,
-                generator=generator,
-                known=known,
-            )
+            generated = {
+                mode: module.sample(
+                    holder,
+                    mode,
+                    sampler=args.sampler,
+                    steps=args.steps,
+                    generator=generator,
+                    known=known,
+                )
+                for mode in ("expr_to_pos", "pos_to_expr")
+            }
+            placed, imputed = generated["expr_to_pos"][1], generated["pos_to_expr"][0]
             seconds += time.perf_counter() - start
             scores["expr_to_pos"].append(
                 position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy())
