@@ -18,6 +18,8 @@ from alphastomics.utils.preprocess import SpatialDataPreprocessor
 
 BENCH = Path(__file__).parents[1] / "bench" / "real_data.py"
 TINY_MODEL = ["model.hidden_dim=16", "model.n_layers=1", "diffusion.diffusion_steps=20"]
+# one_slice_h5ad: hold out 30% of its cells as a slab along z
+Z_SLAB_SPLIT = ["--position_key", "ccf", "--holdout_cells", "0.3", "--split_axis", "z"]
 BASELINE_NAMES = [
     "random positions",
     "expression PCA",
@@ -194,12 +196,7 @@ def test_bench_baselines_only_on_one_slice(bench: ModuleType, one_slice_h5ad: Pa
         [
             "--h5ad",
             str(one_slice_h5ad),
-            "--position_key",
-            "ccf",
-            "--holdout_cells",
-            "0.3",
-            "--split_axis",
-            "z",
+            *Z_SLAB_SPLIT,
             "--baselines_only",
             "--output_dir",
             str(out),
@@ -276,12 +273,7 @@ def test_bench_generates_held_out_cells_among_training_cells(
         [
             "--h5ad",
             str(one_slice_h5ad),
-            "--position_key",
-            "ccf",
-            "--holdout_cells",
-            "0.3",
-            "--split_axis",
-            "z",
+            *Z_SLAB_SPLIT,
             *TINY_MODEL,
             "--budget_minutes",
             "0.03",
