@@ -51,6 +51,13 @@ class ModelConfig:
 
 
 @dataclass
+class NeighborReadoutConfig:
+    n_neighbors: int = 32
+    loss_weight: float = 1.0
+    max_queries: int = 512
+
+
+@dataclass
 class PreprocessingConfig:
     gene_list_file: str | None = None
     position_key: str = "ccf"
@@ -121,6 +128,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    neighbor_readout: NeighborReadoutConfig = field(default_factory=NeighborReadoutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -155,6 +163,13 @@ def _check(cfg: Config) -> None:
         (cfg.model.ff_mult >= 1, "model.ff_mult must be >= 1"),
         (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.neighbor_readout.n_neighbors >= 0, "neighbor_readout.n_neighbors must be >= 0"),
+        (
+            cfg.neighbor_readout.n_neighbors == 0 or cfg.neighbor_readout.loss_weight > 0,
+            "neighbor_readout.loss_weight must be > 0 while the read-out is on "
+            "(n_neighbors > 0); set neighbor_readout.n_neighbors=0 to turn it off",
+        ),
+        (cfg.neighbor_readout.max_queries >= 1, "neighbor_readout.max_queries must be >= 1"),
         (cfg.data.loading.batch_size >= 1, "data.loading.batch_size must be >= 1"),
         (
             cfg.data.loading.max_cells is None or cfg.data.loading.max_cells >= 2,

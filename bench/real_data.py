@@ -43,8 +43,9 @@ scored by ``alphastomics.workflows.evaluate.run_evaluation`` (it samples each te
 from its expression alone for ``expr_to_pos`` and from its positions alone for
 ``pos_to_expr``); the baselines by :func:`alphastomics.baselines.evaluate_baselines`, fitted on
 the training entries. When a single slice was split by cells, a second model row generates the
-test cells among the training cells of their slice (``known`` = training cells, inpainting):
-it places them from their expression and imputes their expression at their positions, with the
+test cells among the training cells of their slice (``known`` = training cells): it places
+them from their expression (inpainting) and imputes their expression at their positions (with
+``sampling.expression_estimate: mean``, the model's learned neighbour read-out), with the
 information the two kNN baselines use too. Position metrics are invariant to rotation, reflection, translation
 and scale.
 
@@ -546,6 +547,7 @@ def evaluate_placement(
                     steps=args.steps,
                     generator=generator,
                     known=known,
+                    expression_estimate=module.cfg.sampling.expression_estimate,
                 )
                 for mode in ("expr_to_pos", "pos_to_expr")
             }
@@ -577,7 +579,17 @@ def evaluate_placement(
         "seeds": list(range(args.num_seeds)),
         "overall": overall,
         "sampling_seconds": seconds / args.num_seeds,
+        "expression_readout": _placement_readout(module),
     }
+
+
+def _placement_readout(module: Any) -> str:
+    """How ``pos_to_expr`` among known cells is read out, for the table."""
+    if module.cfg.sampling.expression_estimate != "mean":
+        return "pos_to_expr: inpainted draw"
+    if module.neighbor_readout is None:
+        return "pos_to_expr: inpainted draw (no neighbour read-out)"
+    return f"pos_to_expr: neighbour read-out, k={module.cfg.neighbor_readout.n_neighbors}"
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -603,7 +615,8 @@ def _model_row(model: dict[str, Any], training_seconds: float | None) -> dict[st
     row: dict[str, Any] = {
         "method": f"AlphaSTomics ({Path(model['checkpoint']).name})",
         "task": "+".join(model["overall"]) or "-",
-        "params": f"{model['sampler']} {model['steps']} steps, {len(model['seeds'])} seed(s)",
+        "params": f"{model['sampler']} {model['steps']} steps, {len(model['seeds'])} seed(s)"
+        + (f"; {model['expression_readout']}" if model.get("expression_readout") else ""),
         "fit_seconds": training_seconds,
         "predict_seconds": model["sampling_seconds"],
         "std": {},

@@ -9,6 +9,8 @@
   test_slices=["slice_3"])`` from ``make_tiny_adata(n_slices=4, n_cells=50)``: train =
   slice_0 and slice_1, val = slice_2, test = slice_3; slices have different cell counts.
 - ``seqfish_path`` / ``bdtnp_path``: the shared real data sets; the test is skipped when absent.
+- :func:`small_slice`: one generated slice as log-normalised expression and positions scaled to
+  unit RMS radius, the units the model works in.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pytest
 import scipy.sparse as sp
 
@@ -25,6 +28,19 @@ from alphastomics.utils.preprocess import SpatialDataPreprocessor
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SEQFISH = SHARED_DATA / "seqfish_embryo" / "seqfish_embryo.h5ad"
 BDTNP = SHARED_DATA / "bdtnp_drosophila" / "bdtnp_drosophila.h5ad"
+
+
+def small_slice(
+    n_cells: int = 600, n_genes: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, G) log-normalised float32 expression and (N, 3) float32 positions, unit RMS radius."""
+    adata = synthetic_tissue(n_cells=n_cells, n_genes=n_genes, n_slices=1, seed=seed)
+    counts = np.asarray(adata.X, dtype=np.float64)
+    expr = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    pos = adata.obsm["ccf"].astype(np.float64)
+    pos -= pos.mean(0)
+    pos /= np.sqrt((pos**2).sum(1).mean() / 3)
+    return expr, pos.astype(np.float32)
 
 
 def make_tiny_adata(

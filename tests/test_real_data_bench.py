@@ -287,5 +287,6 @@ def test_bench_generates_held_out_cells_among_training_cells(
     placed = result["rows"][1]
     assert isinstance(placed["distance_spearman_median"], float)
     assert isinstance(placed["pcc_gene_mean"], float)  # expression imputed among them too
+    assert "neighbour read-out, k=32" in placed["params"]  # the learned read-out imputed it
     assert result["placement"]["overall"]["expr_to_pos"]["n_cells"]["mean"] == 90
     assert result["placement"]["overall"]["pos_to_expr"]["n_cells"]["mean"] == 90

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import small_slice
 from torch.utils.data import DataLoader
 
 from alphastomics.config import load_config
-from alphastomics.datasets import synthetic_tissue
 from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.diffusion_model.trainer import build_trainer
@@ -16,16 +16,6 @@ from alphastomics.utils.dataholder import DataHolder, collate_holders
 from alphastomics.utils.metrics import position_metrics
 
 SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]
-
-
-def _slice(n_cells=600, n_genes=32, seed=0):
-    adata = synthetic_tissue(n_cells=n_cells, n_genes=n_genes, n_slices=1, seed=seed)
-    counts = np.asarray(adata.X, dtype=np.float64)
-    expr = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
-    pos = adata.obsm["ccf"].astype(np.float64)
-    pos -= pos.mean(0)
-    pos /= np.sqrt((pos**2).sum(1).mean() / 3)
-    return expr, pos.astype(np.float32)
 
 
 def _module(expr, overrides):
@@ -38,7 +28,7 @@ def _module(expr, overrides):
 def test_learning_sanity_expr_to_pos():
     """A few hundred CPU steps on one generated slice: loss / 10 and Spearman >= 0.8."""
     torch.manual_seed(0)
-    expr, pos = _slice()
+    expr, pos = small_slice()
     module = _module(expr, ["training_mode=expr_to_pos"])
     holder = DataHolder.from_arrays(expr, pos)
     batch = module.on_after_batch_transfer(holder, 0)
@@ -64,7 +54,7 @@ def test_learning_sanity_expr_to_pos():
     [("expr_to_pos", True, False), ("pos_to_expr", False, True)],
 )
 def test_directional_modes_hold_one_modality_clean(mode, expect_expr_clean, expect_pos_clean):
-    expr, _ = _slice(n_cells=50, n_genes=8)
+    expr, _ = small_slice(n_cells=50, n_genes=8)
     module = _module(expr, [f"training_mode={mode}"])
     clean_expr, clean_pos = module._clean_masks(64)
     assert bool(clean_expr.all()) is expect_expr_clean
@@ -72,7 +62,7 @@ def test_directional_modes_hold_one_modality_clean(mode, expect_expr_clean, expe
 
 
 def test_joint_mode_clean_shares():
-    expr, _ = _slice(n_cells=50, n_genes=8)
+    expr, _ = small_slice(n_cells=50, n_genes=8)
     module = _module(expr, ["training.p_clean_expression=0.3", "training.p_clean_position=0.2"])
     torch.manual_seed(0)
     clean_expr, clean_pos = module._clean_masks(20000)
@@ -87,7 +77,7 @@ def _loader(expr, pos, n_items=4):
 
 
 def test_fit_checkpoint_round_trip(tmp_path):
-    expr, pos = _slice(n_cells=80, n_genes=8)
+    expr, pos = small_slice(n_cells=80, n_genes=8)
     cfg = load_config(overrides=[*SMALL, "training.max_epochs=2", "training.val_every_n_epochs=1"])
     module = AlphaSTomicsModule(cfg, 8, gene_names=[f"g{i}" for i in range(8)])
     trainer = build_trainer(cfg, tmp_path, enable_progress_bar=False)
@@ -105,7 +95,7 @@ def test_fit_checkpoint_round_trip(tmp_path):
 
 
 def test_nonfinite_loss_steps_are_skipped_then_training_stops(tmp_path):
-    expr, pos = _slice(n_cells=40, n_genes=8)
+    expr, pos = small_slice(n_cells=40, n_genes=8)
     bad = expr.copy()
     bad[0, 0] = np.nan
     cfg = load_config(
@@ -147,7 +137,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_seed_everything_gives_identical_training(tmp_path):
-    expr, pos = _slice(n_cells=60, n_genes=8)
+    expr, pos = small_slice(n_cells=60, n_genes=8)
     cfg = load_config(overrides=[*SMALL, "training.max_epochs=2"])
     states = []
     for run in ("a", "b"):
@@ -172,7 +162,7 @@ def test_last_checkpoint_is_throttled_but_always_final(tmp_path, monkeypatch):
         return save(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(trainer_module.AtomicCheckpointIO, "save_checkpoint", counting)
-    expr, pos = _slice(n_cells=40, n_genes=8)
+    expr, pos = small_slice(n_cells=40, n_genes=8)
     cfg = load_config(
         overrides=[*SMALL, "training.max_epochs=4", "training.checkpoint_every_minutes=10"]
     )

@@ -47,6 +47,14 @@ class DiffusionLoss:
     terms: dict[str, Tensor]
     unweighted: dict[str, Tensor] = field(default_factory=dict)
 
+    def with_term(self, name: str, value: Tensor, weight: float) -> DiffusionLoss:
+        """A copy with one more term ``weight * value`` added to ``total``."""
+        return DiffusionLoss(
+            total=self.total + weight * value,
+            terms={**self.terms, name: weight * value},
+            unweighted={**self.unweighted, name: value.detach()},
+        )
+
 
 def _loss_dtype(x: Tensor) -> Tensor:
     # Losses are reduced in at least float32, also under bf16/fp16 autocast.

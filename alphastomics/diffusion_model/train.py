@@ -21,11 +21,12 @@ from torch import Tensor
 
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
+from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_split
 from alphastomics.config import Config, config_to_dict, load_config
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
-from alphastomics.utils.dataholder import DataHolder, apply_mask
+from alphastomics.utils.dataholder import DataHolder, apply_mask, center
 from alphastomics.utils.memory import tune_malloc
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class AlphaSTomicsModule(pl.LightningModule):
             cfg_dict = config_to_dict(cfg)
         else:
             cfg_dict = dict(cfg)
+            # a checkpoint saved before the neighbour read-out existed has no weights for it
+            cfg_dict.setdefault("neighbor_readout", {"n_neighbors": 0})
             cfg = load_config(base=cfg_dict)
         self.cfg: Config = cfg
         self.save_hyperparameters(
@@ -82,6 +85,13 @@ class AlphaSTomicsModule(pl.LightningModule):
             }
         )
         self.model = Denoiser(n_genes=num_genes, n_dims=n_dims, **dataclasses.asdict(cfg.model))
+        self.neighbor_readout = (
+            NeighborReadout(
+                n_genes=num_genes, n_dims=n_dims, n_neighbors=cfg.neighbor_readout.n_neighbors
+            )
+            if cfg.neighbor_readout.n_neighbors > 0 and cfg.training_mode != "expr_to_pos"
+            else None  # expr_to_pos models never impute expression
+        )
         self.noise_model = NoiseModel(
             diffusion_steps=cfg.diffusion.diffusion_steps,
             nu_expression=cfg.diffusion.nu_expression,
@@ -156,7 +166,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             noisy.gene_mask,
         )
         loss_cfg = self.cfg.loss
-        return compute_loss(
+        result = compute_loss(
             out.expression,
             out.positions,
             noisy,
@@ -178,6 +188,44 @@ class AlphaSTomicsModule(pl.LightningModule):
             if loss_cfg.use_distance_matrix
             else None,
         )
+        if self.neighbor_readout is not None:
+            result = result.with_term(
+                "neighbor_mse",
+                self.neighbor_readout_loss(batch, generator),
+                self.cfg.neighbor_readout.loss_weight,
+            )
+        return result
+
+    def neighbor_readout_loss(
+        self, batch: DataHolder, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """MSE of the neighbour read-out on cells hidden from it, over the items of ``batch``.
+
+        Each item hides a region of its cells (:func:`readout_split`) and imputes their
+        standardised expression from the visible cells around them; scored on measured genes.
+        Items with fewer than 2 cells add nothing (the result stays connected to every
+        read-out parameter, so distributed training sees a gradient for each).
+        """
+        readout = self.neighbor_readout
+        assert readout is not None
+        max_queries = self.cfg.neighbor_readout.max_queries
+        sse = sum(p.sum() * 0.0 for p in readout.parameters())
+        count = 0
+        for b in range(batch.batch_size):
+            real = batch.node_mask[b].bool()
+            if int(real.sum()) < 2:
+                continue
+            positions = batch.positions[b][real]  # (n, D)
+            expression = batch.expression[b][real]  # (n, G) standardised
+            queries, references = readout_split(positions, max_queries, generator)
+            predicted = readout(
+                positions[queries], positions[references], expression[references]
+            )  # (Q, G)
+            measured = batch.gene_mask[b].bool()
+            error = (predicted - expression[queries])[:, measured]
+            sse = sse + error.float().square().sum()
+            count += error.numel()
+        return sse / max(count, 1)
 
     def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
         result = self.diffusion_loss(batch)
@@ -218,7 +266,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             return
         if optimizer_closure is not None:
             optimizer_closure()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if grads and not self._all_ranks(finite):
             optimizer.zero_grad(set_to_none=True)
@@ -334,7 +382,9 @@ class AlphaSTomicsModule(pl.LightningModule):
 
         ``known`` (B, N) bool marks cells whose generated modality is given (inpainting, see
         :meth:`DiffusionSampler.sample`). With ``expression_estimate="mean"``, ``pos_to_expr``
-        returns the conditional mean (:meth:`DiffusionSampler.predict_mean`) instead of a draw.
+        returns a point estimate instead of a draw: the conditional mean
+        (:meth:`DiffusionSampler.predict_mean`) without known cells, the neighbour read-out
+        (:meth:`impute_from_neighbors`) with them when the model has one.
 
         Returns
         -------
@@ -353,7 +403,10 @@ class AlphaSTomicsModule(pl.LightningModule):
             warm_start=self.cfg.sampling.warm_start,
             show_progress=show_progress,
         )
-        if mode == "pos_to_expr" and expression_estimate == "mean" and known is None:
+        point_estimate = mode == "pos_to_expr" and expression_estimate == "mean"
+        if point_estimate and known is not None and self.neighbor_readout is not None:
+            return self.impute_from_neighbors(batch, known)
+        if point_estimate and known is None:
             expr_out, pos_out = diffusion_sampler.predict_mean(
                 expr,
                 batch.positions,
@@ -376,11 +429,52 @@ class AlphaSTomicsModule(pl.LightningModule):
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
 
+    @torch.inference_mode()
+    def impute_from_neighbors(self, batch: DataHolder, known: Tensor) -> tuple[Tensor, Tensor]:
+        """Expression of the cells not ``known`` from the known cells around them.
+
+        Parameters
+        ----------
+        batch
+            Log-normalised expression (B, N, G) (read for known cells only) and positions.
+        known
+            (B, N) bool, True for a measured reference cell; each item needs at least one.
+
+        Returns
+        -------
+        (expression, positions)
+            (B, N, G) log-normalised: known cells keep their input, the others are imputed by
+            the neighbour read-out; (B, N, D) positions centred, as :meth:`sample` returns them.
+        """
+        readout = self.neighbor_readout
+        if readout is None:
+            raise ValueError(
+                "this model has no neighbour read-out (neighbor_readout.n_neighbors=0); "
+                "sample with expression_estimate='sample' to inpaint known cells instead"
+            )
+        batch = batch.to(self.device)
+        mask = batch.node_mask.bool()
+        known = known.to(self.device).bool() & mask
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        out = expr.clone()
+        for b in range(batch.batch_size):
+            references, queries = known[b], mask[b] & ~known[b]
+            if not bool(queries.any()):
+                continue
+            if not bool(references.any()):
+                raise ValueError(f"item {b}: known marks no real cell; mark the reference cells")
+            positions = batch.positions[b]
+            out[b, queries] = readout(
+                positions[queries], positions[references], expr[b, references]
+            )
+        expr_out = torch.where(known.unsqueeze(-1), batch.expression, self.unstandardize(out))
+        return apply_mask(expr_out, mask), center(batch.positions, mask)
+
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         train_cfg = self.cfg.training
         optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+            self.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
         )
         total = self._total_steps()
         warmup = min(train_cfg.warmup_steps, max(total // 4, 1))
