@@ -17,6 +17,11 @@ from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
 
 BENCH = Path(__file__).parents[1] / "bench" / "real_data.py"
+IMPUTERS = BENCH.with_name("position_imputers.py")
+MODEL_IMPUTERS = [
+    "model: conditional mean from positions alone",
+    "model: neighbour read-out among the training cells",
+]
 TINY_MODEL = ["model.hidden_dim=16", "model.n_layers=1", "diffusion.diffusion_steps=20"]
 # one_slice_h5ad: hold out 30% of its cells as a slab along z
 Z_SLAB_SPLIT = ["--position_key", "ccf", "--holdout_cells", "0.3", "--split_axis", "z"]
@@ -29,14 +34,18 @@ BASELINE_NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_real_data", BENCH)
+def _load_script(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load_script(BENCH, "bench_real_data")
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +275,7 @@ def test_bdtnp_slab_split_and_knn_baseline(bench: ModuleType, bdtnp_path: Path, 
 
 
 def test_bench_generates_held_out_cells_among_training_cells(
-    bench: ModuleType, one_slice_h5ad: Path, tmp_path: Path
+    bench: ModuleType, one_slice_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "placed"
     result = bench.run(
@@ -290,3 +299,14 @@ def test_bench_generates_held_out_cells_among_training_cells(
     assert "neighbour read-out, k=32" in placed["params"]  # the learned read-out imputed it
     assert result["placement"]["overall"]["expr_to_pos"]["n_cells"]["mean"] == 90
     assert result["placement"]["overall"]["pos_to_expr"]["n_cells"]["mean"] == 90
+
+    # the position-only imputers reference scores the same test cells, and the checkpoint
+    imputers = _load_script(IMPUTERS, "bench_position_imputers")
+    capsys.readouterr()
+    imputers.main(
+        ["--data_dir", str(out / "data"), "--checkpoint", str(out / "run/checkpoints/last.ckpt")]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    names = [row.split(" | ")[0][2:] for row in rows[2:]]
+    assert names == [*imputers.IMPUTERS, *MODEL_IMPUTERS]
+    assert all(-1 <= float(row.split(" | ")[1]) <= 1 for row in rows[2:])
