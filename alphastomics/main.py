@@ -91,6 +91,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["ddim", "ddpm"])
     p.add_argument("--num_samples", type=int, default=1, help="samples per cell (spread reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--measured_key",
+        help="pos_to_expr on an .h5ad: a boolean obs column; cells marked True are measured and "
+        "keep their expression, the others are imputed from them (the neighbour read-out)",
+    )
     p.add_argument("--position_key", help="default: the key used at preprocess time")
     p.add_argument("--slice_key", help="default: the key used at preprocess time")
     p.add_argument("--cell_type_key", help="default: the key used at preprocess time")

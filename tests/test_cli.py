@@ -342,3 +342,89 @@ def test_module_entry_point_and_help():
         check=True,
     )
     assert "--sample_mode" in result.stdout and "--num_samples" in result.stdout
+
+
+def _sample_measured(trained, src: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "sample",
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--input_data",
+            str(src),
+            "--sample_mode",
+            "pos_to_expr",
+            "--output",
+            str(out),
+            "--measured_key",
+            "measured",
+            *extra,
+        ]
+    )
+
+
+def test_sample_imputes_unmeasured_cells_from_measured_ones(trained, tmp_path):
+    adata = ad.read_h5ad(trained["test_h5ad"])
+    measured = np.arange(adata.n_obs) % 3 != 0  # a third of the cells to impute
+    adata.obs["measured"] = measured
+    src = tmp_path / "partly_measured.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "imputed.h5ad"
+    assert _sample_measured(trained, src, out) == 0
+    result = ad.read_h5ad(out)
+    info = result.uns["alphastomics"]
+    assert info["measured_key"] == "measured" and info["n_measured"] == int(measured.sum())
+    assert info["imputed_by"] == "neighbour read-out"
+    imputed = result.layers["alphastomics_expression"]
+    counts = np.asarray(adata.X, dtype=np.float64)
+    log_normalised = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    # measured cells keep their own (log-normalised) expression, the others are imputed
+    np.testing.assert_allclose(imputed[measured], log_normalised[measured], rtol=1e-4, atol=1e-4)
+    assert np.isfinite(imputed).all()
+    assert not np.allclose(imputed[~measured], log_normalised[~measured], atol=1e-3)
+    # an imputed cell lies within the range of the measured cells' expression (an average)
+    lo, hi = log_normalised[measured].min(0), log_normalised[measured].max(0)
+    assert ((imputed[~measured] >= lo - 1e-4) & (imputed[~measured] <= hi + 1e-4)).all()
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing column", "is not an obs column"),
+        ("strings", "must be boolean"),
+        ("none measured", "has no cell with obs['measured'] True"),
+        ("wrong mode", "--measured_key measured marks measured cells for pos_to_expr"),
+    ],
+)
+def test_measured_key_errors_name_the_column_and_write_nothing(
+    trained, tmp_path, capsys, case, fragment
+):
+    adata = ad.read_h5ad(trained["test_h5ad"])
+    if case == "strings":
+        adata.obs["measured"] = ["yes"] * adata.n_obs
+    elif case == "none measured":
+        adata.obs["measured"] = np.zeros(adata.n_obs, dtype=bool)
+    elif case == "wrong mode":
+        adata.obs["measured"] = np.ones(adata.n_obs, dtype=bool)
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(trained["ckpt"]),
+        "--input_data",
+        str(src),
+        "--sample_mode",
+        "expr_to_pos" if case == "wrong mode" else "pos_to_expr",
+        "--output",
+        str(out),
+        "--measured_key",
+        "measured",
+    ]
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert fragment in err and "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".png").exists()

@@ -116,6 +116,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserInputError(f"--input_data {source} must be an .h5ad or .pt file")
     if not source.is_file():
         raise UserInputError(f"--input_data {source} does not exist")
+    if args.measured_key is not None and (
+        args.sample_mode != "pos_to_expr" or source.suffix != ".h5ad"
+    ):
+        raise UserInputError(
+            f"--measured_key {args.measured_key} marks measured cells for pos_to_expr on an "
+            f".h5ad input; got --sample_mode {args.sample_mode} on {source.name}. Drop "
+            "--measured_key, or use --sample_mode pos_to_expr with an .h5ad"
+        )
     output = validate_output(
         args.output or default_output(source, args.sample_mode), source, args.overwrite
     )
@@ -143,6 +151,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             keys=keys,
             min_gene_overlap=args.min_gene_overlap,
             checkpoint=str(args.checkpoint),
+            measured_key=args.measured_key,
             **common,
         )
     log.info("wrote %s", output)

@@ -56,29 +56,57 @@ def _draw(
     steps: int | None,
     num_samples: int,
     seed: int,
+    known: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expression point estimate (N, G), its spread over samples (N, G), positions (K, N, 3).
 
     For ``pos_to_expr`` with ``sampling.expression_estimate: mean`` the point estimate is the
-    conditional mean; otherwise it is the mean of the ``num_samples`` draws.
+    conditional mean (with ``known`` (1, N) measured cells: the neighbour read-out); otherwise
+    it is the mean of the ``num_samples`` draws.
     """
     use_mean = mode == "pos_to_expr" and module.cfg.sampling.expression_estimate == "mean"
     exprs, poss = [], []
     n_draws = num_samples if (num_samples > 1 or not use_mean) else 0
     for k in range(n_draws):
         generator = torch.Generator(device=module.device).manual_seed(seed + k)
-        expr, pos = module.sample(holder, mode, sampler=sampler, steps=steps, generator=generator)
+        expr, pos = module.sample(
+            holder, mode, sampler=sampler, steps=steps, generator=generator, known=known
+        )
         exprs.append(expr[0].cpu().numpy())
         poss.append(pos[0].cpu().numpy())
     if use_mean:
         generator = torch.Generator(device=module.device).manual_seed(seed)
-        point, pos = module.sample(holder, mode, generator=generator, expression_estimate="mean")
+        point, pos = module.sample(
+            holder, mode, generator=generator, expression_estimate="mean", known=known
+        )
         poss = poss or [pos[0].cpu().numpy()]
         point = point[0].cpu().numpy()
     else:
         point = np.mean(exprs, axis=0)
     spread = np.std(exprs, axis=0) if len(exprs) > 1 else np.zeros_like(point)
     return point, spread, np.stack(poss)
+
+
+def measured_cells(adata: ad.AnnData, key: str, source: Path) -> np.ndarray:
+    """(N,) bool ``obs[key]``: a bool column, or 0/1 values; anything else is an error."""
+    if key not in adata.obs:
+        columns = ", ".join(map(str, adata.obs.columns)) or "none"
+        raise UserInputError(
+            f"{source}: --measured_key {key!r} is not an obs column (obs columns: {columns}); "
+            "add a boolean column marking the measured cells"
+        )
+    values = adata.obs[key].to_numpy()
+    if values.dtype == bool:
+        return values
+    numeric = np.asarray(values, dtype=object)
+    if all(isinstance(v, bool | int | float | np.bool_ | np.number) for v in numeric) and set(
+        np.unique(numeric.astype(float))
+    ) <= {0.0, 1.0}:
+        return numeric.astype(float) == 1.0
+    raise UserInputError(
+        f"{source}: obs[{key!r}] must be boolean (True = measured) or 0/1; found values such as "
+        f"{', '.join(map(repr, list(dict.fromkeys(values.tolist()))[:3]))}"
+    )
 
 
 def _aligned_spread(samples: np.ndarray) -> np.ndarray:
@@ -105,9 +133,15 @@ def sample_h5ad(
     keys: dict[str, str | None],
     min_gene_overlap: float,
     checkpoint: str,
+    measured_key: str | None = None,
 ) -> ad.AnnData:
-    """Sample every slice of an .h5ad and write the result (see spec §3) atomically."""
+    """Sample every slice of an .h5ad and write the result (see spec §3) atomically.
+
+    ``measured_key`` (``pos_to_expr`` only) names a boolean ``obs`` column: those cells keep
+    their expression and the others of their slice are imputed from them.
+    """
     adata = read_h5ad(input_path)
+    measured = None if measured_key is None else measured_cells(adata, measured_key, input_path)
     genes = list(module.hparams["gene_names"])
     present = set(map(str, adata.var_names))
     missing = [g for g in genes if g not in present]
@@ -154,6 +188,14 @@ def sample_h5ad(
             piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
         )
         holder = DataHolder.from_arrays(piece.expression, positions, gene_mask=piece.gene_mask)
+        known = None
+        if measured is not None:
+            known = torch.from_numpy(measured[piece.obs_indices]).unsqueeze(0)
+            if not bool(known.any()):
+                raise UserInputError(
+                    f"{input_path}: slice {piece.name!r} has no cell with obs[{measured_key!r}] "
+                    "True; every slice needs measured cells to impute the others from"
+                )
         expr_point, expr_spread, pos_k = _draw(
             module,
             holder,
@@ -162,6 +204,7 @@ def sample_h5ad(
             steps=steps,
             num_samples=num_samples,
             seed=seed + 1000 * k,
+            known=known,
         )
         scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
         center = piece.center if has_pos else np.zeros(3)
@@ -185,6 +228,15 @@ def sample_h5ad(
         "missing_gene_share": 1 - share,
         "expression_estimate": module.cfg.sampling.expression_estimate,
     }
+    if measured is not None:
+        meta["measured_key"] = measured_key
+        meta["n_measured"] = int(measured.sum())
+        meta["imputed_by"] = (
+            "neighbour read-out"
+            if module.neighbor_readout is not None
+            and module.cfg.sampling.expression_estimate == "mean"
+            else "inpainting"
+        )
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     result.uns["alphastomics"] = meta
     atomic_write(output_path, lambda tmp: result.write_h5ad(tmp))
