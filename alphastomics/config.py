@@ -264,6 +264,18 @@ def load_config(
         ) from err
 
 
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config dict, completed for this version without changing its model.
+
+    Sections added since the checkpoint was written get the values that rebuild the model it
+    holds weights for, not today's defaults: a config without ``neighbor_readout`` predates the
+    read-out, so it has ``n_neighbors: 0``.
+    """
+    upgraded = dict(saved)
+    upgraded.setdefault("neighbor_readout", {"n_neighbors": 0})
+    return upgraded
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of ``cfg`` (for YAML, JSON and checkpoints)."""
     return dataclasses.asdict(cfg)

@@ -394,6 +394,8 @@ def test_sample_imputes_unmeasured_cells_from_measured_ones(trained, tmp_path):
         ("strings", "must be boolean"),
         ("none measured", "has no cell with obs['measured'] True"),
         ("wrong mode", "--measured_key measured marks measured cells for pos_to_expr"),
+        ("draws", "--num_samples 2 with --measured_key"),
+        ("few genes", "--min_gene_overlap"),
     ],
 )
 def test_measured_key_errors_name_the_column_and_write_nothing(
@@ -404,8 +406,11 @@ def test_measured_key_errors_name_the_column_and_write_nothing(
         adata.obs["measured"] = ["yes"] * adata.n_obs
     elif case == "none measured":
         adata.obs["measured"] = np.zeros(adata.n_obs, dtype=bool)
-    elif case == "wrong mode":
+    elif case in ("wrong mode", "draws"):
         adata.obs["measured"] = np.ones(adata.n_obs, dtype=bool)
+    elif case == "few genes":
+        adata = adata[:, :2].copy()
+        adata.obs["measured"] = np.arange(adata.n_obs) % 2 == 0
     src = tmp_path / "in.h5ad"
     adata.write_h5ad(src)
     out = tmp_path / "out.h5ad"
@@ -421,6 +426,7 @@ def test_measured_key_errors_name_the_column_and_write_nothing(
         str(out),
         "--measured_key",
         "measured",
+        *(["--num_samples", "2"] if case == "draws" else []),
     ]
     capsys.readouterr()
     code = main(argv)

@@ -10,6 +10,7 @@ from alphastomics.attn_model.neighbor_readout import (
     readout_split,
 )
 from alphastomics.config import load_config
+from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
@@ -146,6 +147,24 @@ def test_imputation_keeps_known_cells_and_fills_the_rest():
     assert torch.allclose(out[0, :80], torch.from_numpy(expr[:80]), atol=1e-5)
     assert torch.isfinite(out).all() and not torch.allclose(out[0, 80:], out[0, 79])
     assert torch.allclose(positions.mean(dim=1), torch.zeros(1, 3), atol=1e-5)
+    # genes the item did not measure come from the conditional mean, in every cell
+    gene_mask = np.ones(8, dtype=bool)
+    gene_mask[[2, 5]] = False
+    partial = DataHolder.from_arrays(expr, pos, gene_mask=gene_mask)
+    generator = torch.Generator().manual_seed(0)
+    out, _ = module.sample(
+        partial, "pos_to_expr", known=known, expression_estimate="mean", generator=generator
+    )
+    mean, _ = module.sample(
+        partial,
+        "pos_to_expr",
+        expression_estimate="mean",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.allclose(out[0, :, [2, 5]], mean[0, :, [2, 5]], atol=1e-5)
+    assert torch.allclose(
+        out[0, :80][:, gene_mask], torch.from_numpy(expr[:80][:, gene_mask]), atol=1e-5
+    )
     with pytest.raises(ValueError, match="known marks no real cell"):
         module.impute_from_neighbors(holder, torch.zeros(1, 120, dtype=torch.bool))
 
@@ -163,5 +182,26 @@ def test_models_without_a_readout():
     saved = off.hparams["cfg"]
     saved.pop("neighbor_readout")
     assert AlphaSTomicsModule(saved, 8).neighbor_readout is None
+
+
+def test_a_checkpoint_from_before_the_readout_loads_and_samples(tmp_path):
+    expr, pos = small_slice(60, 8)
+    old = _module(expr, ["neighbor_readout.n_neighbors=0"])
+    hparams = dict(old.hparams)
+    hparams["cfg"] = {k: v for k, v in hparams["cfg"].items() if k != "neighbor_readout"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": old.state_dict()}, path)
+    loaded = load_module(path)
+    assert loaded.neighbor_readout is None and loaded.cfg.neighbor_readout.n_neighbors == 0
+    known = torch.zeros(1, 60, dtype=torch.bool)
+    known[0, :40] = True
+    out, _ = loaded.sample(
+        DataHolder.from_arrays(expr, pos),
+        "pos_to_expr",
+        known=known,
+        steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.isfinite(out).all()  # inpainting, as before the read-out
     with pytest.raises(UserInputError, match=r"neighbor_readout\.loss_weight"):
         load_config(overrides=["neighbor_readout.loss_weight=0"])

@@ -52,28 +52,42 @@ def readout_split(
     ----------
     positions
         (N, D) positions of the item's real cells, N >= 2.
+    max_queries
+        Most hidden cells returned.
+    generator
+        Random source; its draws are made on its own device (a CUDA generator works).
+
+    Returns
+    -------
+    (queries, references)
+        (Q,) and (R,) long indices on ``positions.device``, disjoint, Q >= 1 and R >= 1.
     """
     n, device = positions.shape[0], positions.device
+    draw_device = generator.device if generator is not None else device
 
     def uniform(low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator))
+        return low + (high - low) * float(torch.rand((), generator=generator, device=draw_device))
 
-    if float(torch.rand((), generator=generator)) < 0.5:
-        direction = torch.randn(positions.shape[1], generator=generator).to(positions)
-        rank = torch.argsort(torch.argsort(positions @ direction))  # (N,) 0 .. N-1
+    def random_index(size: int) -> int:
+        return int(torch.randint(size, (1,), generator=generator, device=draw_device).item())
+
+    if uniform(0.0, 1.0) < 0.5:
+        direction = torch.randn(positions.shape[1], generator=generator, device=draw_device)
+        rank = torch.argsort(torch.argsort(positions @ direction.to(positions)))  # (N,) 0..N-1
         width = max(1, round(uniform(0.05, 0.3) * n))
         start = round(uniform(0.0, 1.0) * (n - width))
         hidden = (rank >= start) & (rank < start + width)
     else:
-        hidden = torch.rand(n, generator=generator).to(device) < uniform(0.1, 0.6)
+        draws = torch.rand(n, generator=generator, device=draw_device).to(device)  # (N,)
+        hidden = draws < uniform(0.1, 0.6)
     if not bool(hidden.any()):  # at least one query
-        hidden[torch.randint(n, (1,), generator=generator).item()] = True
+        hidden[random_index(n)] = True
     if bool(hidden.all()):
-        hidden[torch.randint(n, (1,), generator=generator).item()] = False  # one reference
+        hidden[random_index(n)] = False  # and one reference
     queries = torch.nonzero(hidden).squeeze(1)
     if queries.numel() > max_queries:
-        keep = torch.randperm(queries.numel(), generator=generator)[:max_queries]
-        queries = queries[keep.to(device)]
+        keep = torch.randperm(queries.numel(), generator=generator, device=draw_device)
+        queries = queries[keep[:max_queries].to(device)]
     return queries, torch.nonzero(~hidden).squeeze(1)
 
 

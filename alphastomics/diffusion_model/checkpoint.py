@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alphastomics import __version__
-from alphastomics.config import Config, load_config
+from alphastomics.config import Config, load_config, upgrade_saved_config
 from alphastomics.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> Config:
     if not isinstance(hp["cfg"], dict):
         raise UserInputError(f"{path} holds no config dict; the file is damaged or was edited")
     try:
-        return load_config(base=hp["cfg"])
+        return load_config(base=upgrade_saved_config(hp["cfg"]))
     except UserInputError as err:
         reason = str(err).split(". See `alphastomics", 1)[0]
         raise UserInputError(

@@ -22,7 +22,7 @@ from torch import Tensor
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_split
-from alphastomics.config import Config, config_to_dict, load_config
+from alphastomics.config import Config, config_to_dict, load_config, upgrade_saved_config
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
@@ -67,9 +67,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         if isinstance(cfg, Config):
             cfg_dict = config_to_dict(cfg)
         else:
-            cfg_dict = dict(cfg)
-            # a checkpoint saved before the neighbour read-out existed has no weights for it
-            cfg_dict.setdefault("neighbor_readout", {"n_neighbors": 0})
+            cfg_dict = upgrade_saved_config(cfg)  # e.g. hparams of an older checkpoint
             cfg = load_config(base=cfg_dict)
         self.cfg: Config = cfg
         self.save_hyperparameters(
@@ -392,20 +390,12 @@ class AlphaSTomicsModule(pl.LightningModule):
             (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
         """
         tune_malloc()  # see alphastomics.utils.memory; once per process
-        batch = batch.to(self.device)
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
-        diffusion_sampler = DiffusionSampler(
-            self.model,
-            self.noise_model,
-            sampler=sampler or self.cfg.sampling.sampler,
-            steps=steps or self.cfg.sampling.steps,
-            eta=self.cfg.sampling.eta,
-            warm_start=self.cfg.sampling.warm_start,
-            show_progress=show_progress,
-        )
         point_estimate = mode == "pos_to_expr" and expression_estimate == "mean"
         if point_estimate and known is not None and self.neighbor_readout is not None:
-            return self.impute_from_neighbors(batch, known)
+            return self.impute_from_neighbors(batch, known, generator=generator)
+        batch = batch.to(self.device)
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        diffusion_sampler = self._sampler(sampler, steps, show_progress)
         if point_estimate and known is None:
             expr_out, pos_out = diffusion_sampler.predict_mean(
                 expr,
@@ -429,9 +419,28 @@ class AlphaSTomicsModule(pl.LightningModule):
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
 
+    def _sampler(
+        self, sampler: Literal["ddim", "ddpm"] | None, steps: int | None, show_progress: bool
+    ) -> DiffusionSampler:
+        return DiffusionSampler(
+            self.model,
+            self.noise_model,
+            sampler=sampler or self.cfg.sampling.sampler,
+            steps=steps or self.cfg.sampling.steps,
+            eta=self.cfg.sampling.eta,
+            warm_start=self.cfg.sampling.warm_start,
+            show_progress=show_progress,
+        )
+
     @torch.inference_mode()
-    def impute_from_neighbors(self, batch: DataHolder, known: Tensor) -> tuple[Tensor, Tensor]:
+    def impute_from_neighbors(
+        self, batch: DataHolder, known: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Expression of the cells not ``known`` from the known cells around them.
+
+        Genes an item did not measure (``gene_mask`` False) cannot be read from its known
+        cells: for those, every cell gets the conditional mean from positions
+        (:meth:`DiffusionSampler.predict_mean`, drawn from ``generator``).
 
         Parameters
         ----------
@@ -443,8 +452,9 @@ class AlphaSTomicsModule(pl.LightningModule):
         Returns
         -------
         (expression, positions)
-            (B, N, G) log-normalised: known cells keep their input, the others are imputed by
-            the neighbour read-out; (B, N, D) positions centred, as :meth:`sample` returns them.
+            (B, N, G) log-normalised: known cells keep their measured genes, the others are
+            imputed by the neighbour read-out; (B, N, D) positions centred, as :meth:`sample`
+            returns them.
         """
         readout = self.neighbor_readout
         if readout is None:
@@ -468,6 +478,17 @@ class AlphaSTomicsModule(pl.LightningModule):
                 positions[queries], positions[references], expr[b, references]
             )
         expr_out = torch.where(known.unsqueeze(-1), batch.expression, self.unstandardize(out))
+        unmeasured = ~batch.gene_mask.bool()  # (B, G)
+        if bool(unmeasured.any()):
+            mean, _ = self._sampler(None, None, False).predict_mean(
+                expr,
+                batch.positions,
+                mask,
+                "pos_to_expr",
+                gene_mask=batch.gene_mask,
+                generator=generator,
+            )
+            expr_out = torch.where(unmeasured.unsqueeze(1), self.unstandardize(mean), expr_out)
         return apply_mask(expr_out, mask), center(batch.positions, mask)
 
     # ------------------------------------------------------------------ optimiser

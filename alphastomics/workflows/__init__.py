@@ -124,6 +124,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f".h5ad input; got --sample_mode {args.sample_mode} on {source.name}. Drop "
             "--measured_key, or use --sample_mode pos_to_expr with an .h5ad"
         )
+    if args.measured_key is not None and args.num_samples > 1:
+        raise UserInputError(
+            f"--num_samples {args.num_samples} with --measured_key: imputing from measured cells "
+            "gives one point estimate, not draws; drop --num_samples"
+        )
     output = validate_output(
         args.output or default_output(source, args.sample_mode), source, args.overwrite
     )

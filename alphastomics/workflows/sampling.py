@@ -146,7 +146,8 @@ def sample_h5ad(
     present = set(map(str, adata.var_names))
     missing = [g for g in genes if g not in present]
     share = 1 - len(missing) / len(genes)
-    if mode != "pos_to_expr" and share < min_gene_overlap:
+    reads_expression = mode != "pos_to_expr" or measured_key is not None
+    if reads_expression and share < min_gene_overlap:
         raise UserInputError(
             f"{input_path} has only {len(genes) - len(missing)} of the checkpoint's {len(genes)} "
             f"genes ({share:.0%} < --min_gene_overlap {min_gene_overlap:.0%}); check that var_names "
