@@ -183,28 +183,28 @@ def test_sample_h5ad_every_mode(trained, tmp_path, mode):
     assert out.with_suffix(".png").is_file()
 
 
+def _sample_argv(trained, src: Path, out: Path, mode: str, *extra: str) -> list[str]:
+    return [
+        "sample",
+        "--checkpoint",
+        str(trained["ckpt"]),
+        "--input_data",
+        str(src),
+        "--sample_mode",
+        mode,
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
 def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
     adata = ad.read_h5ad(trained["test_h5ad"])
     shuffled = adata[:, list(reversed(adata.var_names))[:-2]].copy()  # reordered, 2 genes missing
     src = tmp_path / "shuffled.h5ad"
     shuffled.write_h5ad(src)
     out = tmp_path / "out.h5ad"
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--input_data",
-                str(src),
-                "--sample_mode",
-                "expr_to_pos",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_sample_argv(trained, src, out, "expr_to_pos")) == 0
     info = ad.read_h5ad(out).uns["alphastomics"]
     assert len(info["missing_genes"]) == 2
     assert info["missing_gene_share"] == pytest.approx(2 / adata.n_vars)
@@ -225,22 +225,7 @@ def test_sample_pt_round_trip(trained, tmp_path):
         src,
     )
     out = tmp_path / "out.pt"
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--input_data",
-                str(src),
-                "--sample_mode",
-                "expr_to_pos",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_sample_argv(trained, src, out, "expr_to_pos")) == 0
     result = torch.load(out, weights_only=False)
     assert result["positions"].shape == (1, len(arrays["positions"]), 3)
     assert result["mode"] == "expr_to_pos"
@@ -344,25 +329,6 @@ def test_module_entry_point_and_help():
     assert "--sample_mode" in result.stdout and "--num_samples" in result.stdout
 
 
-def _sample_measured(trained, src: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "sample",
-            "--checkpoint",
-            str(trained["ckpt"]),
-            "--input_data",
-            str(src),
-            "--sample_mode",
-            "pos_to_expr",
-            "--output",
-            str(out),
-            "--measured_key",
-            "measured",
-            *extra,
-        ]
-    )
-
-
 def test_sample_imputes_unmeasured_cells_from_measured_ones(trained, tmp_path):
     adata = ad.read_h5ad(trained["test_h5ad"])
     measured = np.arange(adata.n_obs) % 3 != 0  # a third of the cells to impute
@@ -370,7 +336,7 @@ def test_sample_imputes_unmeasured_cells_from_measured_ones(trained, tmp_path):
     src = tmp_path / "partly_measured.h5ad"
     adata.write_h5ad(src)
     out = tmp_path / "imputed.h5ad"
-    assert _sample_measured(trained, src, out) == 0
+    assert main(_sample_argv(trained, src, out, "pos_to_expr", "--measured_key", "measured")) == 0
     result = ad.read_h5ad(out)
     info = result.uns["alphastomics"]
     assert info["measured_key"] == "measured" and info["n_measured"] == int(measured.sum())
@@ -414,20 +380,9 @@ def test_measured_key_errors_name_the_column_and_write_nothing(
     src = tmp_path / "in.h5ad"
     adata.write_h5ad(src)
     out = tmp_path / "out.h5ad"
-    argv = [
-        "sample",
-        "--checkpoint",
-        str(trained["ckpt"]),
-        "--input_data",
-        str(src),
-        "--sample_mode",
-        "expr_to_pos" if case == "wrong mode" else "pos_to_expr",
-        "--output",
-        str(out),
-        "--measured_key",
-        "measured",
-        *(["--num_samples", "2"] if case == "draws" else []),
-    ]
+    mode = "expr_to_pos" if case == "wrong mode" else "pos_to_expr"
+    draws = ["--num_samples", "2"] if case == "draws" else []
+    argv = _sample_argv(trained, src, out, mode, "--measured_key", "measured", *draws)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
