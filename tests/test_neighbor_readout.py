@@ -13,7 +13,7 @@ from alphastomics.config import load_config
 from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder
+from alphastomics.utils.dataholder import DataHolder, collate_holders
 
 SMALL = ["model.hidden_dim=32", "model.n_layers=1", "diffusion.diffusion_steps=50"]
 
@@ -205,3 +205,31 @@ def test_a_checkpoint_from_before_the_readout_loads_and_samples(tmp_path):
     assert torch.isfinite(out).all()  # inpainting, as before the read-out
     with pytest.raises(UserInputError, match=r"neighbor_readout\.loss_weight"):
         load_config(overrides=["neighbor_readout.loss_weight=0"])
+
+
+def test_readout_loss_over_a_padded_batch_never_reads_padding():
+    expr, pos = small_slice(120, 8)
+    module = _module(expr)
+    gene_mask = np.ones(8, dtype=bool)
+    gene_mask[3] = False  # the second item did not measure gene 3
+    items = [
+        DataHolder.from_arrays(expr[:70], pos[:70]),
+        DataHolder.from_arrays(expr[70:], pos[70:], gene_mask=gene_mask),
+    ]
+    batch = module.on_after_batch_transfer(collate_holders(items), 0)
+    padded = ~batch.node_mask.unsqueeze(-1)  # (B, N, 1): 20 padded rows in item 0
+    garbage = batch.replace(
+        expression=torch.where(padded, torch.full_like(batch.expression, 1e6), batch.expression),
+        positions=torch.where(padded, torch.full_like(batch.positions, -1e3), batch.positions),
+    )
+    clean = module.neighbor_readout_loss(batch, torch.Generator().manual_seed(4))
+    noisy = module.neighbor_readout_loss(garbage, torch.Generator().manual_seed(4))
+    assert torch.isfinite(clean) and torch.equal(clean, noisy)
+    # an unmeasured gene's (zero) values are not scored: changing them changes nothing
+    unmeasured = batch.expression.clone()
+    unmeasured[1, :, 3] = 5.0
+    changed = module.neighbor_readout_loss(
+        batch.replace(expression=unmeasured), torch.Generator().manual_seed(4)
+    )
+    scored = module.neighbor_readout_loss(batch, torch.Generator().manual_seed(4))
+    assert torch.isfinite(scored) and torch.equal(changed, scored)
