@@ -585,11 +585,9 @@ def evaluate_placement(
 
 def _placement_readout(module: Any) -> str:
     """How ``pos_to_expr`` among known cells is read out, for the table."""
-    if module.cfg.sampling.expression_estimate != "mean":
-        return "pos_to_expr: inpainted draw"
-    if module.neighbor_readout is None:
-        return "pos_to_expr: inpainted draw (no neighbour read-out)"
-    return f"pos_to_expr: neighbour read-out, k={module.cfg.neighbor_readout.n_neighbors}"
+    if module.imputes_from_neighbors:
+        return f"pos_to_expr: neighbour read-out, k={module.cfg.neighbor_readout.n_neighbors}"
+    return "pos_to_expr: inpainted draw"
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -419,6 +419,14 @@ class AlphaSTomicsModule(pl.LightningModule):
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
 
+    @property
+    def imputes_from_neighbors(self) -> bool:
+        """Whether ``pos_to_expr`` with known cells and the configured ``expression_estimate``
+        uses the neighbour read-out (else it inpaints a reverse-process draw)."""
+        return self.neighbor_readout is not None and (
+            self.cfg.sampling.expression_estimate == "mean"
+        )
+
     def _sampler(
         self, sampler: Literal["ddim", "ddpm"] | None, steps: int | None, show_progress: bool
     ) -> DiffusionSampler:

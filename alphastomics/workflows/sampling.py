@@ -232,12 +232,7 @@ def sample_h5ad(
     if measured is not None:
         meta["measured_key"] = measured_key
         meta["n_measured"] = int(measured.sum())
-        meta["imputed_by"] = (
-            "neighbour read-out"
-            if module.neighbor_readout is not None
-            and module.cfg.sampling.expression_estimate == "mean"
-            else "inpainting"
-        )
+        meta["imputed_by"] = "neighbour read-out" if module.imputes_from_neighbors else "inpainting"
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     result.uns["alphastomics"] = meta
     atomic_write(output_path, lambda tmp: result.write_h5ad(tmp))
