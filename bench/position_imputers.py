@@ -27,6 +27,7 @@ from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import expression_metrics
 
 Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # positions, expression, gene mask
 
 
 def _sklearn(make: Callable[[], object]) -> Imputer:
@@ -56,7 +57,7 @@ IMPUTERS: dict[str, Imputer] = {
 }
 
 
-def _concat(store: ProcessedStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _concat(store: ProcessedStore, split: str) -> Entries:
     parts = [store.load_slice(i) for i in store.slice_indices(split)]  # type: ignore[arg-type]
     return (
         np.concatenate([np.asarray(p["positions"]) for p in parts]),
@@ -65,13 +66,14 @@ def _concat(store: ProcessedStore, split: str) -> tuple[np.ndarray, np.ndarray, 
     )
 
 
-def _model_rows(checkpoint: str, store: ProcessedStore) -> dict[str, tuple[np.ndarray, float]]:
+def _model_rows(
+    checkpoint: str, train: Entries, test: Entries
+) -> dict[str, tuple[np.ndarray, float]]:
     """The checkpoint's two point estimates on the concatenated test entries, with seconds."""
     from alphastomics.diffusion_model.checkpoint import load_module
 
     module = load_module(checkpoint).eval()
-    train_pos, train_expr, _ = _concat(store, "train")
-    test_pos, test_expr, gene_mask = _concat(store, "test")
+    (train_pos, train_expr, _), (test_pos, test_expr, gene_mask) = train, test
     rows = {}
     start = time.perf_counter()
     alone = DataHolder.from_arrays(test_expr, test_pos, gene_mask=gene_mask)
@@ -106,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", help="also score this checkpoint's point estimates")
     args = parser.parse_args(argv)
     store = ProcessedStore(args.data_dir)
-    train_pos, train_expr, _ = _concat(store, "train")
-    test_pos, test_expr, gene_mask = _concat(store, "test")
+    train, test = _concat(store, "train"), _concat(store, "test")
+    (train_pos, train_expr, _), (test_pos, test_expr, gene_mask) = train, test
     print(f"{len(train_pos)} training cells, {len(test_pos)} test cells\n")
     print("| imputer | gene PCC mean | gene PCC median | seconds |\n| --- | --- | --- | --- |")
     predictions: dict[str, tuple[np.ndarray, float]] = {}
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pred = impute(train_pos, train_expr, test_pos)
         predictions[name] = (pred, time.perf_counter() - start)
     if args.checkpoint:
-        predictions.update(_model_rows(args.checkpoint, store))
+        predictions.update(_model_rows(args.checkpoint, train, test))
     for name, (pred, seconds) in predictions.items():
         scores = expression_metrics(test_expr, pred, gene_mask=gene_mask)
         print(

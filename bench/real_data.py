@@ -456,13 +456,12 @@ def train_model(
 
 
 def evaluate_model(
-    args: argparse.Namespace, checkpoint: Path, data_dir: Path, eval_dir: Path
+    args: argparse.Namespace, module: Any, checkpoint: Path, data_dir: Path, eval_dir: Path
 ) -> dict[str, Any]:
-    """Score ``checkpoint`` on the test entries with ``run_evaluation``, once per seed."""
-    from alphastomics.diffusion_model.checkpoint import load_module
+    """Score ``module`` (loaded from ``checkpoint``) on the test entries with
+    ``run_evaluation``, once per seed."""
     from alphastomics.workflows.evaluate import run_evaluation
 
-    module = load_module(checkpoint, map_location=_device(args.device))
     runs = []
     for s in range(args.num_seeds):
         seed = args.seed + SEED_STRIDE * s
@@ -503,7 +502,7 @@ def evaluate_model(
 
 
 def evaluate_placement(
-    args: argparse.Namespace, checkpoint: Path, data_dir: Path
+    args: argparse.Namespace, module: Any, checkpoint: Path, data_dir: Path
 ) -> dict[str, Any] | None:
     """Score each test entry's cells in the context of the training cells of its slice.
 
@@ -513,13 +512,10 @@ def evaluate_placement(
     (the two kNN baselines use the training cells in the same way). Scored on the test cells
     only, with the same metrics as every other row. ``None`` for slice-level splits.
     """
-    from alphastomics.diffusion_model.checkpoint import load_module
-
     store = ProcessedStore(data_dir)
     meta = store.metadata
     if meta["split"]["by"] != "cells":
         return None
-    module = load_module(checkpoint, map_location=_device(args.device))
     scores: dict[str, list[dict[str, Any]]] = {"expr_to_pos": [], "pos_to_expr": []}
     weights: list[int] = []
     seconds = 0.0
@@ -801,8 +797,11 @@ def _run(
             checkpoint, training_seconds = train_model(
                 args, overrides, data_dir, output_dir / "run"
             )
-        model = evaluate_model(args, checkpoint, data_dir, output_dir / "model_eval")
-        placement = evaluate_placement(args, checkpoint, data_dir)
+        from alphastomics.diffusion_model.checkpoint import load_module
+
+        module = load_module(checkpoint, map_location=_device(args.device))
+        model = evaluate_model(args, module, checkpoint, data_dir, output_dir / "model_eval")
+        placement = evaluate_placement(args, module, checkpoint, data_dir)
         result["placement"] = placement
     rows = [_baseline_row(b) for b in baselines]
     if model is not None:
