@@ -313,13 +313,10 @@ class NoiseModel(nn.Module):
             else expression
         )
         # clean positions (step 0) keep their frame: the denoiser reads where the item lies
-        noisy_positions = torch.where(
-            (step_p == 0).view(-1, 1, 1),
-            apply_mask(data.positions, mask),
-            self._noised("position", positions, step_p, eps_position, mask, generator)
-            if noise_position
-            else positions,
-        )
+        noisy_positions = apply_mask(data.positions, mask)
+        if noise_position:
+            noised = self._noised("position", positions, step_p, eps_position, mask, generator)
+            noisy_positions = torch.where((step_p == 0).view(-1, 1, 1), noisy_positions, noised)
 
         return data.replace(
             expression=expression,
