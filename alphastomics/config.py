@@ -33,6 +33,7 @@ class LossConfig:
     lambda_expression: float = 1.0
     lambda_position: float = 1.0
     use_distance_matrix: bool = True
+    align_rotation: bool = False
     exact_distance_max_cells: int = 3000
     n_neighbor_pairs: int = 16
     n_random_pairs: int = 48
@@ -48,6 +49,7 @@ class ModelConfig:
     fourier_scale: float = 1.0
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    local_neighbors: int = 16
 
 
 @dataclass
@@ -97,7 +99,8 @@ class TrainingConfig:
     accelerator: str = "auto"
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
     log_every_n_steps: int = 10
-    val_every_n_epochs: int = 5
+    val_every_n_epochs: int | None = None
+    val_every_minutes: float | None = None
     val_sample_steps: int = 20
     val_max_slices: int = 2
     max_consecutive_nonfinite: int = 10
@@ -163,6 +166,7 @@ def _check(cfg: Config) -> None:
         (cfg.model.ff_mult >= 1, "model.ff_mult must be >= 1"),
         (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.model.local_neighbors >= 0, "model.local_neighbors must be >= 0"),
         (cfg.neighbor_readout.n_neighbors >= 0, "neighbor_readout.n_neighbors must be >= 0"),
         (
             cfg.neighbor_readout.n_neighbors == 0 or cfg.neighbor_readout.loss_weight > 0,
@@ -193,7 +197,14 @@ def _check(cfg: Config) -> None:
             "training.p_clean_expression + training.p_clean_position must be <= 1",
         ),
         (0 < cfg.training.ema_decay < 1, "training.ema_decay must be in (0, 1)"),
-        (cfg.training.val_every_n_epochs >= 1, "training.val_every_n_epochs must be >= 1"),
+        (
+            cfg.training.val_every_n_epochs is None or cfg.training.val_every_n_epochs >= 1,
+            "training.val_every_n_epochs must be null or >= 1",
+        ),
+        (
+            cfg.training.val_every_minutes is None or cfg.training.val_every_minutes > 0,
+            "training.val_every_minutes must be null or > 0",
+        ),
         (cfg.training.val_sample_steps >= 1, "training.val_sample_steps must be >= 1"),
         (
             cfg.training.max_consecutive_nonfinite >= 1,
@@ -267,12 +278,16 @@ def load_config(
 def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's saved config dict, completed for this version without changing its model.
 
-    Sections added since the checkpoint was written get the values that rebuild the model it
-    holds weights for, not today's defaults: a config without ``neighbor_readout`` predates the
-    read-out, so it has ``n_neighbors: 0``.
+    Sections and keys added since the checkpoint was written get the values that rebuild the
+    model it holds weights for, not today's defaults: a config without ``neighbor_readout``
+    predates the read-out, so it has ``n_neighbors: 0``; one without ``model.local_neighbors``
+    predates local attention, so it has 0.
     """
     upgraded = dict(saved)
     upgraded.setdefault("neighbor_readout", {"n_neighbors": 0})
+    model = dict(upgraded.get("model") or {})
+    model.setdefault("local_neighbors", 0)  # written before local attention existed
+    upgraded["model"] = model
     return upgraded
 
 

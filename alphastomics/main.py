@@ -43,7 +43,13 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--val_slices", nargs="+", help="slice names held out for validation")
     p.add_argument("--test_slices", nargs="+", help="slice names held out for testing")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of slices for validation")
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=None,
+        help="share of slices for validation (default: 0.1 when at least 5 slices are left to "
+        "train on, else none; 0.1 of the cells of a single slice)",
+    )
     p.add_argument("--test_fraction", type=float, default=0.1, help="share of slices for testing")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")

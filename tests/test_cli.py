@@ -389,3 +389,25 @@ def test_measured_key_errors_name_the_column_and_write_nothing(
     assert code == 2, err
     assert fragment in err and "Traceback" not in err
     assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_2d_data_is_modelled_and_written_back_in_2d(tmp_path):
+    # 2D in, 2D out: the store, the model and every sampled layout have 2 columns, no invented z
+    adata = make_tiny_adata(n_slices=3, n_cells=40, n_dims=2)
+    h5ad = tmp_path / "flat.h5ad"
+    adata.write_h5ad(h5ad)
+    store, run = tmp_path / "store", tmp_path / "run"
+    argv = ["preprocess", "--input", h5ad, "--output_dir", store, "--test_slices", "slice_2"]
+    assert main([str(a) for a in argv]) == 0
+    assert json.loads((store / "metadata.json").read_text())["n_dims"] == 2
+    assert np.load(store / "slices" / "0" / "positions.npy").shape[1] == 2
+    assert main(["train", "--data_dir", str(store), "--output_dir", str(run), *TINY]) == 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["n_dims"] == 2
+    for mode, key in (("expr_to_pos", "alphastomics_positions"), ("joint", "spatial")):
+        out = tmp_path / f"{mode}.h5ad"
+        argv = ["sample", "--checkpoint", ckpt, "--input_data", h5ad, "--sample_mode", mode]
+        assert main([str(a) for a in [*argv, "--output", out]]) == 0
+        positions = ad.read_h5ad(out).obsm[key]
+        assert positions.shape == (adata.n_obs, 2), mode
+        assert np.isfinite(positions).all()

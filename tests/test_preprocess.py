@@ -318,6 +318,22 @@ def test_split_by_seeded_fractions(
     ]
 
 
+@pytest.mark.parametrize(
+    ("n_slices", "test_slices", "sizes"),
+    [
+        (3, ["slice_0"], (2, 0, 1)),  # few slices: all but the test slice train
+        (6, ["slice_0", "slice_1"], (4, 0, 2)),
+        (7, ["slice_0"], (5, 1, 1)),  # enough slices: one validates
+    ],
+)
+def test_default_split_never_starves_training(
+    tmp_path: Path, n_slices: int, test_slices: list[str], sizes: tuple
+) -> None:
+    path = write_h5ad(make_tiny_adata(n_slices=n_slices, n_cells=12), tmp_path / "a.h5ad")
+    split = _run([path], tmp_path / "out", test_slices=test_slices)["split"]
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == sizes
+
+
 def test_single_slice_splits_cells(tmp_path: Path) -> None:
     adata = make_tiny_adata(n_slices=1, n_cells=100)
     out = tmp_path / "out"

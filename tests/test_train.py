@@ -171,3 +171,17 @@ def test_last_checkpoint_is_throttled_but_always_final(tmp_path, monkeypatch):
     trainer.fit(module, _loader(expr, pos))
     last_writes = [step for name, step in writes if name == "last.ckpt"]
     assert last_writes == [8]  # 4 epochs of 2 steps: one write, at the end
+
+
+def test_validation_cadence_is_sized_to_the_budget():
+    from datetime import timedelta
+
+    from alphastomics.diffusion_model.trainer import validation_schedule
+
+    budget = load_config(overrides=["training.max_time_minutes=15"])
+    assert validation_schedule(budget) == (1, timedelta(minutes=1.5))
+    assert validation_schedule(load_config()) == (1, timedelta(minutes=2.0))
+    fixed = load_config(overrides=["training.max_time_minutes=15", "training.val_every_minutes=4"])
+    assert validation_schedule(fixed) == (1, timedelta(minutes=4))
+    epochs = load_config(overrides=["training.val_every_n_epochs=3"])
+    assert validation_schedule(epochs) == (3, None)

@@ -15,6 +15,12 @@ from alphastomics.attn_model.layers import (
     TimeEmbedding,
     activation_linear,
 )
+from alphastomics.attn_model.local_attention import (
+    N_DISTANCE_FEATURES,
+    distance_features,
+    gather_cells,
+)
+from alphastomics.attn_model.neighbors import NeighborGraph, knn_graph
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.utils.dataholder import apply_mask, center
 
@@ -22,6 +28,7 @@ from alphastomics.utils.dataholder import apply_mask, center
 # RMS radius, so this is 1 % of a slice radius: nearer the centroid the unit direction fades
 # smoothly to 0 instead of blowing up its gradient (LUNA divides by ||x|| + 1e-9).
 _RADIUS_EPS = 1e-2
+_DISPLACEMENT_RANK = 16  # features of the pairwise gate of the neighbour displacement
 
 
 @dataclass
@@ -109,6 +116,10 @@ class Denoiser(nn.Module):
         Dropout in attention and feed-forward.
     layer_norm_eps
         LayerNorm epsilon.
+    local_neighbors
+        k of the local attention: each cell also attends to its k nearest cells in the current
+        positions, in every layer, and the position head adds a displacement along the offsets
+        to them (0 disables both).
 
     Examples
     --------
@@ -130,11 +141,13 @@ class Denoiser(nn.Module):
         fourier_scale: float = 1.0,
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
+        local_neighbors: int = 16,
     ) -> None:
         super().__init__()
         self.n_genes = n_genes
         self.n_dims = n_dims
         self.hidden_dim = hidden_dim
+        self.local_neighbors = local_neighbors
 
         self.expression_encoder = ExpressionEncoder(n_genes, hidden_dim)
         self.position_encoder = PositionEncoder(
@@ -143,7 +156,9 @@ class Denoiser(nn.Module):
         self.expression_time = TimeEmbedding(hidden_dim)
         self.position_time = TimeEmbedding(hidden_dim)
         self.layers = nn.ModuleList(
-            TransformerLayer(hidden_dim, n_heads, ff_mult, dropout, layer_norm_eps)
+            TransformerLayer(
+                hidden_dim, n_heads, ff_mult, dropout, layer_norm_eps, local_neighbors > 0
+            )
             for _ in range(n_layers)
         )
         self.final_norm = AdaptiveLayerNorm(hidden_dim, layer_norm_eps)
@@ -155,6 +170,7 @@ class Denoiser(nn.Module):
         self.radius_head = nn.Sequential(
             nn.Linear(hidden_dim + 1, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1)
         )
+        self.displacement = NeighborDisplacement(hidden_dim) if local_neighbors > 0 else None
 
     def forward(
         self,
@@ -206,9 +222,11 @@ class Denoiser(nn.Module):
         time_pos = self.position_time(t_position)  # (B, H)
         cond = time_expr + time_pos  # (B, H)
 
+        # the neighbours of every cell in the positions of this evaluation (noisy or clean)
+        graph = knn_graph(pos_in, mask, self.local_neighbors) if self.local_neighbors else None
         h = expr_emb + pos_emb  # (B, N, H)
         for layer in self.layers:
-            h = layer(h, cond, mask)
+            h = layer(h, cond, mask, graph)
         h = apply_mask(self.final_norm(h, cond), mask)  # (B, N, H)
 
         # expression: per-gene skip of the noisy input + correction from the cell state
@@ -221,7 +239,11 @@ class Denoiser(nn.Module):
         radius = torch.sqrt(pos_free.square().sum(dim=-1, keepdim=True) + _RADIUS_EPS**2)
         first, _, last = self.radius_head
         delta_radius = activation_linear(first(torch.cat([h, radius], dim=-1)), "silu", last)
-        pos_hat = center(pos_free + pos_free / radius * delta_radius, mask)  # (B, N, D)
+        pos_free = pos_free + pos_free / radius * delta_radius
+        if self.displacement is not None:
+            assert graph is not None
+            pos_free = pos_free + self.displacement(h, pos_in, graph)
+        pos_hat = center(pos_free, mask)  # (B, N, D)
 
         return DenoiserOutput(
             expression=expr_hat,
@@ -254,3 +276,34 @@ class Denoiser(nn.Module):
                     f"Denoiser: {name} must have shape {want} (from node_mask {(b, n)}, "
                     f"n_genes={self.n_genes}, n_dims={self.n_dims}), got {tuple(got)}"
                 )
+
+
+class NeighborDisplacement(nn.Module):
+    """Move each cell along the offsets to its current neighbours: (B, N, D) displacement.
+
+    ``delta_i = sum_j c_ij (x_j - x_i) / k`` with a scalar gate ``c_ij`` of the two cell states
+    and their scaled distance, ``c_ij = sum_f a_f(h_i) b_f(h_j) r_f(d_ij)``. A sum of offsets with
+    invariant weights is rotation- and reflection-equivariant (as the position updates of EGNN,
+    Satorras et al. 2021): it lets the reverse process pull a cell towards the neighbours it
+    belongs with and away from the others, which a head reading one cell state cannot.
+
+    Parameters
+    ----------
+    hidden_dim
+        Width H of the cell states.
+    """
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__()
+        self.source = nn.Linear(hidden_dim, _DISPLACEMENT_RANK)
+        self.target = nn.Linear(hidden_dim, _DISPLACEMENT_RANK)
+        self.distance = nn.Linear(N_DISTANCE_FEATURES, _DISPLACEMENT_RANK)
+
+    def forward(self, h: Tensor, positions: Tensor, graph: NeighborGraph) -> Tensor:
+        """Displacement (B, N, D) from states ``h`` (B, N, H) at ``positions`` (B, N, D)."""
+        offset = gather_cells(positions, graph.index) - positions.unsqueeze(2)  # (B, N, k, D)
+        target = gather_cells(self.target(h), graph.index)  # (B, N, k, R)
+        rbf = distance_features(graph.distance).to(h.dtype)  # (B, N, k, F)
+        gate = (self.source(h).unsqueeze(2) * target * self.distance(rbf)).sum(-1)  # (B, N, k)
+        gate = gate * graph.valid
+        return (gate.unsqueeze(-1) * offset).sum(dim=2) / max(graph.k, 1)  # (B, N, D)

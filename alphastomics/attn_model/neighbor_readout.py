@@ -19,23 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from alphastomics.attn_model.neighbors import nearest_references
+
 READOUT_HIDDEN = 64  # width of the offset MLP
 READOUT_KERNELS = 4  # weighting kernels mixed per gene
-_QUERY_CHUNK = 1024  # queries per distance block: memory O(chunk x references)
-
-
-def nearest_references(query: Tensor, reference: Tensor, k: int) -> Tensor:
-    """Indices (Q, min(k, R)) of each query's nearest reference cells, nearest first.
-
-    ``query`` (Q, D) and ``reference`` (R, D); distances are computed in blocks of queries, so
-    memory is linear in R.
-    """
-    k = min(k, reference.shape[0])
-    blocks = [
-        torch.cdist(chunk, reference).topk(k, dim=1, largest=False).indices
-        for chunk in query.split(_QUERY_CHUNK)
-    ]
-    return torch.cat(blocks) if blocks else query.new_zeros((0, k), dtype=torch.long)
 
 
 def readout_split(

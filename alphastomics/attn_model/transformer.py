@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from alphastomics.attn_model.layers import AdaptiveLayerNorm, FeedForward
+from alphastomics.attn_model.local_attention import LocalAttention
+from alphastomics.attn_model.neighbors import NeighborGraph
 from alphastomics.attn_model.self_attention import (
     LinearSelfAttention,
     attention_context,
@@ -29,7 +31,10 @@ def chunk_cells(batch: int, n_cells: int, widest: int, element_size: int) -> int
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LN block: ``h += attn(adaLN(h)); h += ff(adaLN(h))``; padded rows reset to 0.
+    """Pre-LN block: ``x = adaLN(h); h += attn(x) + local(x); h += ff(adaLN(h))``; padded rows 0.
+
+    ``attn`` is the global linear attention over all cells of the item, ``local`` the attention
+    of each cell over its nearest cells (:class:`LocalAttention`, when ``local_attention``).
 
     On CPU, slices larger than one chunk (about 10,000 cells at the default width) are processed
     a chunk of cells at a time: the attention context sums over all chunks, everything else is
@@ -47,26 +52,45 @@ class TransformerLayer(nn.Module):
         Dropout in attention output and feed-forward.
     layer_norm_eps
         LayerNorm epsilon.
+    local_attention
+        Add the local attention block (its input is a neighbour graph).
     """
 
     def __init__(
-        self, hidden_dim: int, n_heads: int, ff_mult: int, dropout: float, layer_norm_eps: float
+        self,
+        hidden_dim: int,
+        n_heads: int,
+        ff_mult: int,
+        dropout: float,
+        layer_norm_eps: float,
+        local_attention: bool = False,
     ) -> None:
         super().__init__()
         self.attention_norm = AdaptiveLayerNorm(hidden_dim, layer_norm_eps)
         self.attention = LinearSelfAttention(hidden_dim, n_heads, dropout)
+        self.local = LocalAttention(hidden_dim, n_heads, dropout) if local_attention else None
         self.ff_norm = AdaptiveLayerNorm(hidden_dim, layer_norm_eps)
         self.ff = FeedForward(hidden_dim, ff_mult, dropout)
         self._widest = max(3, ff_mult) * hidden_dim  # qkv or feed-forward hidden features
 
-    def forward(self, h: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
-        """Update cell states ``h`` (B, N, H) given ``cond`` (B, H) and ``mask`` (B, N) bool."""
+    def forward(
+        self, h: Tensor, cond: Tensor, mask: Tensor, graph: NeighborGraph | None = None
+    ) -> Tensor:
+        """Update cell states ``h`` (B, N, H) given ``cond`` (B, H) and ``mask`` (B, N) bool.
+
+        ``graph`` is the items' neighbour graph, needed when the layer has local attention.
+        """
+        if self.local is not None and graph is None:
+            raise ValueError("this layer has local attention: pass the neighbour graph")
         b, n, _ = h.shape
         size = n
         if h.device.type == "cpu":
             size = chunk_cells(b, n, self._widest, max(h.element_size(), 4))
         if size >= n:
-            h = h + self.attention(self.attention_norm(h, cond), mask)  # (B, N, H)
+            x = self.attention_norm(h, cond)
+            h = h + self.attention(x, mask)  # (B, N, H)
+            if self.local is not None:
+                h = h + self.local(x, graph)
             h = h + self.ff(self.ff_norm(h, cond))  # (B, N, H)
             return apply_mask(h, mask)
 
@@ -74,17 +98,35 @@ class TransformerLayer(nn.Module):
         h_parts = h.split(size, dim=1)  # (B, n_c, H) views
         m_parts = mask.split(size, dim=1)
         queries, keys, values = [], [], []
+        local_q, local_k, local_v = [], [], []
         for x in h_parts:
-            q, k, v = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+            x = self.attention_norm(x, cond)
+            q, k, v = self.attention.heads(x)  # (B, K, n_c, d)
             queries.append(q)
             keys.append(k)
             values.append(v)
+            if self.local is not None:
+                q, k, v = self.local.projections(x)  # (B, K, n_c, d)
+                local_q.append(q)
+                local_k.append(k)
+                local_v.append(v)
         context = attention_context(keys, values, m_parts)  # (B, K, d, d)
         del keys, values
+        all_k = torch.cat(local_k, dim=2) if local_k else None  # (B, K, N, d)
+        all_v = torch.cat(local_v, dim=2) if local_v else None
+        del local_k, local_v
         queries.reverse()  # popped from the end: each chunk's q is dropped once used
+        local_q.reverse()
         out = []
+        start = 0
         for x, m in zip(h_parts, m_parts, strict=True):
+            rows = slice(start, start + x.shape[1])
+            start = rows.stop
             x = x + self.attention.project_out(attention_readout(queries.pop(), context))
+            if self.local is not None:
+                assert graph is not None and all_k is not None and all_v is not None
+                local = self.local.attend(local_q.pop(), all_k, all_v, graph, rows)
+                x = x + self.local.project_out(local)
             x = x + self.ff(self.ff_norm(x, cond))
             out.append(apply_mask(x, m))
         return torch.cat(out, dim=1)  # (B, N, H)

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from alphastomics.attn_model.neighbors import nearest_neighbors
 from alphastomics.utils.dataholder import DataHolder, center
 
 # Added under the square root of every distance: keeps the gradient finite (and 0) at coincident
@@ -118,16 +117,36 @@ def expression_loss(
     return _weighted_mean_over_items(item_loss, item_weight, count > 0)
 
 
+def best_rotation(pred: Tensor, target: Tensor) -> Tensor:
+    """Orthogonal (B, D, D) ``R`` minimising ``||pred @ R - target||`` (no gradient).
+
+    The orthogonal Procrustes solution ``R = U V^T`` of the SVD ``pred^T target = U S V^T``
+    (Kabsch 1976, reflections allowed, as in the distance loss and the position metrics), in
+    float64 from the D x D cross-covariance, so O(N). ``pred`` and ``target`` (B, N, D) must be
+    centred with padded rows 0.
+    """
+    with torch.no_grad():
+        cross = pred.detach().double().transpose(1, 2) @ target.detach().double()  # (B, D, D)
+        u, _, vh = torch.linalg.svd(cross)
+        return (u @ vh).to(pred.dtype)
+
+
 def coordinate_loss(
     pred: Tensor,
     target: Tensor,
     node_mask: Tensor,
     item_weight: Tensor | None = None,
+    *,
+    align_rotation: bool = False,
 ) -> Tensor:
-    """MSE of coordinates after centring both over real cells (translation-invariant only).
+    """MSE of coordinates after centring both over real cells.
 
-    The fallback when ``loss.use_distance_matrix`` is false; unlike :func:`distance_loss` it is
-    not invariant to rotation or reflection of the prediction.
+    The loss when ``loss.use_distance_matrix`` is false. Without ``align_rotation`` it is
+    translation-invariant only: the prediction must be in the target's frame. With it, the
+    prediction is first rotated (or reflected) onto the target by :func:`best_rotation`, so
+    the loss is invariant to rotation, reflection and translation like :func:`distance_loss`,
+    and exact and O(N) at any size. The rotation is held fixed in the gradient, which is
+    exact: at the optimal rotation the derivative with respect to it vanishes.
 
     Parameters
     ----------
@@ -137,6 +156,8 @@ def coordinate_loss(
         (B, N) bool.
     item_weight
         (B,) non-negative weights; all 1 when None.
+    align_rotation
+        Align the prediction's orientation to the target's first.
 
     Returns
     -------
@@ -145,6 +166,8 @@ def coordinate_loss(
     """
     pred = center(_masked(pred, node_mask), node_mask)
     target = center(_masked(target, node_mask), node_mask)
+    if align_rotation:
+        pred = pred @ best_rotation(pred, target)
     sse = (pred - target).square().sum(dim=(1, 2))  # (B,)
     count = node_mask.sum(dim=1) * pred.shape[2]  # (B,)
     item_loss = sse / count.clamp(min=1).to(sse.dtype)
@@ -157,33 +180,6 @@ def coordinate_loss(
 
 def _distance(a: Tensor, b: Tensor) -> Tensor:
     return ((a - b).square().sum(dim=-1) + DISTANCE_EPS).sqrt()
-
-
-def nearest_neighbors(positions: Tensor, k: int) -> Tensor:
-    """Each cell's ``k`` nearest other cells, by a k-d tree on CPU (O(n log n), no gradient).
-
-    Parameters
-    ----------
-    positions
-        (n, D) coordinates of one item's real cells.
-    k
-        Neighbours per cell; capped at n - 1.
-
-    Returns
-    -------
-    Tensor
-        (n, min(k, n - 1)) long indices into ``positions`` on its device, self excluded (also
-        when several cells share a location).
-    """
-    n = positions.shape[0]
-    k = max(0, min(k, n - 1))
-    if k == 0:
-        return torch.empty(n, 0, dtype=torch.long, device=positions.device)
-    points = positions.detach().to("cpu", torch.float64).numpy()
-    _, idx = cKDTree(points).query(points, k=k + 1)  # (n, k + 1), usually self first
-    drop = idx == np.arange(n)[:, None]
-    drop[~drop.any(axis=1), -1] = True  # self not returned (duplicates): drop the farthest
-    return torch.from_numpy(idx[~drop].reshape(n, k)).to(positions.device)
 
 
 class NeighborCache:
@@ -458,6 +454,7 @@ def compute_loss(
     lambda_expression: float,
     lambda_position: float,
     use_distance_matrix: bool,
+    align_rotation: bool = False,
     exact_distance_max_cells: int,
     n_neighbor_pairs: int,
     n_random_pairs: int,
@@ -484,6 +481,8 @@ def compute_loss(
     use_distance_matrix
         True: :func:`distance_loss` (term ``"position_distance_mse"``); False:
         :func:`coordinate_loss` (term ``"position_mse"``).
+    align_rotation
+        With the coordinate loss: align the prediction's orientation to the target first.
     exact_distance_max_cells, n_neighbor_pairs, n_random_pairs
         Passed to :func:`distance_loss`.
     expression_weight, position_weight
@@ -526,7 +525,11 @@ def compute_loss(
     else:
         position_name = "position_mse"
         position_value = coordinate_loss(
-            pred_positions, data.positions, data.node_mask, position_weight
+            pred_positions,
+            data.positions,
+            data.node_mask,
+            position_weight,
+            align_rotation=align_rotation,
         )
 
     raw = {"expression_mse": expression_mse, position_name: position_value}

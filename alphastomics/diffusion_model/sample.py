@@ -343,10 +343,12 @@ def _paste_known(
 def positions_to_user_units(
     positions: np.ndarray, center_: np.ndarray, scale: float, input_dims: int
 ) -> np.ndarray:
-    """Map scaled, centred positions (N, 3) back to the user's coordinates (N, input_dims).
+    """Map scaled, centred positions (N, D) back to the user's coordinates (N, input_dims).
 
     A generated layout is only defined up to rotation, reflection and translation; this restores
-    the slice's scale and centroid, not an orientation.
+    the slice's scale and centroid, not an orientation. float64, so coordinates with a large
+    offset keep their precision; columns the model has beyond ``input_dims`` (z of a 2D slice
+    in a 3D model) are dropped.
     """
     user = positions.astype(np.float64) * scale + np.asarray(center_, dtype=np.float64)[None, :]
-    return user[:, :input_dims].astype(np.float32)
+    return user[:, :input_dims]

@@ -82,6 +82,7 @@ class AlphaSTomicsModule(pl.LightningModule):
                 "alphastomics_version": __version__,
             }
         )
+        self.n_dims = n_dims
         self.model = Denoiser(n_genes=num_genes, n_dims=n_dims, **dataclasses.asdict(cfg.model))
         self.neighbor_readout = (
             NeighborReadout(
@@ -171,6 +172,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             lambda_expression=loss_cfg.lambda_expression,
             lambda_position=loss_cfg.lambda_position,
             use_distance_matrix=loss_cfg.use_distance_matrix,
+            align_rotation=loss_cfg.align_rotation,
             exact_distance_max_cells=loss_cfg.exact_distance_max_cells,
             n_neighbor_pairs=loss_cfg.n_neighbor_pairs,
             n_random_pairs=loss_cfg.n_random_pairs,

@@ -116,18 +116,22 @@ class BestCheckpointFallback(pl.Callback):
     """Guarantee ``best.ckpt`` after training, even when validation never ran.
 
     ``ModelCheckpoint`` writes ``best.ckpt`` only once its monitored value exists; a short run
-    (fewer epochs than ``training.val_every_n_epochs``) would otherwise leave only ``last.ckpt``.
+    (shorter than the validation cadence) would otherwise leave only ``last.ckpt``. Without
+    validation data (``always``), ``best.ckpt`` is the final state of every run, so a resumed
+    run replaces it too.
     """
 
-    def __init__(self, checkpoint: ModelCheckpoint) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, dirpath: str | Path, *, always: bool = False) -> None:
+        self.dirpath = Path(dirpath)
+        self.always = always
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        best = Path(self.checkpoint.dirpath) / "best.ckpt"
+        best = self.dirpath / "best.ckpt"
         # rank 0 decides: saving is a collective, every rank must agree to call it
-        missing = trainer.strategy.broadcast(not best.exists())
-        if missing and trainer.global_step > 0:
-            log.info("no validation score yet: best.ckpt is the final state")
+        write = trainer.strategy.broadcast(self.always or not best.exists())
+        if write and trainer.global_step > 0:
+            if not self.always:
+                log.info("no validation score yet: best.ckpt is the final state")
             trainer.save_checkpoint(str(best))
 
 
@@ -317,6 +321,35 @@ def resolve_devices(cfg: Config, accelerator: str) -> tuple[int, int]:
     return devices, num_nodes
 
 
+# Validation cadence without a time budget (with one: a tenth of it).
+DEFAULT_VAL_MINUTES = 2.0
+
+
+def validation_schedule(cfg: Config) -> tuple[int, timedelta | None]:
+    """``(check_val_every_n_epoch, val_check_interval)`` for the Trainer.
+
+    ``training.val_every_n_epochs`` set: every that many epochs. Otherwise by wall-clock time
+    (Lightning's time-based ``val_check_interval``), every ``training.val_every_minutes``, or
+    when that is null a tenth of ``training.max_time_minutes`` (``DEFAULT_VAL_MINUTES`` without
+    a budget): an epoch of a store with three training slices is three steps, so a cadence in
+    epochs would spend most of a short budget validating.
+    """
+    train_cfg = cfg.training
+    if train_cfg.val_every_n_epochs is not None:
+        return train_cfg.val_every_n_epochs, None
+    return 1, timedelta(minutes=validation_minutes(cfg))
+
+
+def validation_minutes(cfg: Config) -> float:
+    """Minutes between validations when the cadence is by time (see :func:`validation_schedule`)."""
+    train_cfg = cfg.training
+    if train_cfg.val_every_minutes is not None:
+        return train_cfg.val_every_minutes
+    if train_cfg.max_time_minutes:
+        return train_cfg.max_time_minutes / 10
+    return DEFAULT_VAL_MINUTES
+
+
 def build_trainer(
     cfg: Config,
     output_dir: str | Path,
@@ -329,11 +362,12 @@ def build_trainer(
     output_dir = Path(output_dir)
     train_cfg = cfg.training
     accelerator = resolve_accelerator(cfg)
-    monitor = "val/loss" if has_validation else "train/loss"
+    # best.ckpt: the lowest validation loss; without validation data, the final state (a
+    # single-step training loss is too noisy to pick a checkpoint by)
     checkpoint = ModelCheckpoint(
         dirpath=str(output_dir / "checkpoints"),
         filename="best",
-        monitor=monitor,
+        monitor="val/loss",
         mode="min",
         save_top_k=1,
         enable_version_counter=False,
@@ -350,9 +384,9 @@ def build_trainer(
         enable_version_counter=False,
     )
     callbacks: list[pl.Callback] = [
-        checkpoint,
+        *([checkpoint] if has_validation else []),
         last,
-        BestCheckpointFallback(checkpoint),
+        BestCheckpointFallback(output_dir / "checkpoints", always=not has_validation),
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
@@ -367,6 +401,7 @@ def build_trainer(
         callbacks.append(FSDPGradientClipping(clip_val))
         clip_val = None
     max_time = timedelta(minutes=train_cfg.max_time_minutes) if train_cfg.max_time_minutes else None
+    every_n_epochs, interval = validation_schedule(cfg)
     return pl.Trainer(
         default_root_dir=str(output_dir),
         accelerator=accelerator,
@@ -379,7 +414,8 @@ def build_trainer(
         max_time=max_time,
         gradient_clip_val=clip_val,
         log_every_n_steps=train_cfg.log_every_n_steps,
-        check_val_every_n_epoch=train_cfg.val_every_n_epochs,
+        check_val_every_n_epoch=every_n_epochs,
+        val_check_interval=interval,
         num_sanity_val_steps=0,
         logger=_logger(cfg, output_dir),
         callbacks=callbacks,

@@ -5,7 +5,7 @@ Store layout (read lazily by :mod:`alphastomics.utils.dataloader`)::
 
     OUT/metadata.json
     OUT/slices/<k>/expression.npy   float32 (N, G) normalised, model gene order, unmeasured = 0
-    OUT/slices/<k>/positions.npy    float32 (N, 3) centred and scaled
+    OUT/slices/<k>/positions.npy    float32 (N, D) centred and scaled, D = metadata n_dims
     OUT/slices/<k>/cell_type.npy    int64 (N,) codes into metadata["cell_types"], -1 = unknown
     OUT/slices/<k>/obs_names.npy    unicode (N,) the input obs_names
 
@@ -43,7 +43,9 @@ FORMAT_VERSION = 1
 TARGET_SUM = 1e4  # library size after normalisation (scanpy's normalize_total target_sum)
 GENE_STD_FLOOR = 1e-2  # gene_std floor: flatter genes carry no signal; keeps z-scores bounded
 DEFAULT_SLICE_KEY = "slice"
-N_DIMS = 3
+DEFAULT_VAL_FRACTION = 0.1
+MIN_TRAIN_SLICES_WITH_VAL = 5  # the default holds out validation slices only above this
+MAX_DIMS = 3  # coordinates have 2 or 3 columns; a store of 2D files keeps 2
 _CHUNK_ROWS = 8192  # rows densified at a time
 _MAX_LISTED = 5  # names quoted in an error message
 
@@ -67,10 +69,11 @@ class PreparedSlice:
     gene_mask
         (G,) bool, True for a gene the input measured.
     positions
-        (N, 3) float32 centred and scaled coordinates (z = 0 for 2D input), or None when the
-        position key is absent and positions were not required.
+        (N, D) float32 centred and scaled coordinates, D the model's number of dimensions
+        (2D input in a 3D model gets z = 0), or None when the position key is absent and
+        positions were not required.
     center
-        (3,) float64 centroid in input units (None without positions).
+        (D,) float64 centroid in input units (None without positions).
     scale
         Isotropic scale: ``user = positions * scale + center`` (None without positions).
     input_dims
@@ -114,12 +117,12 @@ class PreparedSlice:
 
 
 def to_user_units(positions: np.ndarray, center: Sequence[float], scale: float) -> np.ndarray:
-    """Map scaled positions (N, 3) back to input units (N, 3): ``positions * scale + center``."""
+    """Map scaled positions (N, D) back to input units (N, D) float64: ``positions * scale + center``."""
     return np.asarray(positions, dtype=np.float64) * scale + np.asarray(center, dtype=np.float64)
 
 
 def to_model_units(positions: np.ndarray, center: Sequence[float], scale: float) -> np.ndarray:
-    """Map input-unit positions (N, 3) to scaled positions (N, 3) float32."""
+    """Map input-unit positions (N, D) to scaled positions (N, D) float32."""
     centred = np.asarray(positions, dtype=np.float64) - np.asarray(center, dtype=np.float64)
     return (centred / scale).astype(np.float32)
 
@@ -476,11 +479,19 @@ def _gene_columns(file_genes: list[str], genes: Sequence[str]) -> tuple[np.ndarr
     return file_cols, model_cols
 
 
-def _slice_geometry(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centred (N, 3) float64, centre (3,) and isotropic scale of raw (N, D) coordinates."""
+def _slice_geometry(
+    positions: np.ndarray, n_dims: int | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centred (N, n_dims) float64, centre (n_dims,) and isotropic scale of raw (N, D) coordinates.
+
+    ``n_dims`` (default D) may exceed D: 2D input in a 3D model gets z = 0.
+    """
     input_dims = positions.shape[1]
-    padded = np.zeros((len(positions), N_DIMS), dtype=np.float64)
-    padded[:, :input_dims] = positions  # 2D input: z = 0
+    n_dims = input_dims if n_dims is None else n_dims
+    if n_dims < input_dims:
+        raise ValueError(f"cannot fit {input_dims}D coordinates into {n_dims} dimensions")
+    padded = np.zeros((len(positions), n_dims), dtype=np.float64)
+    padded[:, :input_dims] = positions
     center = padded.mean(axis=0)
     centred = padded - center
     # One factor for every axis, so that the per-axis standard deviation is about 1.
@@ -494,6 +505,7 @@ def _build_slice(
     rows: np.ndarray,
     genes: Sequence[str],
     cell_types: Sequence[str] | None,
+    n_dims: int,
 ) -> PreparedSlice:
     file_cols, model_cols = _gene_columns(checked.genes, genes)
     expression = np.zeros((len(rows), len(genes)), dtype=np.float32)  # (N, G)
@@ -511,7 +523,7 @@ def _build_slice(
 
     positions = center = scale = None
     if checked.positions is not None:
-        centred, center, scale = _slice_geometry(checked.positions[rows])
+        centred, center, scale = _slice_geometry(checked.positions[rows], n_dims)
         positions = (centred / scale).astype(np.float32)
 
     cell_type = np.full(len(rows), -1, dtype=np.int64)
@@ -562,6 +574,7 @@ def prepare_anndata(
     require_positions: bool = True,
     cell_types: Sequence[str] | None = None,
     source: str = "input AnnData",
+    n_dims: int | None = None,
 ) -> list[PreparedSlice]:
     """Prepare a new AnnData for an already-trained model, slice by slice.
 
@@ -584,6 +597,9 @@ def prepare_anndata(
         found in ``adata``.
     source
         Name used in messages; its stem names the single slice when there is no slice column.
+    n_dims
+        The model's spatial dimensions; None = the input's. 2D input to a 3D model gets
+        z = 0; 3D input to a 2D model is an error.
 
     Returns
     -------
@@ -621,7 +637,18 @@ def prepare_anndata(
     if cell_types is None:
         labels = checked.cell_labels
         cell_types = [] if labels is None else sorted({x for x in labels if x is not None})
-    return [_build_slice(checked, name, rows, genes, cell_types) for name, rows in checked.groups]
+    dims = checked.input_dims or MAX_DIMS
+    if n_dims is not None and checked.input_dims is not None and checked.input_dims > n_dims:
+        raise UserInputError(
+            f"{source}: adata.obsm[{position_key!r}] has {checked.input_dims} columns, but the "
+            f"model was trained on {n_dims}D coordinates; pass --position_key with "
+            f"{n_dims}-column coordinates"
+        )
+    n_dims = dims if n_dims is None else n_dims
+    return [
+        _build_slice(checked, name, rows, genes, cell_types, n_dims)
+        for name, rows in checked.groups
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,6 +703,11 @@ class SpatialDataPreprocessor:
         (at least one when the fraction is > 0, rounded up) are drawn with ``seed``, always
         keeping at least one training slice. With a single slice overall, those fractions of
         its cells are held out instead.
+    val_fraction
+        None (the default): 0.1 of the cells of a single slice; of several slices, 0.1 only
+        when at least ``MIN_TRAIN_SLICES_WITH_VAL`` slices are left to train on, else none.
+        Few slices are worth more as training data than as a validation score (three slices,
+        one for testing and one for validation, would leave one to learn from).
     seed
         Seed of the split.
     progress
@@ -698,19 +730,18 @@ class SpatialDataPreprocessor:
         position_is_3d: bool = True,
         val_slices: Sequence[str] | None = None,
         test_slices: Sequence[str] | None = None,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         test_fraction: float = 0.1,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
         _check_normalize(normalize)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
+            if value is not None and not 0.0 <= value < 1.0:
                 raise UserInputError(f"--{name} must be in [0, 1); got {value}")
-        if val_fraction + test_fraction >= 1.0:
-            raise UserInputError(
-                f"--val_fraction + --test_fraction must be < 1; got {val_fraction + test_fraction}"
-            )
+        held_out = (DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction) + test_fraction
+        if held_out >= 1.0:
+            raise UserInputError(f"--val_fraction + --test_fraction must be < 1; got {held_out}")
         if gene_list is not None:
             gene_list = [str(g) for g in gene_list]
             if not gene_list:
@@ -890,7 +921,19 @@ class SpatialDataPreprocessor:
         remaining = [n for n in names if n not in val and n not in test]
         order = [remaining[i] for i in rng.permutation(len(remaining))]
         n_test = 0 if self.test_slices is not None else _held_out(self.test_fraction, len(names))
-        n_val = 0 if self.val_slices is not None else _held_out(self.val_fraction, len(names))
+        n_val = 0
+        if self.val_slices is None:
+            fraction = DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
+            n_val = _held_out(fraction, len(names))
+            left = len(remaining) - n_test - n_val
+            if self.val_fraction is None and left < MIN_TRAIN_SLICES_WITH_VAL:
+                logger.info(
+                    "no validation slice: %d slices are left to train on, fewer than %d; pass "
+                    "--val_slices or --val_fraction to hold some out anyway",
+                    len(remaining) - n_test,
+                    MIN_TRAIN_SLICES_WITH_VAL,
+                )
+                n_val = 0
         while len(remaining) - n_test - n_val < 1 and n_val + n_test > 0:
             # Keep at least one training slice: give up validation slices first.
             if n_val > 0:
@@ -922,7 +965,9 @@ class SpatialDataPreprocessor:
         self, name: str, n_cells: int
     ) -> tuple[list[list[list[_Entry]]], dict[str, Any]]:
         n_test = _held_out_cells(self.test_fraction, n_cells)
-        n_val = _held_out_cells(self.val_fraction, n_cells)
+        n_val = _held_out_cells(
+            DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction, n_cells
+        )
         if n_cells - n_test - n_val < 2:
             raise UserInputError(
                 f"slice '{name}' has {n_cells} cells, too few to hold out {n_val} validation and "
@@ -965,6 +1010,8 @@ class SpatialDataPreprocessor:
         split: dict[str, Any],
     ) -> dict[str, Any]:
         n_genes = len(genes)
+        # 2D files give a 2D store; any 3D file makes it 3D (2D slices then get z = 0)
+        n_dims = max(s.input_dims for s in summaries)
         total = np.zeros(n_genes)  # (G,) sums over train cells where measured
         total_sq = np.zeros(n_genes)
         count = np.zeros(n_genes)
@@ -981,7 +1028,7 @@ class SpatialDataPreprocessor:
                 for (_, rows), name, slice_entries in zip(
                     checked.groups, names, file_entries, strict=True
                 ):
-                    prepared = _build_slice(checked, name, rows, genes, cell_types)
+                    prepared = _build_slice(checked, name, rows, genes, cell_types, n_dims)
                     assert np.array_equal(prepared.gene_mask, mask)
                     for entry in slice_entries:
                         part = slice(None) if entry.rows is None else entry.rows
@@ -1017,7 +1064,7 @@ class SpatialDataPreprocessor:
             "alphastomics_version": alphastomics.__version__,
             "genes": genes,
             "n_genes": n_genes,
-            "n_dims": N_DIMS,
+            "n_dims": n_dims,
             "n_cells": sum(s["n_cells"] for s in slices_meta),
             "input_files": [str(s.path) for s in summaries],
             "keys": {

@@ -58,7 +58,7 @@ def _draw(
     seed: int,
     known: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Expression point estimate (N, G), its spread over samples (N, G), positions (K, N, 3).
+    """Expression point estimate (N, G), its spread over samples (N, G), positions (K, N, D).
 
     For ``pos_to_expr`` with ``sampling.expression_estimate: mean`` the point estimate is the
     conditional mean (with ``known`` (1, N) measured cells: the neighbour read-out); otherwise
@@ -176,17 +176,24 @@ def sample_h5ad(
         require_positions=mode == "pos_to_expr",
         cell_types=info.get("cell_types"),
         source=str(input_path),
+        n_dims=module.n_dims,
     )
     n, g = adata.n_obs, len(genes)
     out_expr = np.zeros((n, g), dtype=np.float32)
     out_std = np.zeros((n, g), dtype=np.float32)
-    out_pos = np.zeros((n, 3), dtype=np.float32)
+    # positions go back with the input's columns and precision (2D in, 2D out)
+    given = adata.obsm.get(position_key, None)
+    out_dims = module.n_dims if given is None else np.shape(given)[1]
+    out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
+    out_pos = np.zeros((n, out_dims), dtype=out_dtype)
     spread = np.zeros(n, dtype=np.float32)
     figure_data = []
     for k, piece in enumerate(slices):
         has_pos = piece.positions is not None
         positions = (
-            piece.positions if has_pos else np.zeros((len(piece.obs_indices), 3), np.float32)
+            piece.positions
+            if has_pos
+            else np.zeros((len(piece.obs_indices), module.n_dims), np.float32)
         )
         holder = DataHolder.from_arrays(piece.expression, positions, gene_mask=piece.gene_mask)
         known = None
@@ -208,11 +215,11 @@ def sample_h5ad(
             known=known,
         )
         scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
-        center = piece.center if has_pos else np.zeros(3)
+        center = piece.center if has_pos else np.zeros(module.n_dims)
         rows = piece.obs_indices
         out_expr[rows] = expr_point
         out_std[rows] = expr_spread
-        out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, 3)
+        out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, out_dims)
         spread[rows] = _aligned_spread(pos_k) * scale
         figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 

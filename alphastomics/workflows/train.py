@@ -15,7 +15,7 @@ from alphastomics.config import Config, config_to_dict, config_to_yaml
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt
 from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.diffusion_model.trainer import build_trainer
+from alphastomics.diffusion_model.trainer import build_trainer, validation_minutes
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 
@@ -89,6 +89,7 @@ def run_training(
     rank, world_size = trainer.global_rank, trainer.world_size
     if rank != 0:
         logging.getLogger("alphastomics").setLevel(logging.WARNING)
+    _log_validation_plan(cfg, has_val)
     loading = cfg.data.loading
     train_loader, val_loader, _, meta = create_dataloaders(
         data_dir,
@@ -131,6 +132,22 @@ def run_training(
             raise
         raise TrainingStopped(*stopped) from err
     return module
+
+
+def _log_validation_plan(cfg: Config, has_val: bool) -> None:
+    if not has_val:
+        log.info("no validation slices: best.ckpt is the final state, like last.ckpt")
+    elif cfg.training.val_every_n_epochs is not None:
+        log.info("validation every %d epochs", cfg.training.val_every_n_epochs)
+    else:
+        why = (
+            "training.val_every_minutes"
+            if cfg.training.val_every_minutes is not None
+            else "a tenth of training.max_time_minutes"
+            if cfg.training.max_time_minutes
+            else "the default without a time budget"
+        )
+        log.info("validation every %.1f minutes (%s)", validation_minutes(cfg), why)
 
 
 def _last_checkpoint(output_dir: Path, state: str = "holds it") -> str:
@@ -178,6 +195,7 @@ _RESUMABLE_CHANGES = (
     "training.max_time_minutes",
     "training.log_every_n_steps",
     "training.val_every_n_epochs",
+    "training.val_every_minutes",
     "training.val_sample_steps",
     "training.val_max_slices",
     "training.max_consecutive_nonfinite",

@@ -1,0 +1,234 @@
+"""Local attention: the neighbour graph, masking, symmetries, and recomputation per evaluation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alphastomics.attn_model import local_attention
+from alphastomics.attn_model import model as model_module
+from alphastomics.attn_model.local_attention import LocalAttention
+from alphastomics.attn_model.model import Denoiser
+from alphastomics.attn_model.neighbors import knn_graph, nearest_references
+from alphastomics.diffusion_model.noise_model import NoiseModel
+from alphastomics.diffusion_model.sample import DiffusionSampler
+
+N_GENES = 8
+
+
+def _net(seed: int = 0, k: int = 6, n_dims: int = 2) -> Denoiser:
+    torch.manual_seed(seed)
+    net = Denoiser(
+        n_genes=N_GENES,
+        n_dims=n_dims,
+        hidden_dim=16,
+        n_layers=2,
+        n_heads=2,
+        n_fourier_features=4,
+        local_neighbors=k,
+    )
+    return net.eval()
+
+
+def _inputs(n: int, n_dims: int = 2, seed: int = 1, t_position: float = 0.3) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "expression_t": torch.randn(1, n, N_GENES, generator=gen),
+        "positions_t": torch.randn(1, n, n_dims, generator=gen),
+        "t_expression": torch.tensor([0.5]),
+        "t_position": torch.tensor([t_position]),
+        "node_mask": torch.ones(1, n, dtype=torch.bool),
+        "gene_mask": torch.ones(1, N_GENES, dtype=torch.bool),
+    }
+
+
+def _rotation(n_dims: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(
+        torch.randn(n_dims, n_dims, generator=torch.Generator().manual_seed(seed))
+    )
+    return q
+
+
+def test_graph_is_the_brute_force_knn_and_never_links_padding() -> None:
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randn(2, 30, 3, generator=gen)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    positions[1, 20:] = positions[1, :10] + 1e-3  # padded cells right beside real ones
+    graph = knn_graph(positions, mask, 5)
+    for b, n in ((0, 30), (1, 20)):
+        dist = torch.cdist(positions[b, :n], positions[b, :n])
+        dist.fill_diagonal_(math.inf)
+        want = dist.topk(5, largest=False).indices
+        assert torch.equal(graph.index[b, :n].sort(-1).values, want.sort(-1).values)
+        assert graph.valid[b, :n].all()
+    assert not graph.valid[1, 20:].any()
+    assert (graph.index[1, :20] < 20).all()
+
+
+def test_small_items_get_fewer_valid_neighbors() -> None:
+    positions = torch.randn(3, 4, 2)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
+    graph = knn_graph(positions, mask, 6)
+    assert graph.valid.sum(dim=2).tolist() == [[3, 3, 3, 3], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert torch.isfinite(graph.distance).all()
+
+
+def test_graph_distances_are_rigid_motion_and_scale_invariant() -> None:
+    positions = torch.randn(1, 50, 3, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, 50, dtype=torch.bool)
+    moved = 7.0 * positions @ _rotation(3) + torch.tensor([3.0, -1.0, 2.0])
+    a, b = knn_graph(positions, mask, 8), knn_graph(moved, mask, 8)
+    assert torch.equal(a.index, b.index)
+    torch.testing.assert_close(a.distance, b.distance, atol=1e-5, rtol=1e-5)
+    assert abs(float(a.distance[a.valid].mean()) - 1.0) < 1e-5  # in neighbour length scales
+
+
+def test_nearest_references_matches_brute_force() -> None:
+    gen = torch.Generator().manual_seed(3)
+    query, reference = torch.randn(25, 2, generator=gen), torch.randn(40, 2, generator=gen)
+    got = nearest_references(query, reference, 4)
+    want = torch.cdist(query, reference).topk(4, largest=False).indices
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_dims", [2, 3])
+def test_local_block_is_rotation_invariant_and_ignores_padding(n_dims: int) -> None:
+    torch.manual_seed(0)
+    block = LocalAttention(16, 2, 0.0).eval()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 24, 16, generator=gen)
+    positions = torch.randn(1, 24, n_dims, generator=gen)
+    mask = torch.ones(1, 24, dtype=torch.bool)
+    mask[0, 18:] = False
+    x[0, 18:] = 100.0  # garbage in padded states
+    positions[0, 18:] = positions[0, :6]  # padded cells on top of real ones
+    out = block(x, knn_graph(positions, mask, 5))
+    rotated = block(x, knn_graph(positions @ _rotation(n_dims), mask, 5))
+    torch.testing.assert_close(out[0, :18], rotated[0, :18], atol=1e-5, rtol=0)
+    clean = block(x[:, :18], knn_graph(positions[:, :18], mask[:, :18], 5))
+    torch.testing.assert_close(out[0, :18], clean[0], atol=1e-5, rtol=0)
+
+
+def test_denoiser_with_local_attention_ignores_padding_beside_real_cells() -> None:
+    net = _net()
+    inputs = _inputs(20)
+    extra = 6
+    padded = dict(inputs)
+    padded["expression_t"] = torch.cat(
+        [inputs["expression_t"], 30 * torch.randn(1, extra, N_GENES)], 1
+    )
+    padded["positions_t"] = torch.cat([inputs["positions_t"], inputs["positions_t"][:, :extra]], 1)
+    padded["node_mask"] = torch.cat(
+        [inputs["node_mask"], torch.zeros(1, extra, dtype=torch.bool)], 1
+    )
+    out, out_padded = net(**inputs), net(**padded)
+    torch.testing.assert_close(out.expression, out_padded.expression[:, :20], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.positions, out_padded.positions[:, :20], atol=1e-5, rtol=0)
+    assert (out_padded.positions[:, 20:] == 0).all()
+
+
+def test_denoiser_with_local_attention_is_permutation_equivariant() -> None:
+    net = _net()
+    inputs = _inputs(40)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+    permuted = {**inputs, **{k: inputs[k][:, perm] for k in ("expression_t", "positions_t")}}
+    out, out_perm = net(**inputs), net(**permuted)
+    torch.testing.assert_close(out.expression[:, perm], out_perm.expression, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.positions[:, perm], out_perm.positions, atol=1e-5, rtol=0)
+
+
+def test_neighbor_displacement_rotates_with_the_positions() -> None:
+    # the displacement along neighbour offsets is equivariant: rotating the noisy positions
+    # rotates it (the rest of the position head sees the axes, so test the block itself)
+    net = _net(n_dims=3)
+    inputs = _inputs(30, n_dims=3)
+    positions = inputs["positions_t"]
+    h = torch.randn(1, 30, 16, generator=torch.Generator().manual_seed(6))
+    mask = inputs["node_mask"]
+    rot = _rotation(3, seed=1)
+    assert net.displacement is not None
+    shift = net.displacement(h, positions, knn_graph(positions, mask, 6))
+    shift_rot = net.displacement(h, positions @ rot, knn_graph(positions @ rot, mask, 6))
+    torch.testing.assert_close(shift @ rot, shift_rot, atol=1e-5, rtol=0)
+    assert shift.abs().max() > 0
+
+
+def test_a_cell_reads_exactly_its_current_neighbors() -> None:
+    torch.manual_seed(0)
+    block = LocalAttention(16, 2, 0.0).eval()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 30, 16, generator=gen)
+    positions = torch.randn(1, 30, 2, generator=gen)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+
+    def cell0_change(pos: torch.Tensor, cell: int) -> float:
+        graph = knn_graph(pos, mask, 4)
+        bumped = x.clone()
+        bumped[0, cell] += 5.0
+        return float((block(x, graph)[0, 0] - block(bumped, graph)[0, 0]).abs().max())
+
+    neighbors = set(knn_graph(positions, mask, 4).index[0, 0].tolist())
+    far = next(i for i in range(1, 30) if i not in neighbors)
+    assert cell0_change(positions, far) == 0.0
+    assert cell0_change(positions, min(neighbors)) > 1e-3
+    moved = positions.clone()
+    moved[0, far] = positions[0, 0] + 1e-3  # now the nearest cell of cell 0
+    assert cell0_change(moved, far) > 1e-3
+
+
+def test_neighbors_are_recomputed_at_every_network_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[torch.Tensor] = []
+    real = model_module.knn_graph
+
+    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int):
+        seen.append(positions.clone())
+        return real(positions, node_mask, k)
+
+    monkeypatch.setattr(model_module, "knn_graph", spy)
+    net = _net()
+    inputs = _inputs(25)
+    sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
+    sampler.sample(
+        inputs["expression_t"],
+        inputs["positions_t"],
+        inputs["node_mask"],
+        "expr_to_pos",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(seen) == 6
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))
+
+
+def test_recomputed_neighbors_in_backward_give_the_same_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = _net().train()
+    inputs = _inputs(60)
+
+    def grads() -> list[torch.Tensor]:
+        net.zero_grad()
+        out = net(**inputs)
+        (out.expression.square().sum() + out.positions.square().sum()).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    plain = grads()
+    monkeypatch.setattr(local_attention, "_CHECKPOINT_CELLS", 10)
+    recomputed = grads()
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_local_attention_costs_memory_linear_in_cells() -> None:
+    # the graph holds k entries per cell and no N x N tensor is built at 20,000 cells
+    positions = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 20_000, 2))).float()
+    graph = knn_graph(positions, torch.ones(1, 20_000, dtype=torch.bool), 8)
+    assert graph.index.shape == (1, 20_000, 8)
+    out = LocalAttention(16, 2, 0.0)(torch.randn(1, 20_000, 16), graph)
+    assert out.shape == (1, 20_000, 16) and torch.isfinite(out).all()
