@@ -186,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"alphastomics {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from alphastomics.utils.io import write_failure
+
+        message = write_failure(err)
+        if message is None:
+            raise
+        print(f"alphastomics {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

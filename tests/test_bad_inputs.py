@@ -186,6 +186,33 @@ def test_preprocess_keeps_an_existing_store(
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_preprocess_overwrite_keeps_its_inputs_and_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "D"
+    folder.mkdir()
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad(folder / "a.h5ad")
+    (folder / "notes.txt").write_text("n\n")
+    before = _snapshot(folder)
+    for source in (["--input_dir", folder], ["--input", folder / "a.h5ad"]):
+        for extra in ([], ["--overwrite"]):
+            args = ["preprocess", *source, "--output_dir", folder, *extra]
+            code, err = run_cli(args, capsys)
+            assert_one_line_error(code, err, "preprocess", "holds the input", "a.h5ad")
+            assert _snapshot(folder) == before
+    other = tmp_path / "other.h5ad"
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad(other)
+    args = ["preprocess", "--input", other, "--output_dir", folder, "--overwrite"]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "preprocess", "did not write (a.h5ad, notes.txt)")
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "other.h5ad"]
+
+
 # ------------------------------------------------------------------------------------------
 # train
 

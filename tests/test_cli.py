@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +295,39 @@ def test_extract_store_and_h5ad(trained, tmp_path):
     )
     written = ad.read_h5ad(out2.with_suffix(".h5ad"))
     assert written.obsm["X_alphastomics"].shape == (written.n_obs, 16)
+
+
+def test_outputs_are_readable_by_others(trained, tmp_path):
+    """Every output gets the mode the umask gives (0644 under umask 022), as any other file."""
+    ckpt = ["--checkpoint", str(trained["ckpt"])]
+    old = os.umask(0o022)
+    try:
+        store = tmp_path / "store"
+        assert (
+            main(["preprocess", "--input", str(trained["test_h5ad"]), "--output_dir", str(store)])
+            == 0
+        )
+        test = [
+            "test",
+            *ckpt,
+            "--data_dir",
+            str(trained["store"]),
+            "--output_dir",
+            str(tmp_path / "t"),
+        ]
+        assert main([*test, "--steps", "2"]) == 0
+        sample = _sample_argv(
+            trained, trained["test_h5ad"], tmp_path / "s.h5ad", "joint", "--steps", "2"
+        )
+        assert main(sample) == 0
+        extract = ["extract", *ckpt, "--input_data", str(trained["test_h5ad"])]
+        assert main([*extract, "--output", str(tmp_path / "e.npz")]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.suffix for p in written} >= {".json", ".png", ".h5ad", ".npz", ".npy"}
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_resume_continues_from_last(trained, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +75,14 @@ def test_failed_write_leaves_no_partial_file(
     target = tmp_path / "layout.png"
     target.write_bytes(b"previous figure")
 
-    def broken_savefig(self: Figure, fh: object, **kwargs: object) -> None:
-        fh.write(PNG_MAGIC)  # type: ignore[attr-defined]
-        raise OSError("disk full")
+    def broken_savefig(self: Figure, fname: Path, **kwargs: object) -> None:
+        Path(fname).write_bytes(PNG_MAGIC)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left") as failed:
         plot_layouts(true, pred, target)
+    assert failed.value.filename == str(target)
     assert target.read_bytes() == b"previous figure"
     assert [p.name for p in tmp_path.iterdir()] == ["layout.png"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,18 +24,9 @@ from alphastomics.config import Config
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
+from alphastomics.utils.io import reserve_temporary, writing
 
 log = logging.getLogger(__name__)
-
-
-def _file_mode() -> int:
-    """Mode of a newly created file under this process's umask (read once, at import)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
 
 
 def _nonfinite_weights(checkpoint: dict[str, Any]) -> list[str]:
@@ -73,32 +64,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 bad[0],
             )
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = reserve_temporary(path)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600)
-                    os.fchmod(handle.fileno(), _FILE_MODE)
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            with writing(path):
+                with open(tmp, "wb") as handle:
+                    torch.save(checkpoint, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
 
 class ThrottledLastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` at epoch ends, at most every ``min_interval_s`` seconds, and at the end.
+    """``last.ckpt`` at the first epoch end, then at epoch ends at most every ``min_interval_s``
+    seconds, and at the end.
 
     A store with one or two training slices has epochs of one or two steps; writing (and
-    fsync-ing) a checkpoint after each of them would cost more than the steps themselves.
+    fsync-ing) a checkpoint after each of them would cost more than the steps themselves. The
+    first epoch is always saved, so a run killed early still has something to resume from.
     """
 
     def __init__(self, *, min_interval_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.min_interval_s = min_interval_s
-        self._last_write = time.monotonic()
+        self._last_write = -math.inf
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if time.monotonic() - self._last_write < self.min_interval_s:
@@ -338,8 +331,9 @@ def build_trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
-    # last.ckpt at the end of every epoch (ModelCheckpoint(save_last=True) rewrites it only when
-    # the best score improves); GracefulInterrupt also writes it when a run is stopped
+    # last.ckpt at the first epoch end, then every checkpoint_every_minutes at an epoch end, and
+    # at the end (ModelCheckpoint(save_last=True) rewrites it only when the best score
+    # improves); GracefulInterrupt also writes it when a run is stopped
     last = ThrottledLastCheckpoint(
         min_interval_s=60.0 * train_cfg.checkpoint_every_minutes,
         dirpath=str(output_dir / "checkpoints"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 
+from alphastomics.utils.io import atomic_write
 from alphastomics.utils.metrics import procrustes_align
 
 __all__ = ["plot_genes", "plot_layouts"]
@@ -34,16 +34,10 @@ _DPI = 150
 
 def _write_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Save ``fig`` to ``path`` as PNG atomically; on failure no partial file is left."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI, bbox_inches="tight")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        target = atomic_write(
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+        )
     finally:
         fig.clear()
     logger.debug("wrote %s", target)

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,13 @@ from tqdm.auto import tqdm
 
 import alphastomics
 from alphastomics.errors import UserInputError
+from alphastomics.utils.io import (
+    check_output_dir,
+    remove_stale_siblings,
+    stale_siblings,
+    temporary_sibling,
+    writing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -757,13 +763,25 @@ class SpatialDataPreprocessor:
         dict
             The metadata written to ``output_dir/metadata.json``.
         """
-        output_dir = Path(output_dir)
-        _check_output_dir(output_dir, overwrite)
         if not files:
             raise UserInputError("no input files; pass --input FILE [FILE ...] or --input_dir DIR")
         paths = [Path(f) for f in files]
-        if len({p.resolve() for p in paths}) < len(paths):
-            raise UserInputError("an input file is listed twice; list each file once")
+        output_dir = Path(output_dir)
+        with writing(output_dir):
+            _recover_interrupted_store(output_dir)
+        check_output_dir(
+            output_dir,
+            overwrite=overwrite,
+            inputs=paths,
+            foreign=_foreign_entries,
+            writer="preprocess",
+        )
+        seen: dict[Path, int] = {}
+        for i, p in enumerate(paths):
+            first = paths[seen.setdefault(p.resolve(), i)]
+            if seen[p.resolve()] != i:
+                same = "" if first == p else f" (as {first} and {p})"
+                raise UserInputError(f"input file {p} is listed twice{same}; list each file once")
 
         summaries = [self._summarise(path) for path in paths]
         genes, masks = self._unify_genes(summaries)
@@ -771,14 +789,17 @@ class SpatialDataPreprocessor:
         cell_types = sorted(set().union(*(s.cell_labels for s in summaries)))
         entries, split = self._plan_split(summaries, slice_names)
 
-        parent_created = _make_parents(output_dir.parent)
-        tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        target = output_dir.resolve()
+        with writing(output_dir):
+            parent_created = _make_parents(target.parent)
+        tmp = temporary_sibling(target)
         try:
-            tmp.mkdir()
-            metadata = self._write_store(
-                tmp, summaries, genes, masks, slice_names, cell_types, entries, split
-            )
-            _move_into_place(tmp, output_dir)
+            with writing(output_dir):
+                tmp.mkdir()
+                metadata = self._write_store(
+                    tmp, summaries, genes, masks, slice_names, cell_types, entries, split
+                )
+                _move_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             for folder in parent_created:
@@ -1103,14 +1124,47 @@ def _write_entry(folder: Path, prepared: PreparedSlice, part: slice | np.ndarray
     np.save(folder / "obs_names.npy", np.ascontiguousarray(prepared.obs_names[part]))
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserInputError(f"output {output_dir} is a file; pass a folder to --output_dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserInputError(
-            f"output folder {output_dir} exists and is not empty; pass --overwrite to replace "
-            "it or choose another --output_dir"
-        )
+STORE_ARRAYS = ("expression.npy", "positions.npy", "cell_type.npy", "obs_names.npy")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that are not part of a processed store."""
+    foreign = [
+        p.name for p in sorted(folder.iterdir()) if p.name not in ("metadata.json", "slices")
+    ]
+    slices = folder / "slices"
+    if slices.is_symlink() or (slices.exists() and not slices.is_dir()):
+        return [*foreign, "slices"]
+    if slices.is_dir():
+        for entry in sorted(slices.iterdir()):
+            ours = (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and entry.name.isdigit()
+                and all(f.name in STORE_ARRAYS for f in entry.iterdir())
+            )
+            if not ours:
+                foreign.append(f"slices/{entry.name}")
+    return foreign
+
+
+def _recover_interrupted_store(output_dir: Path) -> None:
+    """Clean up after a preprocess run that died (SIGKILL, power loss) writing ``output_dir``.
+
+    Its half-written temporary store is removed; a previous store it had moved aside to replace
+    is put back when nothing took its place, else removed.
+    """
+    target = output_dir.resolve()
+    remove_stale_siblings(target, "tmp")
+    for old, pid in stale_siblings(target, "old"):
+        if target.exists():
+            logger.info("removing %s, the store replaced by process %d", old, pid)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            logger.warning(
+                "putting back %s: process %d moved it aside to replace it and died", target, pid
+            )
+            os.replace(old, target)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -1129,7 +1183,7 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(tmp, output_dir)
         return
-    old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    old = temporary_sibling(output_dir, "old")
     os.replace(output_dir, old)
     try:
         os.replace(tmp, output_dir)
