@@ -6,6 +6,7 @@ Every check lives here; a bad key, type or value raises :class:`UserInputError` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -138,7 +139,39 @@ class Config:
         _check(self)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range is [0, 2**32 - 1]
+PRECISIONS = (
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "32",
+    "16",
+    "bf16",
+    "64",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+
+
+def _nonfinite(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a config tree that is NaN or infinite."""
+    found = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _nonfinite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append((f"{prefix}{f.name}", value))
+    return found
+
+
 def _check(cfg: Config) -> None:
+    for key, value in _nonfinite(cfg):
+        raise UserInputError(f"invalid config: {key} must be a finite number; got {value}")
+    t = cfg.training
     checks: list[tuple[bool, str]] = [
         (cfg.diffusion.diffusion_steps >= 2, "diffusion.diffusion_steps must be >= 2"),
         (cfg.diffusion.nu_expression > 0, "diffusion.nu_expression must be > 0"),
@@ -181,6 +214,23 @@ def _check(cfg: Config) -> None:
         ),
         (cfg.data.loading.num_workers >= 0, "data.loading.num_workers must be >= 0"),
         (cfg.training.max_epochs >= 1, "training.max_epochs must be >= 1"),
+        (t.max_steps == -1 or t.max_steps >= 1, "training.max_steps must be -1 (no limit) or >= 1"),
+        (
+            t.max_time_minutes is None or t.max_time_minutes > 0,
+            f"training.max_time_minutes must be > 0, or null for no limit; got {t.max_time_minutes}",
+        ),
+        (
+            0 <= t.seed <= MAX_SEED,
+            f"training.seed must be in [0, {MAX_SEED}]; got {t.seed}",
+        ),
+        (
+            t.precision in PRECISIONS,
+            f"training.precision must be one of {', '.join(PRECISIONS[:6])}; got {t.precision!r}",
+        ),
+        (t.weight_decay >= 0, "training.weight_decay must be >= 0"),
+        (t.gradient_clip_val >= 0, "training.gradient_clip_val must be >= 0 (0 = off)"),
+        (t.log_every_n_steps >= 1, "training.log_every_n_steps must be >= 1"),
+        (t.val_max_slices >= 0, "training.val_max_slices must be >= 0"),
         (cfg.training.lr > 0, "training.lr must be > 0"),
         (cfg.training.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
         (

@@ -3,6 +3,8 @@ traceback, no partial output, and nothing a user had overwritten without --overw
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -224,6 +226,14 @@ def test_preprocess_overwrite_keeps_its_inputs_and_other_files(
         (["diffusion.diffusion_steps=-5"], ["diffusion.diffusion_steps must be >= 2"]),
         (["training.lr=fast"], ["'training.lr'"]),
         (["training.max_epochs"], ["not KEY=VALUE"]),
+        (["training.lr=inf"], ["training.lr must be a finite number", "inf"]),
+        (["training.lr=nan"], ["training.lr must be a finite number"]),
+        (["training.max_time_minutes=-1"], ["training.max_time_minutes must be > 0", "null"]),
+        (["training.max_time_minutes=0"], ["training.max_time_minutes must be > 0"]),
+        (["training.max_steps=0"], ["training.max_steps must be -1"]),
+        (["training.precision=8"], ["training.precision must be one of", "bf16-mixed", "'8'"]),
+        (["training.seed=-1"], ["training.seed must be in [0, 4294967295]"]),
+        (["training.seed=4294967296"], ["training.seed must be in [0, 4294967295]"]),
     ],
 )
 def test_train_bad_config(
@@ -252,6 +262,64 @@ def test_train_needs_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     args = ["train", "--data_dir", tmp_path, "--output_dir", tmp_path / "run", *TINY]
     assert_one_line_error(*run_cli(args, capsys), "train", "no metadata.json", "preprocess")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_that_writes_no_checkpoint_fails(
+    tiny_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights that turn NaN are never saved; the run must then fail, not report success."""
+    from alphastomics.diffusion_model import trainer
+
+    monkeypatch.setattr(trainer, "_nonfinite_weights", lambda checkpoint: ["model.w"])
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "--data_dir", tiny_store, "--output_dir", out, *TINY], capsys)
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("alphastomics train: training ended at step 2 without writing")
+    assert "NaN or inf" in line and "training.lr" in line
+    assert not list((out / "checkpoints").glob("*.ckpt"))
+
+
+def test_demo_refuses_a_negative_time_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    code, err = run_cli(["demo", "--output_dir", out, "--minutes", "-1"], capsys)
+    assert_one_line_error(code, err, "demo", "--minutes", "-1")
+    assert not out.exists()
+
+
+def test_two_trainings_into_one_run_folder(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While one run holds the folder, a second is refused and changes nothing in it."""
+    from alphastomics.utils.io import folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out):
+        before = sorted(p.name for p in out.iterdir())
+        args = ["train", "--data_dir", tiny_store, "--output_dir", out, *TINY]
+        code, err = run_cli([*args, "--overwrite"], capsys)
+        assert_one_line_error(code, err, "train", "in use by another run", f"process {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == before == [".alphastomics.lock"]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_stale_run_lock_is_taken_over(
+    tiny_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".alphastomics.lock").write_text(f"process {child.pid} on {socket.gethostname()}\n")
+    assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
+    assert f"from process {child.pid}" in caplog.text and "no longer runs" in caplog.text
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert not (out / ".alphastomics.lock").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from alphastomics.config import load_config
 from alphastomics.datasets import synthetic_tissue
 from alphastomics.diffusion_model.checkpoint import load_module
+from alphastomics.errors import UserInputError
 from alphastomics.utils.io import atomic_write, check_output_dir
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
 from alphastomics.workflows.evaluate import run_evaluation
@@ -38,6 +40,11 @@ def run_demo(
     output_dir: str | Path, *, minutes: float = 2.0, seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Run the whole pipeline on generated data inside ``output_dir``; returns the report path."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise UserInputError(f"--minutes must be a positive number of minutes; got {minutes}")
+    cfg = load_config(
+        overrides=[*DEMO_OVERRIDES, f"training.max_time_minutes={minutes}", f"training.seed={seed}"]
+    )
     output_dir = check_output_dir(output_dir, overwrite=overwrite)
     start = time.perf_counter()
     data_dir = output_dir / "data"
@@ -59,9 +66,6 @@ def run_demo(
         seed=seed,
     ).preprocess_and_save([tissue], store, overwrite=True)
 
-    cfg = load_config(
-        overrides=[*DEMO_OVERRIDES, f"training.max_time_minutes={minutes}", f"training.seed={seed}"]
-    )
     run_dir = output_dir / "run"
     run_training(cfg, store, run_dir, overwrite=True)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
