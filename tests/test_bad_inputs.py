@@ -471,6 +471,78 @@ def test_pt_input_without_the_expected_keys(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
 
 
+def _pt(n: int = 12, genes: int = 16, dims: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "expression": torch.rand(1, n, genes, generator=generator),
+        "positions": torch.randn(1, n, dims, generator=generator),
+        "node_mask": torch.ones(1, n, dtype=torch.bool),
+    }
+
+
+def _pt_with(change: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
+    data = _pt()
+    change(data)
+    return data
+
+
+PT_CASES: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {
+    "NaN position": (
+        _pt_with(lambda d: d["positions"].__setitem__((0, 3, 1), float("nan"))),
+        ["1 real cell has NaN or infinite values in 'positions'", "node_mask False"],
+    ),
+    "inf expression": (
+        _pt_with(lambda d: d["expression"].__setitem__((0, 2, 5), float("inf"))),
+        ["NaN or infinite values in 'expression'"],
+    ),
+    "4-column positions": (_pt(dims=4), ["positions have 4 columns", "expected 2 or 3"]),
+    "wrong gene count": (_pt(genes=15), ["expression has 15 genes, the checkpoint 16"]),
+    "mismatched cells": (
+        _pt_with(lambda d: d.__setitem__("node_mask", torch.ones(1, 11, dtype=torch.bool))),
+        ["must agree on (B, N)"],
+    ),
+    "one real cell": (
+        _pt_with(lambda d: d["node_mask"][0, 1:].zero_()),
+        ["item 0 has 1 real cells", "at least 2"],
+    ),
+    "node_mask not boolean": (
+        _pt_with(lambda d: d.__setitem__("node_mask", torch.full((1, 12), 0.5))),
+        ["node_mask must be boolean"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PT_CASES))
+def test_pt_input_is_checked_like_h5ad(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    data, fragments = PT_CASES[case]
+    source = tmp_path / "in.pt"
+    torch.save(data, source)
+    args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source]
+    code, err = run_cli([*args, "--sample_mode", "pos_to_expr"], capsys)
+    assert_one_line_error(code, err, "sample", "in.pt", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
+
+
+def test_pt_input_with_2d_positions_and_padding(run: dict[str, Path], tmp_path: Path) -> None:
+    """2-column positions are read with z = 0 and come back with 2 columns; NaN in padded
+    cells is never read."""
+    data = _pt(dims=2)
+    data["node_mask"][0, -2:] = False
+    data["positions"][0, -1] = float("nan")
+    source, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(data, source)
+    for mode in ("pos_to_expr", "expr_to_pos"):
+        args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source, "--output", out]
+        assert main([str(a) for a in [*args, "--sample_mode", mode, "--overwrite"]]) == 0
+        result = torch.load(out, weights_only=False)
+        assert result["positions"].shape == (1, 12, 2)
+        real = result["node_mask"][0]
+        assert torch.isfinite(result["expression"][0, real]).all()
+        assert torch.isfinite(result["positions"][0, real]).all()
+
+
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(["test", "--checkpoint", "x.ckpt"], capsys)
     assert_one_line_error(code, err, "test", "--data_dir", "alphastomics test --help")
