@@ -212,6 +212,78 @@ def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
     assert info["missing_gene_share"] == pytest.approx(2 / adata.n_vars)
 
 
+def test_sampled_anndata_keeps_what_the_user_gave(trained, tmp_path):
+    """pos_to_expr on a gene subset keeps X, obs, var, uns; ours is beside them."""
+    adata = ad.read_h5ad(trained["test_h5ad"])[:, :10].copy()
+    adata.uns["source"] = "my lab"
+    adata.obs["batch"] = "b1"
+    adata.layers["counts"] = adata.X.copy()
+    src, out = tmp_path / "subset.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "pos_to_expr")) == 0
+    result = ad.read_h5ad(out)
+    np.testing.assert_array_equal(result.X, adata.X)
+    np.testing.assert_array_equal(result.layers["counts"], adata.layers["counts"])
+    assert list(result.var_names) == list(adata.var_names)
+    assert result.uns["source"] == "my lab" and list(result.obs["batch"]) == ["b1"] * adata.n_obs
+    predicted = result.obsm["alphastomics_expression"]
+    assert list(predicted.columns) == [f"gene_{i}" for i in range(16)]
+    assert predicted.shape == (adata.n_obs, 16) and np.isfinite(predicted.to_numpy()).all()
+    assert result.uns["alphastomics"]["expression_key"] == "obsm/alphastomics_expression"
+
+
+def test_joint_output_labels_each_cell_with_its_reference_slice(trained, tmp_path):
+    adata = ad.read_h5ad(trained["h5ad"])
+    reference = adata[adata.obs["slice"].isin(["slice_2", "slice_3"])].copy()
+    reference.uns["source"] = "my lab"
+    src, out = tmp_path / "two.h5ad", tmp_path / "joint.h5ad"
+    reference.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "joint", "--steps", "2")) == 0
+    result = ad.read_h5ad(out)
+    assert result.obs["slice"].value_counts().to_dict() == (
+        reference.obs["slice"].value_counts().to_dict()
+    )
+    predicted = result.obs["alphastomics_predicted_cell_type"]
+    assert set(predicted) <= set(reference.obs["cell_type"])
+    assert result.uns["source"] == "my lab" and result.obsm["spatial"].shape[0] == result.n_obs
+
+
+@pytest.mark.parametrize("kind", ["no genes", "zero expression"])
+def test_pos_to_expr_needs_no_expression(trained, tmp_path, kind):
+    adata = ad.read_h5ad(trained["test_h5ad"])
+    if kind == "no genes":
+        adata = ad.AnnData(obs=adata.obs, obsm={"ccf": adata.obsm["ccf"]})
+    else:
+        adata.X = np.zeros(adata.shape, dtype=np.float32)
+    src, out = tmp_path / "positions.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "pos_to_expr")) == 0
+    result = ad.read_h5ad(out)
+    where, key = result.uns["alphastomics"]["expression_key"].split("/")
+    assert where == ("obsm" if kind == "no genes" else "layers")
+    assert getattr(result, where)[key].shape == (adata.n_obs, 16)
+    assert result.n_vars == adata.n_vars and out.with_suffix(".png").is_file()
+
+
+def test_input_of_another_kind_than_the_training_data(trained, tmp_path, capsys):
+    """The model was trained on raw counts: normalised input is refused, unless --normalize
+    says what to do; sample and extract follow the same rule."""
+    adata = make_tiny_adata(n_slices=1, n_cells=30, counts=False)
+    src = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    capsys.readouterr()
+    assert main(_sample_argv(trained, src, out, "expr_to_pos")) == 2
+    line = capsys.readouterr().err.strip()
+    assert "holds already-normalised expression, but the model was trained on raw counts" in line
+    assert "--normalize none" in line and not out.exists()
+    extract = ["extract", "--checkpoint", str(trained["ckpt"]), "--input_data", str(src)]
+    assert main([*extract, "--output", str(tmp_path / "e.npz")]) == 2
+    assert "the model was trained on raw counts" in capsys.readouterr().err
+    assert main(_sample_argv(trained, src, out, "expr_to_pos", "--normalize", "none")) == 0
+    assert ad.read_h5ad(out).uns["alphastomics"]["normalization"] == "none"
+
+
 def test_sample_pt_round_trip(trained, tmp_path):
     from alphastomics.utils.dataloader import ProcessedStore
 

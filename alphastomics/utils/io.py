@@ -69,9 +69,12 @@ def _tag() -> str:
 
 
 def temporary_sibling(path: str | Path, kind: str = "tmp") -> Path:
-    """A fresh name beside ``path`` for a temporary copy of it, tagged with this process."""
+    """A fresh name beside ``path`` for a temporary copy of it, tagged with this process.
+
+    The name ends in ``path``'s suffix, for writers that choose the format by it.
+    """
     path = Path(path)
-    return path.parent / f".{path.name}.{kind}-{_tag()}"
+    return path.parent / f".{path.name}.{kind}-{_tag()}{path.suffix}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -95,14 +98,15 @@ def owner_is_dead(pid: int, host: str) -> bool:
 def stale_siblings(path: str | Path, kind: str = "tmp") -> list[tuple[Path, int]]:
     """Temporary siblings of ``path`` (see :func:`temporary_sibling`) left by dead processes."""
     path = Path(path)
-    prefix = f".{path.name}.{kind}-"
+    prefix, suffix = f".{path.name}.{kind}-", path.suffix
     if not path.parent.is_dir():
         return []
     stale = []
     for candidate in path.parent.iterdir():
-        if not candidate.name.startswith(prefix):
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
-        match = _TAG.match(candidate.name[len(prefix) :])
+        match = _TAG.match(name[len(prefix) : len(name) - len(suffix)])
         if match and owner_is_dead(int(match["pid"]), match["host"]):
             stale.append((candidate, int(match["pid"])))
     return stale

@@ -195,19 +195,22 @@ def _check_anndata(
     normalize: NormalizeMode,
     require_positions: bool,
     default_slice_name: str,
+    require_expression: bool = True,
 ) -> _CheckedAnnData:
-    """Check everything that can be wrong with one AnnData, in the order a user would fix it."""
+    """Check everything that can be wrong with one AnnData, in the order a user would fix it.
+
+    With ``require_expression=False`` an expression problem is not an error: the expression
+    is reported as unused and the result has no matrix.
+    """
     if adata.n_obs == 0:
         raise UserInputError(f"{source} has no cells; remove it from the inputs")
-    genes = [str(g) for g in adata.var_names]
-    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
-    if len(duplicated):
-        raise UserInputError(
-            f"{source} has {len(duplicated)} duplicate gene names in var_names "
-            f"{_quote(list(duplicated))}; make them unique (adata.var_names_make_unique()) "
-            "or drop the duplicates"
-        )
-    matrix = _expression_matrix(adata, layer, source)
+    try:
+        genes, matrix = _check_genes(adata, layer, source)
+    except UserInputError as err:
+        if require_expression:
+            raise
+        logger.info("%s: expression not read (%s)", source, str(err).split("; ")[0])
+        genes, matrix = [], None
     positions = _read_positions(adata, position_key, source, required=require_positions)
     groups = _slice_groups(adata, slice_key, source, default_slice_name)
     cell_labels = _cell_labels(adata, cell_type_key, source)
@@ -220,10 +223,19 @@ def _check_anndata(
                     f"{source}: all {len(rows)} cells of slice '{name}' have the same {what}; "
                     "pass --position_key with the real coordinates"
                 )
-    _check_finite_rows(_nonfinite_rows(matrix), groups, source, _matrix_label(layer))
-    applied = _decide_normalization(matrix, normalize, source, layer)
-    library_size = _row_sums(matrix) if applied == "log1p" else None
-    _check_expressed_slices(matrix, library_size, groups, source, layer)
+    applied: AppliedNormalization = "none"
+    library_size = None
+    if matrix is not None:
+        try:
+            _check_finite_rows(_nonfinite_rows(matrix), groups, source, _matrix_label(layer))
+            applied = _decide_normalization(matrix, normalize, source, layer)
+            library_size = _row_sums(matrix) if applied == "log1p" else None
+            _check_expressed_slices(matrix, library_size, groups, source, layer)
+        except UserInputError as err:
+            if require_expression:
+                raise
+            logger.info("%s: expression not read (%s)", source, str(err).split("; ")[0])
+            genes, matrix, applied, library_size = [], None, "none", None
     return _CheckedAnnData(
         source=source,
         adata=adata,
@@ -236,6 +248,24 @@ def _check_anndata(
         normalization=applied,
         library_size=library_size,
     )
+
+
+def _check_genes(adata: ad.AnnData, layer: str | None, source: str) -> tuple[list[str], Any]:
+    """Gene names (unique) and the expression matrix of ``adata``."""
+    if adata.n_vars == 0:
+        raise UserInputError(
+            f"{source} has no genes (adata.var is empty), so it holds no expression; "
+            "add the expression matrix with its genes"
+        )
+    genes = [str(g) for g in adata.var_names]
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+    if len(duplicated):
+        raise UserInputError(
+            f"{source} has {len(duplicated)} duplicate gene names in var_names "
+            f"{_quote(list(duplicated))}; make them unique (adata.var_names_make_unique()) "
+            "or drop the duplicates"
+        )
+    return genes, _expression_matrix(adata, layer, source)
 
 
 def _check_expressed_slices(
@@ -503,9 +533,8 @@ def _build_slice(
 ) -> PreparedSlice:
     file_cols, model_cols = _gene_columns(checked.genes, genes)
     expression = np.zeros((len(rows), len(genes)), dtype=np.float32)  # (N, G)
-    for start, block in zip(
-        range(0, len(rows), _CHUNK_ROWS), _row_chunks(checked.matrix, rows), strict=True
-    ):
+    blocks = () if checked.matrix is None else _row_chunks(checked.matrix, rows)
+    for start, block in zip(range(0, len(rows), _CHUNK_ROWS), blocks, strict=False):
         block = block[:, file_cols].astype(np.float64)
         if checked.normalization == "log1p":
             library = checked.library_size[rows[start : start + len(block)]]  # type: ignore[index]
@@ -568,6 +597,7 @@ def prepare_anndata(
     require_positions: bool = True,
     cell_types: Sequence[str] | None = None,
     source: str = "input AnnData",
+    require_expression: bool = True,
 ) -> list[PreparedSlice]:
     """Prepare a new AnnData for an already-trained model, slice by slice.
 
@@ -590,6 +620,10 @@ def prepare_anndata(
         found in ``adata``.
     source
         Name used in messages; its stem names the single slice when there is no slice column.
+    require_expression
+        True: an expression problem (no matrix, no model gene, NaN, …) is an error. False
+        (expression is not an input, e.g. ``pos_to_expr``): it is logged and the slices get
+        zero expression with every gene masked as unmeasured.
 
     Returns
     -------
@@ -609,14 +643,15 @@ def prepare_anndata(
         normalize=normalize,
         require_positions=require_positions,
         default_slice_name=Path(source).stem or "slice",
+        require_expression=require_expression,
     )
     measured = set(checked.genes).intersection(genes)
-    if not measured:
+    if not measured and require_expression:
         raise UserInputError(
             f"{source} measures none of the model's {len(genes)} genes (e.g. "
             f"{_quote(genes)}); check var_names (gene symbols vs. IDs)"
         )
-    if len(measured) < len(genes):
+    if measured and len(measured) < len(genes):
         logger.warning(
             "%s: %d of the model's %d genes (%.1f%%) were not measured; they are masked",
             source,

@@ -148,6 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             "position_key": args.position_key,
             "slice_key": args.slice_key,
             "cell_type_key": args.cell_type_key,
+            "layer": args.layer,
         }
         sample_h5ad(
             module,
@@ -155,6 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             output,
             keys=keys,
             min_gene_overlap=args.min_gene_overlap,
+            normalize=args.normalize,
             checkpoint=str(args.checkpoint),
             measured_key=args.measured_key,
             **common,
@@ -176,7 +178,21 @@ def cmd_extract(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         extract_store(module, args.data_dir, output, args.extract_mode)
     else:
-        extract_h5ad(module, args.input_data, output, args.extract_mode)
+        keys = {
+            "position_key": args.position_key,
+            "slice_key": args.slice_key,
+            "cell_type_key": args.cell_type_key,
+            "layer": args.layer,
+        }
+        extract_h5ad(
+            module,
+            args.input_data,
+            output,
+            args.extract_mode,
+            keys=keys,
+            normalize=args.normalize,
+            min_gene_overlap=args.min_gene_overlap,
+        )
     log.info("wrote %s", output)
 
 

@@ -11,8 +11,9 @@ from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
 from alphastomics.utils.io import atomic_write
-from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
 from alphastomics.workflows.evaluate import check_store_genes
+from alphastomics.workflows.inputs import prepare_input
 
 EMBEDDING_KEY = "X_alphastomics"
 
@@ -56,24 +57,30 @@ def extract_store(
 
 
 def extract_h5ad(
-    module: AlphaSTomicsModule, input_path: Path, output: Path, mode: ExtractMode
+    module: AlphaSTomicsModule,
+    input_path: Path,
+    output: Path,
+    mode: ExtractMode,
+    *,
+    keys: dict[str, str | None] | None = None,
+    normalize: NormalizeMode | None = None,
+    min_gene_overlap: float = 0.5,
 ) -> dict[str, np.ndarray]:
-    """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm."""
+    """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm.
+
+    ``keys``, ``normalize`` and ``min_gene_overlap`` as for ``sample`` (see
+    :func:`~alphastomics.workflows.inputs.prepare_input`).
+    """
     adata = read_h5ad(input_path)
     info = module.hparams.get("data_info", {})
-    keys = info.get("keys", {})
-    slices = prepare_anndata(
+    slices = prepare_input(
+        module,
         adata,
-        genes=list(module.hparams["gene_names"]),
-        position_key=keys.get("position_key") or "ccf",
-        slice_key=keys.get("slice_key") or "slice",
-        cell_type_key=keys.get("cell_type_key"),
-        layer=keys.get("layer"),
-        normalize=(info.get("normalization") or {}).get("requested", "auto"),
-        require_positions=True,
-        cell_types=info.get("cell_types"),
-        source=str(input_path),
-    )
+        str(input_path),
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+    ).slices
     extractor = EmbeddingExtractor(module, mode=mode)
     result: dict[str, np.ndarray] = {}
     order = np.concatenate([piece.obs_indices for piece in slices])
