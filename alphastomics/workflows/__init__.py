@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     from alphastomics.diffusion_model.checkpoint import load_module
     from alphastomics.utils.io import check_output_dir
-    from alphastomics.workflows.evaluate import run_evaluation
+    from alphastomics.workflows.evaluate import run_evaluation, summary_lines
 
     output_dir = args.output_dir or args.checkpoint.parent.parent / f"test_{args.split}"
     if (output_dir / "metrics.json").exists():
@@ -94,10 +94,8 @@ def cmd_test(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint=str(args.checkpoint),
     )
-    for mode in ("expr_to_pos", "pos_to_expr"):
-        if mode in result["overall"]:
-            key = "distance_spearman_median" if mode == "expr_to_pos" else "pcc_gene_mean"
-            log.info("%s %s = %.3f", mode, key, result["overall"][mode][key])
+    for line in summary_lines(result["overall"]):
+        log.info("%s", line)
     log.info("metrics and figures in %s", output_dir)
 
 
