@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -87,6 +88,20 @@ def test_train_refuses_to_reuse_a_run_folder(trained, capsys):
     )
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_train_shows_progress_on_stderr_without_lightning_noise(
+    tiny_store, tmp_path, capfd, caplog, recwarn
+):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout == "" and "Epoch 1: 100%" in stderr
+    assert "Tip" not in caplog.text and "checkpoints in" in caplog.text
+    noise = [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
+    noise += [str(w.message) for w in recwarn if "logging interval" in str(w.message)]
+    assert noise == []
 
 
 def test_print_config(capsys):

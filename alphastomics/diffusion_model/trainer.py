@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
 import math
 import os
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,6 +107,75 @@ class ThrottledLastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's progress bar on stderr (it writes to stdout), beside every other message."""
+
+    def init_sanity_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the bars of a stopped run, so the next message starts on its own line."""
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None:
+                bar.close()
+
+
+class _Drop(logging.Filter):
+    """Drop log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Lightning's messages that are about Lightning, not about this run: an advertisement, a
+# deprecation inside Lightning, and the logging interval, which counts global steps here
+_NOT_FOR_USERS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's tips and its warnings a user cannot act on, for the block only.
+
+    Lightning's "Received SIGTERM" is hidden too: :class:`GracefulInterrupt` hands Ctrl+C to
+    Lightning as SIGTERM and says itself which signal came.
+    """
+    filters = [
+        (logging.getLogger("pytorch_lightning.utilities.rank_zero"), _Drop("💡 Tip")),
+        (
+            logging.getLogger("pytorch_lightning.trainer.connectors.signal_connector"),
+            _Drop("Received SIGTERM"),
+        ),
+    ]
+    for logger, dropped in filters:
+        logger.addFilter(dropped)
+    try:
+        with warnings.catch_warnings():
+            for message in _NOT_FOR_USERS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for logger, dropped in filters:
+            logger.removeFilter(dropped)
 
 
 class BestCheckpointFallback(pl.Callback):
@@ -350,7 +423,7 @@ def build_trainer(
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(StderrProgressBar(refresh_rate=10))
     if train_cfg.use_ema:
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
     callbacks += [ResumeState(), GracefulInterrupt()]

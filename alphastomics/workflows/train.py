@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from alphastomics.config import Config, config_to_dict, config_to_yaml
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt
 from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.diffusion_model.trainer import build_trainer
+from alphastomics.diffusion_model.trainer import build_trainer, quiet_lightning
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 from alphastomics.utils.io import atomic_write, folder_lock
@@ -89,9 +90,10 @@ def run_training(
     has_val = bool(ProcessedStore(data_dir).slice_indices("val"))
     # the Trainer knows this process's rank before torch.distributed exists (torchrun's
     # environment, or the processes Lightning launches itself): build it first
-    trainer = build_trainer(
-        cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
-    )
+    with quiet_lightning():
+        trainer = build_trainer(
+            cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
+        )
     if trainer.global_rank != 0:  # rank 0 holds the run folder's lock for all ranks
         return _fit(cfg, trainer, data_dir, output_dir, resume, overwrite, has_val)
     created = not output_dir.exists()
@@ -145,16 +147,17 @@ def _fit(
         _check_resume(resume_from, cfg, meta["gene_names"], data_dir)
     _write_config(cfg, output_dir)
     try:
-        trainer.fit(
-            module,
-            train_dataloaders=train_loader,
-            val_dataloaders=val_loader if has_val else None,
-            ckpt_path=str(resume_from) if resume_from else None,
-        )
+        with quiet_lightning():
+            trainer.fit(
+                module,
+                train_dataloaders=train_loader,
+                val_dataloaders=val_loader if has_val else None,
+                ckpt_path=str(resume_from) if resume_from else None,
+            )
     except FloatingPointError as err:
         raise TrainingStopped(f"{err}; {_last_checkpoint(output_dir, 'is intact')}") from err
     except SystemExit as err:
-        stopped = _stop_message(trainer, output_dir)
+        stopped = _stop_message(trainer, output_dir, data_dir)
         if stopped is None:
             raise
         raise TrainingStopped(*stopped) from err
@@ -194,12 +197,24 @@ def _last_checkpoint(output_dir: Path, state: str = "holds it") -> str:
     return f"{last} (step {step}) {state}"
 
 
-def _stop_message(trainer: pl.Trainer, output_dir: Path) -> tuple[str, int] | None:
+def resume_command(output_dir: Path, data_dir: str | Path) -> str:
+    """The command that continues the run in ``output_dir``, ready to paste into a shell.
+
+    The run's own ``config.yaml`` (the resolved config, overrides included) carries the options.
+    """
+    parts = ["alphastomics", "train", "--resume", "--data_dir", str(data_dir)]
+    parts += ["--output_dir", str(output_dir), "--config", str(output_dir / "config.yaml")]
+    return shlex.join(parts)
+
+
+def _stop_message(
+    trainer: pl.Trainer, output_dir: Path, data_dir: str | Path
+) -> tuple[str, int] | None:
     """Message and exit status after ``fit`` stopped on SIGINT/SIGTERM (None: not a signal)."""
     guard = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
     if guard is None or guard.stop_reason is None:
         return None
-    resume = f"`alphastomics train --resume --output_dir {output_dir}` with the same --data_dir and options"
+    resume = f"`{resume_command(output_dir, data_dir)}`"
     if guard.stop_reason == "abort":
         return (
             f"training aborted by Ctrl+C before a clean stop, nothing saved "
