@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alphastomics.errors import UserInputError
@@ -289,13 +290,7 @@ def load_config(
     if base is not None:
         layers.append(OmegaConf.create(base))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as err:
-            raise UserInputError(f"config file {path} is not valid YAML: {err}") from err
+        layers.append(_read_config_file(Path(path)))
     for item in overrides:
         if "=" not in item:
             raise UserInputError(
@@ -312,6 +307,27 @@ def load_config(
             f"invalid config key {key!r}: {reason}. See `alphastomics train --print_config` "
             "for every key and its type"
         ) from err
+
+
+def _read_config_file(path: Path) -> Any:
+    """A user's YAML config as an OmegaConf mapping; every problem is one line."""
+    if path.is_dir():
+        raise UserInputError(f"config file {path} is a folder; pass a YAML file")
+    if not path.is_file():
+        raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserInputError(f"config file {path} is not valid YAML{where}: {problem}") from err
+    if not isinstance(loaded, DictConfig):
+        raise UserInputError(
+            f"config file {path} holds a {type(loaded).__name__.replace('Config', '').lower()}, "
+            "not a mapping of sections; write e.g. `training:` then `  max_epochs: 5`"
+        )
+    return loaded
 
 
 def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -334,3 +350,42 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def config_to_yaml(cfg: Config) -> str:
     """Resolved config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float or null``, ``ddp | fsdp | deepspeed``: a config type, for people."""
+    if get_origin(hint) is Literal:
+        return " | ".join(map(str, get_args(hint)))
+    args = get_args(hint)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join([*(_type_name(a) for a in rest), "null"])
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
+def config_to_annotated_yaml(cfg: Config) -> str:
+    """Resolved config as YAML, each key commented with its type and the packaged default.
+
+    The text is valid YAML: it can be saved and passed back with ``--config``.
+    """
+    defaults = load_config()
+
+    def lines(node: Any, default: Any, indent: str) -> list[str]:
+        out = []
+        hints = get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value, base = getattr(node, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                out.append(f"{indent}{f.name}:")
+                out += lines(value, base, indent + "  ")
+                continue
+            text = f"{indent}{f.name}: {_yaml_scalar(value)}"
+            note = f"{_type_name(hints[f.name])}, default {_yaml_scalar(base)}"
+            out.append(f"{text:<44} # {note}")
+        return out
+
+    return "\n".join(lines(cfg, defaults, "")) + "\n"

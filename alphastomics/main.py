@@ -189,7 +189,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="whole pipeline on generated tissue, in minutes on a CPU")
-    p.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
+    p.add_argument(
+        "--output_dir", type=Path, default=Path("outputs/demo"), help="where everything is written"
+    )
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget (> 0)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of data, training and sampling")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -17,7 +19,7 @@ import pytest
 import torch
 from conftest import make_tiny_adata
 
-from alphastomics.main import main
+from alphastomics.main import build_parser, main
 
 TINY = [
     "model.hidden_dim=16",
@@ -104,9 +106,29 @@ def test_train_shows_progress_on_stderr_without_lightning_noise(
     assert noise == []
 
 
-def test_print_config(capsys):
+def test_print_config_shows_types_and_defaults(capsys, tmp_path):
+    from alphastomics.config import load_config
+
     assert main(["train", "--print_config", "training.lr=0.5"]) == 0
-    assert "lr: 0.5" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert re.search(r"^  lr: 0.5 +# float, default 0.001$", text, re.MULTILINE)
+    assert re.search(r"max_time_minutes: null +# float or null, default null", text)
+    assert re.search(r"strategy: ddp +# ddp \| fsdp \| deepspeed, default ddp", text)
+    saved = tmp_path / "printed.yaml"  # what it prints is a config file
+    saved.write_text(text)
+    assert load_config(saved) == load_config(overrides=["training.lr=0.5"])
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
 
 
 def test_test_writes_metrics_and_figures(trained, tmp_path):
@@ -363,6 +385,10 @@ def test_extract_store_and_h5ad(trained, tmp_path):
     assert emb["expression_embeddings"].shape == (n, 16)
     assert emb["position_embeddings"].shape == (n, 16)
     assert emb["cell_types"].shape == (n,) and emb["cell_types"][0].startswith("type_")
+    source = ad.read_h5ad(trained["h5ad"])
+    assert sorted(emb["obs_names"]) == sorted(source.obs_names)  # every cell, by its name
+    first = emb["obs_names"][0]
+    assert emb["slice"][0] == source.obs.loc[first, "slice"]
     out2 = tmp_path / "emb2.npz"
     assert (
         main(

@@ -449,7 +449,7 @@ BAD_INPUTS = {
     ),
     "nan coordinates": (_with(_nan_coords), ["3 cells", "slice_1", "NaN"]),
     "inf expression": (_with(_inf_expression), ["2 cells", "slice_2", "adata.X"]),
-    "one-cell slice": (_with(_one_cell_slice), ["slice_1", "1 cell", "at least 2"]),
+    "one-cell slice": (_with(_one_cell_slice), ["slice_1", "1 cell", "at least 3"]),
     "no cells": (_with(lambda adata: adata[:0].copy()), ["a.h5ad has no cells"]),
     "duplicate genes": (_with(_duplicate_genes), ["duplicate gene names", "gene_0"]),
     "negative with log1p": (

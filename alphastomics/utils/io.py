@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
+import h5py
 import numpy as np
 
 from alphastomics.errors import OutputWriteError, UserInputError
@@ -37,7 +39,7 @@ def write_failure(err: OSError) -> str | None:
     """The one-line message for a failed write (None: ``err`` is not about writing output)."""
     if not isinstance(err, OutputWriteError) and err.errno not in WRITE_ERRNOS:
         return None
-    reason = err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
+    reason = _reason(err)
     if err.errno in _FULL:
         fix = "free disk space (or quota), or write to another disk"
     elif err.errno in _DENIED:
@@ -53,11 +55,15 @@ def writing(path: str | Path) -> Iterator[None]:
     ``path`` (the CLI prints it on one line)."""
     try:
         yield
-    except OutputWriteError:
-        raise
-    except OSError as err:
-        reason = err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise OutputWriteError(err.errno, reason, str(path)) from err
+    except OSError as err:  # an inner OutputWriteError too: the outermost path is the output
+        raise OutputWriteError(err.errno, _reason(err), str(path)) from err
+
+
+def _reason(err: OSError) -> str:
+    """The OS's words for ``err`` (h5py's own messages span lines and list internals)."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +295,13 @@ class StagedOutputs:
         self._staged.append((tmp, path))
         return tmp
 
+    def write(self, path: str | Path, write: Callable[[Path], None]) -> Path:
+        """Stage ``path``: call ``write(tmp_path)``; an ``OSError`` names ``path``."""
+        tmp = self(path)
+        with writing(path):
+            write(tmp)
+        return Path(path)
+
     def commit(self) -> None:
         """Rename every staged file into place."""
         for tmp, path in self._staged:
@@ -318,13 +331,20 @@ def staged_outputs() -> Iterator[StagedOutputs]:
         raise
 
 
+def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
+    """Write ``adata`` as ``.h5ad`` (as :meth:`anndata.AnnData.write_h5ad` does) through a
+    Python file object, so a full disk is an ``OSError`` like any other; HDF5 writing to a path
+    by itself leaves a failed file that crashes the interpreter at exit."""
+    adata.strings_to_categoricals()
+    with open(path, "w+b") as handle, h5py.File(handle, "w") as f:
+        ad.io.write_elem(f, "/", adata)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     with staged_outputs() as stage:
-        tmp = stage(path)
-        with writing(path):
-            write(tmp)
+        stage.write(path, write)
     return path
 
 

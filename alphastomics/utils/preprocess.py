@@ -50,6 +50,7 @@ TARGET_SUM = 1e4  # library size after normalisation (scanpy's normalize_total t
 GENE_STD_FLOOR = 1e-2  # gene_std floor: flatter genes carry no signal; keeps z-scores bounded
 DEFAULT_SLICE_KEY = "slice"
 N_DIMS = 3
+MIN_SLICE_CELLS = 3  # fewest cells of a slice (or held-out part): position metrics need 3
 _CHUNK_ROWS = 8192  # rows densified at a time
 _MAX_LISTED = 5  # names quoted in an error message
 
@@ -133,9 +134,26 @@ def to_model_units(positions: np.ndarray, center: Sequence[float], scale: float)
 def read_gene_list(path: str | Path) -> list[str]:
     """Read a gene list file: one gene per line; blank lines and ``#`` comments are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"gene list file {path} is a folder; pass --gene_list_file FILE")
     if not path.is_file():
         raise UserInputError(f"gene list file {path} does not exist; pass --gene_list_file FILE")
-    genes = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    raw = path.read_bytes()
+    # a byte-order mark says the encoding (Windows editors write UTF-16, or UTF-8 with a BOM)
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise UserInputError(
+            f"gene list file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 "
+            "with one gene per line"
+        ) from err
+    if "\0" in text:
+        raise UserInputError(
+            f"gene list file {path} holds NUL characters (UTF-16 without a byte-order mark?); "
+            "save it as UTF-8 with one gene per line"
+        )
+    genes = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     genes = [g for g in genes if g]
     if not genes:
         raise UserInputError(f"gene list file {path} lists no genes; write one gene per line")
@@ -397,15 +415,15 @@ def _slice_groups(
             for name, rows in zip(names, np.split(order, bounds), strict=True)
         ]
     for name, rows in groups:
-        if len(rows) < 2:
+        if len(rows) < MIN_SLICE_CELLS:
             fix = (
                 f"drop it (adata = adata[adata.obs['{slice_key}'] != '{name}'])"
                 if len(groups) > 1 or (slice_key is not None and slice_key in adata.obs)
                 else "remove the file from the inputs"
             )
             raise UserInputError(
-                f"{source}: slice '{name}' has {len(rows)} cell; every slice needs at least 2 "
-                f"cells; {fix}"
+                f"{source}: slice '{name}' has {len(rows)} {'cell' if len(rows) == 1 else 'cells'}; "
+                f"every slice needs at least {MIN_SLICE_CELLS} cells; {fix}"
             )
     return groups
 
@@ -979,7 +997,7 @@ class SpatialDataPreprocessor:
     ) -> tuple[list[list[list[_Entry]]], dict[str, Any]]:
         n_test = _held_out_cells(self.test_fraction, n_cells)
         n_val = _held_out_cells(self.val_fraction, n_cells)
-        if n_cells - n_test - n_val < 2:
+        if n_cells - n_test - n_val < MIN_SLICE_CELLS:
             raise UserInputError(
                 f"slice '{name}' has {n_cells} cells, too few to hold out {n_val} validation and "
                 f"{n_test} test cells; lower --val_fraction/--test_fraction"
@@ -1099,12 +1117,92 @@ class SpatialDataPreprocessor:
         return metadata
 
 
+def check_store(data_dir: str | Path, metadata: Any) -> None:
+    """Check a store's ``metadata.json`` (already parsed) and its arrays' shapes.
+
+    Only array headers are read. A store written by another format version is left to the
+    caller's version check. Raises a :class:`UserInputError` naming the file and the key.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / "metadata.json"
+    fix = f"run preprocess again into {data_dir} (with --overwrite), or restore the file"
+    if not isinstance(metadata, dict):
+        raise UserInputError(
+            f"{path} holds a JSON {type(metadata).__name__}, not the metadata of a processed "
+            f"store; {fix}"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        return
+    kinds = {"genes": list, "n_genes": int, "slices": list, "split": dict}
+    kinds |= {"gene_mean": list, "gene_std": list, "cell_types": list}
+    for key, kind in kinds.items():
+        if key not in metadata:
+            raise UserInputError(f"{path} has no key {key!r}; {fix}")
+        if not isinstance(metadata[key], kind) or isinstance(metadata[key], bool):
+            raise UserInputError(f"{path}: {key!r} is not a JSON {kind.__name__}; {fix}")
+    n_genes = len(metadata["genes"])
+    for key in ("n_genes", "gene_mean", "gene_std"):
+        value = metadata[key]
+        count = value if key == "n_genes" else len(value)
+        if count != n_genes:
+            raise UserInputError(
+                f"{path}: {key!r} says {count} genes but 'genes' lists {n_genes}; {fix}"
+            )
+    if not metadata["slices"]:
+        raise UserInputError(f"{path} lists no slices; {fix}")
+    n_dims = metadata.get("n_dims", N_DIMS)
+    for k, info in enumerate(metadata["slices"]):
+        _check_store_entry(data_dir, path, k, info, (n_genes, n_dims), fix)
+
+
+def _check_store_entry(
+    data_dir: Path, path: Path, k: int, info: Any, sizes: tuple[int, int], fix: str
+) -> None:
+    n_genes, n_dims = sizes
+    where = f"{path}: slices[{k}]"
+    if not isinstance(info, dict):
+        raise UserInputError(f"{where} is not a JSON object; {fix}")
+    for key in ("name", "path", "n_cells", "split", "gene_mask"):
+        if key not in info:
+            raise UserInputError(f"{where} has no key {key!r}; {fix}")
+    n_cells = info["n_cells"]
+    if not isinstance(n_cells, int) or isinstance(n_cells, bool) or n_cells < 1:
+        raise UserInputError(f"{where}: 'n_cells' must be a positive whole number; {fix}")
+    if info["split"] not in ("train", "val", "test"):
+        raise UserInputError(f"{where}: 'split' must be train, val or test; {fix}")
+    if not isinstance(info["gene_mask"], list) or len(info["gene_mask"]) != n_genes:
+        raise UserInputError(f"{where}: 'gene_mask' must list {n_genes} booleans; {fix}")
+    if not isinstance(info["path"], str):
+        raise UserInputError(f"{where}: 'path' is not a string; {fix}")
+    folder = data_dir / info["path"]
+    expected = {
+        "expression": (n_cells, n_genes),
+        "positions": (n_cells, n_dims),
+        "cell_type": (n_cells,),
+        "obs_names": (n_cells,),
+    }
+    for name, shape in expected.items():
+        file = folder / f"{name}.npy"
+        try:
+            found = np.load(file, mmap_mode="r").shape
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserInputError(
+                f"cannot read {file} ({reason}); the store is damaged, {fix}"
+            ) from err
+        if tuple(found) != shape:
+            raise UserInputError(
+                f"{file} has shape {tuple(found)}, but {path} says {shape} (slice "
+                f"{info['name']!r}); the store is damaged, {fix}"
+            )
+
+
 def _held_out(fraction: float, n: int) -> int:
     return math.ceil(fraction * n) if fraction > 0 else 0
 
 
 def _held_out_cells(fraction: float, n: int) -> int:
-    return max(2, round(fraction * n)) if fraction > 0 else 0
+    return max(MIN_SLICE_CELLS, round(fraction * n)) if fraction > 0 else 0
 
 
 def _unique_slice_names(summaries: list[_FileSummary]) -> list[list[str]]:

@@ -52,14 +52,14 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from alphastomics.config import config_to_yaml, load_config
+    from alphastomics.config import config_to_annotated_yaml, load_config
 
     overrides = list(args.overrides)
     if args.data_mode:
         overrides.append(f"data.loading.mode={args.data_mode}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
+        print(config_to_annotated_yaml(cfg), end="")
         return
     if args.data_dir is None:
         raise UserInputError(

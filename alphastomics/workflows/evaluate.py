@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,27 +144,30 @@ def run_evaluation(
             per_slice[name] = metrics
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
             labels = _cell_type_names(np.asarray(arrays["cell_type"]), names)
-            if "positions" in pred:
-                plot_layouts(
-                    np.asarray(arrays["positions"]),
+            positions = np.asarray(arrays["positions"])
+            if "positions" in pred:  # each figure: a function of the path it is written to
+                layout = partial(
+                    plot_layouts,
+                    positions,
                     pred["positions"],
-                    stage(output_dir / f"layout_{safe}.png"),
                     cell_types=labels,
                     title=f"{name}: {MODE_TITLES['expr_to_pos']}",
                 )
+                stage.write(output_dir / f"layout_{safe}.png", layout)
             if "expression" in pred:
-                plot_genes(
-                    np.asarray(arrays["positions"]),
+                panels = partial(
+                    plot_genes,
+                    positions,
                     np.asarray(arrays["expression"]),
                     pred["expression"],
                     genes,
-                    stage(output_dir / f"genes_{safe}.png"),
                     gene_mask=np.asarray(arrays["gene_mask"], dtype=bool),
                     title=f"{name}: {MODE_TITLES['pos_to_expr']}",
                 )
+                stage.write(output_dir / f"genes_{safe}.png", panels)
             log.info("scored %s (%d cells)", name, metrics["n_cells"])
         result = _result(per_slice, split, checkpoint, sampler, steps, seed, module)
-        stage(output_dir / "metrics.json").write_text(json_text(result))
+        stage.write(output_dir / "metrics.json", lambda tmp: tmp.write_text(json_text(result)))
     return result
 
 

@@ -10,7 +10,7 @@ from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
-from alphastomics.utils.io import atomic_write
+from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
 from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
 from alphastomics.workflows.evaluate import check_store_genes
 from alphastomics.workflows.inputs import prepare_input
@@ -22,23 +22,22 @@ def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:
     return np.array([names[c] if 0 <= c < len(names) else "" for c in codes], dtype=str)
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-
-    atomic_write(path, write)
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append .npz to a name
+        np.savez_compressed(handle, **arrays)
 
 
 def extract_store(
     module: AlphaSTomicsModule, data_dir: str | Path, output: Path, mode: ExtractMode
 ) -> dict[str, np.ndarray]:
-    """Embeddings of every slice of a processed store, in store order, written to ``output``."""
+    """Embeddings of every slice of a processed store, in store order, written to ``output``
+    with each cell's ``obs_names`` (of its input file), ``slice`` and ``cell_types``."""
     store = ProcessedStore(data_dir)
     check_store_genes(module, store.gene_names, data_dir)
-    holders = []
+    holders, obs_names = [], []
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)
+        obs_names.append(np.asarray(arrays["obs_names"], dtype=str))
         holders.append(
             DataHolder.from_arrays(
                 arrays["expression"],
@@ -52,7 +51,8 @@ def extract_store(
     slice_names = [s["name"] for s in store.metadata["slices"]]
     result["cell_types"] = _names(result["cell_types"], store.metadata.get("cell_types", []))
     result["slice"] = np.array([slice_names[i] for i in result.pop("slice_index")], dtype=str)
-    _save_npz(output, result)
+    result["obs_names"] = np.concatenate(obs_names)  # holders keep each slice's cell order
+    atomic_write(output, lambda tmp: _write_npz(tmp, result))
     return result
 
 
@@ -94,12 +94,14 @@ def extract_h5ad(
     stacked = {key: np.concatenate(parts)[inverse] for key, parts in result.items()}
     codes = np.concatenate([piece.cell_type for piece in slices])[inverse]
     stacked["cell_types"] = _names(codes, info.get("cell_types") or [])
+    stacked["obs_names"] = np.asarray(adata.obs_names, dtype=str)
     main_key = (
         "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
     )
     out = adata.copy()
     out.obsm[EMBEDDING_KEY] = stacked[main_key]
     out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}
-    _save_npz(output, stacked)
-    atomic_write(output.with_suffix(".h5ad"), lambda tmp: out.write_h5ad(tmp))
+    with staged_outputs() as stage:  # both files, or neither
+        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
+        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
     return stacked

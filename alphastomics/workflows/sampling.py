@@ -20,8 +20,13 @@ from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layout, plot_layouts
-from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs
-from alphastomics.utils.preprocess import NormalizeMode, PreparedSlice, read_h5ad
+from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
+from alphastomics.utils.preprocess import (
+    MIN_SLICE_CELLS,
+    NormalizeMode,
+    PreparedSlice,
+    read_h5ad,
+)
 from alphastomics.workflows.inputs import prepare_input
 
 log = logging.getLogger(__name__)
@@ -236,8 +241,9 @@ def sample_h5ad(
     meta["expression_key"] = _expression_key(result, mode)
     result.uns["alphastomics"] = meta
     with staged_outputs() as stage:
-        result.write_h5ad(stage(output_path))
-        _figure(figure_data, stage(output_path.with_suffix(".png")), mode, genes, module)
+        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
+        figure = output_path.with_suffix(".png")
+        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
     return result
 
 
@@ -362,7 +368,8 @@ def read_pt(input_path: Path, module: AlphaSTomicsModule) -> tuple[DataHolder, i
     """A checked batch from a ``.pt`` input, and the input's number of coordinate columns.
 
     The same checks as for an ``.h5ad``: shapes, the checkpoint's gene count, finite values in
-    every real cell, at least 2 real cells per item. 2-column positions get z = 0.
+    every real cell, at least ``MIN_SLICE_CELLS`` real cells per item. 2-column positions get
+    z = 0.
     """
     try:
         data = torch.load(input_path, map_location="cpu", weights_only=True)
@@ -420,11 +427,11 @@ def read_pt(input_path: Path, module: AlphaSTomicsModule) -> tuple[DataHolder, i
                 f"or infinite values in {name!r} (first in item {item}); drop those cells "
                 "(node_mask False) or fix them"
             )
-    too_small = (mask.sum(-1) < 2).nonzero().flatten().tolist()
+    too_small = (mask.sum(-1) < MIN_SLICE_CELLS).nonzero().flatten().tolist()
     if too_small:
         raise UserInputError(
             f"{input_path}: item {too_small[0]} has {int(mask[too_small[0]].sum())} real cells "
-            "(node_mask True); every item needs at least 2"
+            f"(node_mask True); every item needs at least {MIN_SLICE_CELLS}"
         )
     if input_dims < n_dims:
         pos = torch.cat([pos, pos.new_zeros(*pos.shape[:2], n_dims - input_dims)], dim=-1)
