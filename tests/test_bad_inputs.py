@@ -272,6 +272,23 @@ def test_preprocess_overwrite_keeps_its_inputs_and_other_files(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "other.h5ad"]
 
 
+def test_preprocess_names_the_file_listed_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad("a.h5ad")
+    args = ["preprocess", "--input", "a.h5ad", f"../{tmp_path.name}/a.h5ad", "--output_dir", "s"]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(
+        code, err, "preprocess", f"input file ../{tmp_path.name}/a.h5ad is listed twice (as a.h5ad"
+    )
+    code, err = run_cli(
+        ["preprocess", "--input", "a.h5ad", "--output_dir", ".", "--overwrite"], capsys
+    )
+    assert_one_line_error(code, err, "preprocess", "--output_dir . holds the input a.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad"]
+
+
 # ------------------------------------------------------------------------------------------
 # train
 
