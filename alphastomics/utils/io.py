@@ -8,7 +8,6 @@ Files are created with the mode the umask gives, like any other file.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -152,6 +151,8 @@ def folder_lock(folder: str | Path, *, flag: str = "--output_dir") -> Iterator[P
     lock file left by a dead process is taken over with a message. Another live holder makes
     this a :class:`UserInputError` naming its process.
     """
+    import fcntl  # POSIX only: imported here so the rest of this module works everywhere
+
     folder = Path(folder)
     lock = folder / LOCK_NAME
     with writing(lock):
