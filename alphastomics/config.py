@@ -6,12 +6,14 @@ Every check lives here; a bad key, type or value raises :class:`UserInputError` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alphastomics.errors import UserInputError
@@ -141,7 +143,39 @@ class Config:
         _check(self)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range is [0, 2**32 - 1]
+PRECISIONS = (
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "32",
+    "16",
+    "bf16",
+    "64",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+
+
+def _nonfinite(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a config tree that is NaN or infinite."""
+    found = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _nonfinite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append((f"{prefix}{f.name}", value))
+    return found
+
+
 def _check(cfg: Config) -> None:
+    for key, value in _nonfinite(cfg):
+        raise UserInputError(f"invalid config: {key} must be a finite number; got {value}")
+    t = cfg.training
     checks: list[tuple[bool, str]] = [
         (cfg.diffusion.diffusion_steps >= 2, "diffusion.diffusion_steps must be >= 2"),
         (cfg.diffusion.nu_expression > 0, "diffusion.nu_expression must be > 0"),
@@ -185,6 +219,23 @@ def _check(cfg: Config) -> None:
         ),
         (cfg.data.loading.num_workers >= 0, "data.loading.num_workers must be >= 0"),
         (cfg.training.max_epochs >= 1, "training.max_epochs must be >= 1"),
+        (t.max_steps == -1 or t.max_steps >= 1, "training.max_steps must be -1 (no limit) or >= 1"),
+        (
+            t.max_time_minutes is None or t.max_time_minutes > 0,
+            f"training.max_time_minutes must be > 0, or null for no limit; got {t.max_time_minutes}",
+        ),
+        (
+            0 <= t.seed <= MAX_SEED,
+            f"training.seed must be in [0, {MAX_SEED}]; got {t.seed}",
+        ),
+        (
+            t.precision in PRECISIONS,
+            f"training.precision must be one of {', '.join(PRECISIONS[:6])}; got {t.precision!r}",
+        ),
+        (t.weight_decay >= 0, "training.weight_decay must be >= 0"),
+        (t.gradient_clip_val >= 0, "training.gradient_clip_val must be >= 0 (0 = off)"),
+        (t.log_every_n_steps >= 1, "training.log_every_n_steps must be >= 1"),
+        (t.val_max_slices >= 0, "training.val_max_slices must be >= 0"),
         (cfg.training.lr > 0, "training.lr must be > 0"),
         (cfg.training.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
         (
@@ -250,13 +301,7 @@ def load_config(
     if base is not None:
         layers.append(OmegaConf.create(base))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as err:
-            raise UserInputError(f"config file {path} is not valid YAML: {err}") from err
+        layers.append(_read_config_file(Path(path)))
     for item in overrides:
         if "=" not in item:
             raise UserInputError(
@@ -273,6 +318,27 @@ def load_config(
             f"invalid config key {key!r}: {reason}. See `alphastomics train --print_config` "
             "for every key and its type"
         ) from err
+
+
+def _read_config_file(path: Path) -> Any:
+    """A user's YAML config as an OmegaConf mapping; every problem is one line."""
+    if path.is_dir():
+        raise UserInputError(f"config file {path} is a folder; pass a YAML file")
+    if not path.is_file():
+        raise UserInputError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserInputError(f"config file {path} is not valid YAML{where}: {problem}") from err
+    if not isinstance(loaded, DictConfig):
+        raise UserInputError(
+            f"config file {path} holds a {type(loaded).__name__.replace('Config', '').lower()}, "
+            "not a mapping of sections; write e.g. `training:` then `  max_epochs: 5`"
+        )
+    return loaded
 
 
 def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -299,3 +365,42 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def config_to_yaml(cfg: Config) -> str:
     """Resolved config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float or null``, ``ddp | fsdp | deepspeed``: a config type, for people."""
+    if get_origin(hint) is Literal:
+        return " | ".join(map(str, get_args(hint)))
+    args = get_args(hint)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join([*(_type_name(a) for a in rest), "null"])
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
+def config_to_annotated_yaml(cfg: Config) -> str:
+    """Resolved config as YAML, each key commented with its type and the packaged default.
+
+    The text is valid YAML: it can be saved and passed back with ``--config``.
+    """
+    defaults = load_config()
+
+    def lines(node: Any, default: Any, indent: str) -> list[str]:
+        out = []
+        hints = get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value, base = getattr(node, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                out.append(f"{indent}{f.name}:")
+                out += lines(value, base, indent + "  ")
+                continue
+            text = f"{indent}{f.name}: {_yaml_scalar(value)}"
+            note = f"{_type_name(hints[f.name])}, default {_yaml_scalar(base)}"
+            out.append(f"{text:<44} # {note}")
+        return out
+
+    return "\n".join(lines(cfg, defaults, "")) + "\n"

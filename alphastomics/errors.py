@@ -20,3 +20,10 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (read-only folder, full disk): ``filename`` is the output.
+
+    The CLI prints it on one line with the fix and exits 2; nothing half-written is left.
+    """

@@ -22,6 +22,63 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed in numpy's range [0, 2**32 - 1]."""
+    from alphastomics.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, {MAX_SEED}]")
+    return value
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1] (write 0.5 for 50%)")
+    return value
+
+
+_CHECKPOINT_HELP = (
+    "a .ckpt written by `alphastomics train` (RUN/checkpoints/best.ckpt or last.ckpt)"
+)
+_SAMPLER_HELP = (
+    "ddim: few steps (default, sampling.sampler of the checkpoint); ddpm: ancestral, all "
+    "diffusion steps"
+)
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of a new .h5ad for a trained model; defaults: what preprocess used."""
+    p.add_argument(
+        "--position_key", help="adata.obsm key of coordinates (default: the training key)"
+    )
+    p.add_argument("--slice_key", help="adata.obs column naming slices (default: the training key)")
+    p.add_argument(
+        "--cell_type_key", help="adata.obs column of cell types (default: the training key)"
+    )
+    p.add_argument("--layer", help="use adata.layers[LAYER] instead of X (default: as at training)")
+    p.add_argument(
+        "--normalize",
+        choices=["auto", "log1p", "none"],
+        help="default: as at preprocess time, and an input of another kind than the training "
+        "data (raw counts vs. normalised) is refused; auto|log1p|none as for preprocess",
+    )
+    p.add_argument(
+        "--min_gene_overlap",
+        type=_share,
+        default=0.5,
+        help="refuse when less than this share (0-1) of the model's genes is in the input",
+    )
+
+
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="AnnData (.h5ad) files -> processed store for training")
     src = p.add_mutually_exclusive_group(required=True)
@@ -51,7 +108,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         "train on, else none; 0.1 of the cells of a single slice)",
     )
     p.add_argument("--test_fraction", type=float, default=0.1, help="share of slices for testing")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the split (0 to 2**32-1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
 
 
@@ -73,66 +130,77 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="sample held-out slices and write metrics.json and figures")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data_dir", type=Path, required=True)
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--checkpoint", type=Path, required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--data_dir", type=Path, required=True, help="processed store to score")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        default="test",
+        help="which slices of the store to sample and score (default test)",
+    )
     p.add_argument("--output_dir", type=Path, help="default: CHECKPOINT_DIR/../test_<split>")
     p.add_argument(
         "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"
     )
-    p.add_argument("--sampler", choices=["ddim", "ddpm"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help=_SAMPLER_HELP)
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the sampling noise (0 to 2**32-1)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing metrics and figures")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate positions, expression or whole tissue")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--input_data", type=Path, required=True, help=".h5ad or .pt input")
     p.add_argument("--sample_mode", required=True, help="expr_to_pos | pos_to_expr | joint")
     p.add_argument("--output", type=Path, help="output file (default: beside the input)")
     p.add_argument(
         "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"
     )
-    p.add_argument("--sampler", choices=["ddim", "ddpm"])
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help=_SAMPLER_HELP)
     p.add_argument("--num_samples", type=int, default=1, help="samples per cell (spread reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the sampling noise (0 to 2**32-1); the same seed gives the same output",
+    )
     p.add_argument(
         "--measured_key",
         help="pos_to_expr on an .h5ad: a boolean obs column; cells marked True are measured and "
         "keep their expression, the others are imputed from them (the neighbour read-out)",
     )
-    p.add_argument("--position_key", help="default: the key used at preprocess time")
-    p.add_argument("--slice_key", help="default: the key used at preprocess time")
-    p.add_argument("--cell_type_key", help="default: the key used at preprocess time")
-    p.add_argument(
-        "--min_gene_overlap",
-        type=float,
-        default=0.5,
-        help="refuse when less than this share of the model's genes is in the input",
-    )
+    _add_input_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="per-cell embeddings from a trained model")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help=_CHECKPOINT_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data_dir", type=Path, help="processed store (all its slices)")
     src.add_argument("--input_data", type=Path, help=".h5ad: also writes obsm['X_alphastomics']")
     p.add_argument("--output", type=Path, required=True, help="embeddings .npz")
     p.add_argument(
-        "--extract_mode", choices=["transformer", "expression", "position", "all"], default="all"
+        "--extract_mode",
+        choices=["transformer", "expression", "position", "all"],
+        default="all",
+        help="which embeddings: the transformer's per-cell output, the expression or the "
+        "position encoder's, or all three (default)",
     )
-    p.add_argument("--overwrite", action="store_true")
+    _add_input_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="whole pipeline on generated tissue, in minutes on a CPU")
-    p.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--output_dir", type=Path, default=Path("outputs/demo"), help="where everything is written"
+    )
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget (> 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of data, training and sampling")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"alphastomics {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from alphastomics.utils.io import write_failure
+
+        message = write_failure(err)
+        if message is None:
+            raise
+        print(f"alphastomics {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

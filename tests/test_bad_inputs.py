@@ -3,6 +3,11 @@ traceback, no partial output, and nothing a user had overwritten without --overw
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -101,6 +106,16 @@ def _one_cell_slice(adata: ad.AnnData, path: Path) -> None:
     adata[keep].copy().write_h5ad(path)
 
 
+def _small_slice(n_cells: int) -> Callable[[ad.AnnData, Path], None]:
+    def change(adata: ad.AnnData, path: Path) -> None:
+        rows = np.flatnonzero((adata.obs["slice"] == "slice_1").to_numpy())
+        keep = (adata.obs["slice"] != "slice_1").to_numpy()
+        keep[rows[:n_cells]] = True
+        adata[keep].copy().write_h5ad(path)
+
+    return change
+
+
 def _duplicate_genes(adata: ad.AnnData, path: Path) -> None:
     adata.var_names = ["gene_0", *adata.var_names[1:-1], "gene_1"]
     adata.write_h5ad(path)
@@ -128,7 +143,7 @@ PREPROCESS_CASES: dict[str, tuple[Callable[[ad.AnnData, Path], None], list[str],
         [],
         ["slice 'slice_1'", "zero expression", "--normalize none"],
     ),
-    "one-cell slice": (_one_cell_slice, [], ["slice 'slice_1'", "1 cell", "at least 2"]),
+    "one-cell slice": (_one_cell_slice, [], ["slice 'slice_1'", "has 1 cell;", "at least 3"]),
     "duplicate genes": (_duplicate_genes, [], ["duplicate gene names", "'gene_1'", "unique"]),
     "gene list without overlap": (
         lambda adata, path: adata.write_h5ad(path),
@@ -139,6 +154,32 @@ PREPROCESS_CASES: dict[str, tuple[Callable[[ad.AnnData, Path], None], list[str],
         lambda adata, path: adata.write_h5ad(path),
         ["--slice_key", "section"],
         ["no obs column 'section'", "--slice_key"],
+    ),
+    "two-cell slice (test needs 3)": (
+        _small_slice(2),
+        [],
+        ["slice 'slice_1' has 2 cells", "at least 3"],
+    ),
+    "no genes": (
+        lambda adata, path: ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm)).write_h5ad(path),
+        [],
+        ["has no genes (adata.var is empty)"],
+    ),
+    "negative seed": (lambda adata, path: adata.write_h5ad(path), ["--seed", "-1"], ["--seed"]),
+    "gene list in UTF-16 without a byte-order mark": (
+        lambda adata, path: adata.write_h5ad(path),
+        ["--gene_list_file", "UTF16"],
+        ["holds NUL characters", "save it as UTF-8"],
+    ),
+    "gene list in Latin-1": (
+        lambda adata, path: adata.write_h5ad(path),
+        ["--gene_list_file", "LATIN1"],
+        ["is not UTF-8 text", "save it as UTF-8"],
+    ),
+    "gene list is a folder": (
+        lambda adata, path: adata.write_h5ad(path),
+        ["--gene_list_file", "FOLDER"],
+        ["is a folder", "--gene_list_file FILE"],
     ),
 }
 
@@ -153,11 +194,29 @@ def test_preprocess_bad_input(
     build(make_tiny_adata(n_slices=2, n_cells=30), source)
     genes = tmp_path / "genes.txt"
     genes.write_text("GAPDH\nACTB\n")
-    flags = [str(genes) if f == "GENES" else f for f in flags]
+    utf16 = tmp_path / "genes16.txt"
+    utf16.write_bytes("gene_0\ngene_1\n".encode("utf-16-le"))  # no byte-order mark
+    latin1 = tmp_path / "genes_latin1.txt"
+    latin1.write_bytes("gene_0\ngène_1\n".encode("latin-1"))
+    files = {"GENES": genes, "UTF16": utf16, "LATIN1": latin1, "FOLDER": tmp_path}
+    flags = [str(files.get(f, f)) for f in flags]
     out = tmp_path / "work" / "store"
     code, err = run_cli(["preprocess", "--input", source, "--output_dir", out, *flags], capsys)
     assert_one_line_error(code, err, "preprocess", *fragments)
     assert not out.parent.exists()  # no partial store, not even its parent folder
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_gene_list_with_a_byte_order_mark(tmp_path: Path, encoding: str) -> None:
+    """Editors on Windows write a byte-order mark; it is not part of the first gene's name."""
+    source = tmp_path / "a.h5ad"
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad(source)
+    genes = tmp_path / "genes.txt"
+    genes.write_bytes("gene_0\r\ngene_3\r\n".encode(encoding))
+    out = tmp_path / "store"
+    args = ["preprocess", "--input", source, "--output_dir", out, "--gene_list_file", genes]
+    assert main([str(a) for a in args]) == 0
+    assert json.loads((out / "metadata.json").read_text())["genes"] == ["gene_0", "gene_3"]
 
 
 def test_all_zero_slice_is_kept_without_normalisation(
@@ -186,6 +245,50 @@ def test_preprocess_keeps_an_existing_store(
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_preprocess_overwrite_keeps_its_inputs_and_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "D"
+    folder.mkdir()
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad(folder / "a.h5ad")
+    (folder / "notes.txt").write_text("n\n")
+    before = _snapshot(folder)
+    for source in (["--input_dir", folder], ["--input", folder / "a.h5ad"]):
+        for extra in ([], ["--overwrite"]):
+            args = ["preprocess", *source, "--output_dir", folder, *extra]
+            code, err = run_cli(args, capsys)
+            assert_one_line_error(code, err, "preprocess", "holds the input", "a.h5ad")
+            assert _snapshot(folder) == before
+    other = tmp_path / "other.h5ad"
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad(other)
+    args = ["preprocess", "--input", other, "--output_dir", folder, "--overwrite"]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "preprocess", "did not write (a.h5ad, notes.txt)")
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "other.h5ad"]
+
+
+def test_preprocess_names_the_file_listed_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_tiny_adata(n_slices=2, n_cells=30).write_h5ad("a.h5ad")
+    args = ["preprocess", "--input", "a.h5ad", f"../{tmp_path.name}/a.h5ad", "--output_dir", "s"]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(
+        code, err, "preprocess", f"input file ../{tmp_path.name}/a.h5ad is listed twice (as a.h5ad"
+    )
+    code, err = run_cli(
+        ["preprocess", "--input", "a.h5ad", "--output_dir", ".", "--overwrite"], capsys
+    )
+    assert_one_line_error(code, err, "preprocess", "--output_dir . holds the input a.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad"]
+
+
 # ------------------------------------------------------------------------------------------
 # train
 
@@ -197,6 +300,14 @@ def test_preprocess_keeps_an_existing_store(
         (["diffusion.diffusion_steps=-5"], ["diffusion.diffusion_steps must be >= 2"]),
         (["training.lr=fast"], ["'training.lr'"]),
         (["training.max_epochs"], ["not KEY=VALUE"]),
+        (["training.lr=inf"], ["training.lr must be a finite number", "inf"]),
+        (["training.lr=nan"], ["training.lr must be a finite number"]),
+        (["training.max_time_minutes=-1"], ["training.max_time_minutes must be > 0", "null"]),
+        (["training.max_time_minutes=0"], ["training.max_time_minutes must be > 0"]),
+        (["training.max_steps=0"], ["training.max_steps must be -1"]),
+        (["training.precision=8"], ["training.precision must be one of", "bf16-mixed", "'8'"]),
+        (["training.seed=-1"], ["training.seed must be in [0, 4294967295]"]),
+        (["training.seed=4294967296"], ["training.seed must be in [0, 4294967295]"]),
     ],
 )
 def test_train_bad_config(
@@ -227,6 +338,147 @@ def test_train_needs_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert not (tmp_path / "run").exists()
 
 
+def test_train_that_writes_no_checkpoint_fails(
+    tiny_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights that turn NaN are never saved; the run must then fail, not report success."""
+    from alphastomics.diffusion_model import trainer
+
+    monkeypatch.setattr(trainer, "_nonfinite_weights", lambda checkpoint: ["model.w"])
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "--data_dir", tiny_store, "--output_dir", out, *TINY], capsys)
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("alphastomics train: training ended at step 2 without writing")
+    assert "NaN or inf" in line and "training.lr" in line
+    assert not list((out / "checkpoints").glob("*.ckpt"))
+
+
+def test_demo_refuses_a_negative_time_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    code, err = run_cli(["demo", "--output_dir", out, "--minutes", "-1"], capsys)
+    assert_one_line_error(code, err, "demo", "--minutes", "-1")
+    assert not out.exists()
+
+
+def test_two_trainings_into_one_run_folder(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While one run holds the folder, a second is refused and changes nothing in it."""
+    from alphastomics.utils.io import folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out):
+        before = sorted(p.name for p in out.iterdir())
+        args = ["train", "--data_dir", tiny_store, "--output_dir", out, *TINY]
+        code, err = run_cli([*args, "--overwrite"], capsys)
+        assert_one_line_error(code, err, "train", "in use by another run", f"process {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == before == [".alphastomics.lock"]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_stale_run_lock_is_taken_over(
+    tiny_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".alphastomics.lock").write_text(f"process {child.pid} on {socket.gethostname()}\n")
+    assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
+    assert f"from process {child.pid}" in caplog.text and "no longer runs" in caplog.text
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert not (out / ".alphastomics.lock").exists()
+
+
+def test_config_file_errors_are_one_line(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {
+        "list.yaml": ("- training\n- model\n", ["holds a list, not a mapping of sections"]),
+        "indent.yaml": (
+            "model:\n  hidden_dim: 16\n   n_layers: 2\n",
+            ["is not valid YAML at line 3, column 12", "mapping values are not allowed"],
+        ),
+        "open.yaml": ("model: [\n", ["is not valid YAML at line 2"]),
+    }
+    for name, (text, fragments) in cases.items():
+        config = tmp_path / name
+        config.write_text(text)
+        args = [
+            "train",
+            "--config",
+            config,
+            "--data_dir",
+            tiny_store,
+            "--output_dir",
+            tmp_path / "r",
+        ]
+        assert_one_line_error(*run_cli(args, capsys), "train", name, *fragments)
+    args = ["train", "--config", tmp_path, "--data_dir", tiny_store]
+    assert_one_line_error(*run_cli(args, capsys), "train", "is a folder")
+    assert not (tmp_path / "r").exists()
+
+
+def _tampered(store: Path, change: Callable[[Path, dict], object]) -> None:
+    meta = json.loads((store / "metadata.json").read_text())
+    replaced = change(store, meta)
+    (store / "metadata.json").write_text(json.dumps(meta if replaced is None else replaced))
+
+
+STORE_CASES: dict[str, tuple[Callable[[Path, dict], object], list[str]]] = {
+    "metadata is a list": (lambda store, meta: [meta], ["holds a JSON list"]),
+    "missing key": (lambda store, meta: meta.pop("slices") and None, ["has no key 'slices'"]),
+    "wrong gene count": (
+        lambda store, meta: meta.update(n_genes=15),
+        ["'n_genes' says 15 genes but 'genes' lists 16"],
+    ),
+    "short gene mask": (
+        lambda store, meta: meta["slices"][1].update(gene_mask=[True] * 3),
+        ["slices[1]: 'gene_mask' must list 16 booleans"],
+    ),
+    "npy of the wrong shape": (
+        lambda store, meta: np.save(
+            store / meta["slices"][2]["path"] / "expression.npy", np.zeros((4, 16), np.float32)
+        ),
+        ["expression.npy has shape (4, 16)", "the store is damaged"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STORE_CASES))
+def test_tampered_store_is_one_line(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    change, fragments = STORE_CASES[case]
+    store = tmp_path / "store"
+    shutil.copytree(run["store"], store)
+    _tampered(store, change)
+    commands = {
+        "train": ["--data_dir", store, "--output_dir", tmp_path / "run", *TINY],
+        "test": ["--checkpoint", run["ckpt"], "--data_dir", store, "--output_dir", tmp_path / "t"],
+        "extract": [
+            "--checkpoint",
+            run["ckpt"],
+            "--data_dir",
+            store,
+            "--output",
+            tmp_path / "e.npz",
+        ],
+    }
+    for command, args in commands.items():
+        code, err = run_cli([command, *args], capsys)
+        assert_one_line_error(
+            code, err, command, "metadata.json" if "npy" not in case else "", *fragments
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
 # ------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -245,6 +497,42 @@ def test_not_a_checkpoint(
     code, err = run_cli([command, "--checkpoint", junk, *args], capsys)
     assert_one_line_error(code, err, command, "model.ckpt", "not a readable checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("command", ["test", "sample", "extract"])
+def test_checkpoint_that_is_a_folder(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    folder = run["ckpt"].parent.parent  # the run folder, not its checkpoint
+    args = {
+        "test": ["--data_dir", run["store"], "--output_dir", tmp_path / "t"],
+        "sample": ["--input_data", run["h5ad"], "--sample_mode", "joint"],
+        "extract": ["--data_dir", run["store"], "--output", tmp_path / "e.npz"],
+    }[command]
+    code, err = run_cli([command, "--checkpoint", folder, *args], capsys)
+    hint = f"did you mean {folder / 'checkpoints' / 'best.ckpt'}?"
+    assert_one_line_error(code, err, command, "is a folder, not a .ckpt file", hint)
+    assert not any(tmp_path.iterdir())
+
+
+def test_test_scores_the_smallest_slice_preprocess_allows(
+    run: dict[str, Path], tmp_path: Path
+) -> None:
+    """preprocess and test agree on the smallest slice: 3 cells."""
+    source = tmp_path / "small.h5ad"
+    _small_slice(3)(make_tiny_adata(n_slices=2, n_cells=30), source)
+    store, out = tmp_path / "store", tmp_path / "t"
+    args = ["preprocess", "--input", source, "--output_dir", store, "--test_slices", "slice_1"]
+    assert main([str(a) for a in args]) == 0
+    args = ["test", "--checkpoint", run["ckpt"], "--data_dir", store, "--output_dir", out]
+    assert main([str(a) for a in args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["slices"]["slice_1"]["n_cells"] == 3
+
+
+def test_test_seed_out_of_range(run: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["test", "--checkpoint", run["ckpt"], "--data_dir", run["store"], "--seed", "-3"]
+    assert_one_line_error(*run_cli(args, capsys), "test", "--seed", "outside [0, 4294967295]")
 
 
 def test_checkpoint_and_store_with_other_genes(
@@ -277,6 +565,12 @@ def test_sample_h5ad_with_too_few_genes(
     code, err = run_cli([*args, "--sample_mode", "expr_to_pos"], capsys)
     assert_one_line_error(
         code, err, "sample", "only 4 of the checkpoint's 16", "--min_gene_overlap"
+    )
+    # one rule for every command that reads a new .h5ad
+    extract = ["extract", "--checkpoint", run["ckpt"], "--input_data", source]
+    code, err = run_cli([*extract, "--output", tmp_path / "e.npz"], capsys)
+    assert_one_line_error(
+        code, err, "extract", "only 4 of the checkpoint's 16", "--min_gene_overlap 0.5"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["few.h5ad"]
 
@@ -316,6 +610,14 @@ SAMPLE_CASES: dict[str, tuple[list[str], list[str]]] = {
         ["must be an .h5ad or .pt file"],
     ),
     "bad sampler flag": (["--sample_mode", "joint", "--sampler", "euler"], ["invalid choice"]),
+    "seed above 2**63": (
+        ["--sample_mode", "joint", "--seed", str(2**63)],
+        ["--seed", "outside [0, 4294967295]"],
+    ),
+    "gene overlap as a percentage": (
+        ["--sample_mode", "expr_to_pos", "--min_gene_overlap", "150"],
+        ["--min_gene_overlap", "not a share in [0, 1]"],
+    ),
 }
 
 
@@ -376,9 +678,123 @@ def test_pt_input_without_the_expected_keys(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
 
 
+def _pt(n: int = 12, genes: int = 16, dims: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "expression": torch.rand(1, n, genes, generator=generator),
+        "positions": torch.randn(1, n, dims, generator=generator),
+        "node_mask": torch.ones(1, n, dtype=torch.bool),
+    }
+
+
+def _pt_with(change: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
+    data = _pt()
+    change(data)
+    return data
+
+
+PT_CASES: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {
+    "NaN position": (
+        _pt_with(lambda d: d["positions"].__setitem__((0, 3, 1), float("nan"))),
+        ["1 real cell has NaN or infinite values in 'positions'", "node_mask False"],
+    ),
+    "inf expression": (
+        _pt_with(lambda d: d["expression"].__setitem__((0, 2, 5), float("inf"))),
+        ["NaN or infinite values in 'expression'"],
+    ),
+    "4-column positions": (_pt(dims=4), ["positions have 4 columns", "expected 2 or 3"]),
+    "wrong gene count": (_pt(genes=15), ["expression has 15 genes, the checkpoint 16"]),
+    "mismatched cells": (
+        _pt_with(lambda d: d.__setitem__("node_mask", torch.ones(1, 11, dtype=torch.bool))),
+        ["must agree on (B, N)"],
+    ),
+    "one real cell": (
+        _pt_with(lambda d: d["node_mask"][0, 1:].zero_()),
+        ["item 0 has 1 real cells", "at least 3"],
+    ),
+    "node_mask not boolean": (
+        _pt_with(lambda d: d.__setitem__("node_mask", torch.full((1, 12), 0.5))),
+        ["node_mask must be boolean"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PT_CASES))
+def test_pt_input_is_checked_like_h5ad(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    data, fragments = PT_CASES[case]
+    source = tmp_path / "in.pt"
+    torch.save(data, source)
+    args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source]
+    code, err = run_cli([*args, "--sample_mode", "pos_to_expr"], capsys)
+    assert_one_line_error(code, err, "sample", "in.pt", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
+
+
+def test_pt_input_with_2d_positions_and_padding(run: dict[str, Path], tmp_path: Path) -> None:
+    """2-column positions are read with z = 0 and come back with 2 columns; NaN in padded
+    cells is never read."""
+    data = _pt(dims=2)
+    data["node_mask"][0, -2:] = False
+    data["positions"][0, -1] = float("nan")
+    source, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(data, source)
+    for mode in ("pos_to_expr", "expr_to_pos"):
+        args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source, "--output", out]
+        assert main([str(a) for a in [*args, "--sample_mode", mode, "--overwrite"]]) == 0
+        result = torch.load(out, weights_only=False)
+        assert result["positions"].shape == (1, 12, 2)
+        real = result["node_mask"][0]
+        assert torch.isfinite(result["expression"][0, real]).all()
+        assert torch.isfinite(result["positions"][0, real]).all()
+
+
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(["test", "--checkpoint", "x.ckpt"], capsys)
     assert_one_line_error(code, err, "test", "--data_dir", "alphastomics test --help")
+
+
+WRITE_CASES: dict[str, list[str]] = {
+    "preprocess": ["preprocess", "--input", "{h5ad}", "--output_dir", "{out}/store"],
+    "train": ["train", "--data_dir", "{store}", "--output_dir", "{out}/run", *TINY],
+    "test": ["test", "--checkpoint", "{ckpt}", "--data_dir", "{store}", "--output_dir", "{out}/t"],
+    "sample": [
+        "sample", "--checkpoint", "{ckpt}", "--input_data", "{h5ad}", "--sample_mode", "joint",
+        "--output", "{out}/s.h5ad",
+    ],
+    "extract": ["extract", "--checkpoint", "{ckpt}", "--data_dir", "{store}", "--output", "{out}/e.npz"],
+}  # fmt: skip
+
+
+def _full_disk() -> None:
+    """In the child: writes beyond 1 KiB fail with EFBIG, as on a full disk (Python ignores
+    SIGXFSZ)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(WRITE_CASES))
+def test_full_disk_is_one_line_and_leaves_nothing(
+    run: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    names = {"h5ad": run["h5ad"], "store": run["store"], "ckpt": run["ckpt"], "out": out}
+    args = [a.format(**names) for a in WRITE_CASES[command]]
+    result = subprocess.run(
+        [*PYTHON_CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_full_disk,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alphastomics {command}: error: cannot write {out}"), last
+    assert "File too large" in last and "free disk space" in last
+    assert list(out.iterdir()) == []  # nothing half-written, no temporary file
 
 
 def test_subprocess_shows_no_traceback(tmp_path: Path) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +19,7 @@ import pytest
 import torch
 from conftest import make_tiny_adata
 
-from alphastomics.main import main
+from alphastomics.main import build_parser, main
 
 TINY = [
     "model.hidden_dim=16",
@@ -87,9 +92,43 @@ def test_train_refuses_to_reuse_a_run_folder(trained, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_print_config(capsys):
+def test_train_shows_progress_on_stderr_without_lightning_noise(
+    tiny_store, tmp_path, capfd, caplog, recwarn
+):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout == "" and "Epoch 1: 100%" in stderr
+    assert "Tip" not in caplog.text and "checkpoints in" in caplog.text
+    noise = [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
+    noise += [str(w.message) for w in recwarn if "logging interval" in str(w.message)]
+    assert noise == []
+
+
+def test_print_config_shows_types_and_defaults(capsys, tmp_path):
+    from alphastomics.config import load_config
+
     assert main(["train", "--print_config", "training.lr=0.5"]) == 0
-    assert "lr: 0.5" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert re.search(r"^  lr: 0.5 +# float, default 0.001$", text, re.MULTILINE)
+    assert re.search(r"max_time_minutes: null +# float or null, default null", text)
+    assert re.search(r"strategy: ddp +# ddp \| fsdp \| deepspeed, default ddp", text)
+    saved = tmp_path / "printed.yaml"  # what it prints is a config file
+    saved.write_text(text)
+    assert load_config(saved) == load_config(overrides=["training.lr=0.5"])
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
 
 
 def test_test_writes_metrics_and_figures(trained, tmp_path):
@@ -210,6 +249,78 @@ def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
     assert info["missing_gene_share"] == pytest.approx(2 / adata.n_vars)
 
 
+def test_sampled_anndata_keeps_what_the_user_gave(trained, tmp_path):
+    """pos_to_expr on a gene subset keeps X, obs, var, uns; ours is beside them."""
+    adata = ad.read_h5ad(trained["test_h5ad"])[:, :10].copy()
+    adata.uns["source"] = "my lab"
+    adata.obs["batch"] = "b1"
+    adata.layers["counts"] = adata.X.copy()
+    src, out = tmp_path / "subset.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "pos_to_expr")) == 0
+    result = ad.read_h5ad(out)
+    np.testing.assert_array_equal(result.X, adata.X)
+    np.testing.assert_array_equal(result.layers["counts"], adata.layers["counts"])
+    assert list(result.var_names) == list(adata.var_names)
+    assert result.uns["source"] == "my lab" and list(result.obs["batch"]) == ["b1"] * adata.n_obs
+    predicted = result.obsm["alphastomics_expression"]
+    assert list(predicted.columns) == [f"gene_{i}" for i in range(16)]
+    assert predicted.shape == (adata.n_obs, 16) and np.isfinite(predicted.to_numpy()).all()
+    assert result.uns["alphastomics"]["expression_key"] == "obsm/alphastomics_expression"
+
+
+def test_joint_output_labels_each_cell_with_its_reference_slice(trained, tmp_path):
+    adata = ad.read_h5ad(trained["h5ad"])
+    reference = adata[adata.obs["slice"].isin(["slice_2", "slice_3"])].copy()
+    reference.uns["source"] = "my lab"
+    src, out = tmp_path / "two.h5ad", tmp_path / "joint.h5ad"
+    reference.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "joint", "--steps", "2")) == 0
+    result = ad.read_h5ad(out)
+    assert result.obs["slice"].value_counts().to_dict() == (
+        reference.obs["slice"].value_counts().to_dict()
+    )
+    predicted = result.obs["alphastomics_predicted_cell_type"]
+    assert set(predicted) <= set(reference.obs["cell_type"])
+    assert result.uns["source"] == "my lab" and result.obsm["spatial"].shape[0] == result.n_obs
+
+
+@pytest.mark.parametrize("kind", ["no genes", "zero expression"])
+def test_pos_to_expr_needs_no_expression(trained, tmp_path, kind):
+    adata = ad.read_h5ad(trained["test_h5ad"])
+    if kind == "no genes":
+        adata = ad.AnnData(obs=adata.obs, obsm={"ccf": adata.obsm["ccf"]})
+    else:
+        adata.X = np.zeros(adata.shape, dtype=np.float32)
+    src, out = tmp_path / "positions.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(src)
+    assert main(_sample_argv(trained, src, out, "pos_to_expr")) == 0
+    result = ad.read_h5ad(out)
+    where, key = result.uns["alphastomics"]["expression_key"].split("/")
+    assert where == ("obsm" if kind == "no genes" else "layers")
+    assert getattr(result, where)[key].shape == (adata.n_obs, 16)
+    assert result.n_vars == adata.n_vars and out.with_suffix(".png").is_file()
+
+
+def test_input_of_another_kind_than_the_training_data(trained, tmp_path, capsys):
+    """The model was trained on raw counts: normalised input is refused, unless --normalize
+    says what to do; sample and extract follow the same rule."""
+    adata = make_tiny_adata(n_slices=1, n_cells=30, counts=False)
+    src = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    capsys.readouterr()
+    assert main(_sample_argv(trained, src, out, "expr_to_pos")) == 2
+    line = capsys.readouterr().err.strip()
+    assert "holds already-normalised expression, but the model was trained on raw counts" in line
+    assert "--normalize none" in line and not out.exists()
+    extract = ["extract", "--checkpoint", str(trained["ckpt"]), "--input_data", str(src)]
+    assert main([*extract, "--output", str(tmp_path / "e.npz")]) == 2
+    assert "the model was trained on raw counts" in capsys.readouterr().err
+    assert main(_sample_argv(trained, src, out, "expr_to_pos", "--normalize", "none")) == 0
+    assert ad.read_h5ad(out).uns["alphastomics"]["normalization"] == "none"
+
+
 def test_sample_pt_round_trip(trained, tmp_path):
     from alphastomics.utils.dataloader import ProcessedStore
 
@@ -274,6 +385,10 @@ def test_extract_store_and_h5ad(trained, tmp_path):
     assert emb["expression_embeddings"].shape == (n, 16)
     assert emb["position_embeddings"].shape == (n, 16)
     assert emb["cell_types"].shape == (n,) and emb["cell_types"][0].startswith("type_")
+    source = ad.read_h5ad(trained["h5ad"])
+    assert sorted(emb["obs_names"]) == sorted(source.obs_names)  # every cell, by its name
+    first = emb["obs_names"][0]
+    assert emb["slice"][0] == source.obs.loc[first, "slice"]
     out2 = tmp_path / "emb2.npz"
     assert (
         main(
@@ -293,6 +408,39 @@ def test_extract_store_and_h5ad(trained, tmp_path):
     )
     written = ad.read_h5ad(out2.with_suffix(".h5ad"))
     assert written.obsm["X_alphastomics"].shape == (written.n_obs, 16)
+
+
+def test_outputs_are_readable_by_others(trained, tmp_path):
+    """Every output gets the mode the umask gives (0644 under umask 022), as any other file."""
+    ckpt = ["--checkpoint", str(trained["ckpt"])]
+    old = os.umask(0o022)
+    try:
+        store = tmp_path / "store"
+        assert (
+            main(["preprocess", "--input", str(trained["test_h5ad"]), "--output_dir", str(store)])
+            == 0
+        )
+        test = [
+            "test",
+            *ckpt,
+            "--data_dir",
+            str(trained["store"]),
+            "--output_dir",
+            str(tmp_path / "t"),
+        ]
+        assert main([*test, "--steps", "2"]) == 0
+        sample = _sample_argv(
+            trained, trained["test_h5ad"], tmp_path / "s.h5ad", "joint", "--steps", "2"
+        )
+        assert main(sample) == 0
+        extract = ["extract", *ckpt, "--input_data", str(trained["test_h5ad"])]
+        assert main([*extract, "--output", str(tmp_path / "e.npz")]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.suffix for p in written} >= {".json", ".png", ".h5ad", ".npz", ".npy"}
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_resume_continues_from_last(trained, tmp_path):

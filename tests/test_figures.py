@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
+from scipy.spatial.distance import pdist
 
-from alphastomics.utils.figures import plot_genes, plot_layouts
+from alphastomics.utils import figures
+from alphastomics.utils.figures import plot_genes, plot_layout, plot_layouts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,13 +77,14 @@ def test_failed_write_leaves_no_partial_file(
     target = tmp_path / "layout.png"
     target.write_bytes(b"previous figure")
 
-    def broken_savefig(self: Figure, fh: object, **kwargs: object) -> None:
-        fh.write(PNG_MAGIC)  # type: ignore[attr-defined]
-        raise OSError("disk full")
+    def broken_savefig(self: Figure, fname: Path, **kwargs: object) -> None:
+        Path(fname).write_bytes(PNG_MAGIC)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left") as failed:
         plot_layouts(true, pred, target)
+    assert failed.value.filename == str(target)
     assert target.read_bytes() == b"previous figure"
     assert [p.name for p in tmp_path.iterdir()] == ["layout.png"]
 
@@ -91,3 +95,107 @@ def test_unpaired_layouts_are_not_aligned(tmp_path):
     generated = rng.normal(size=(200, 2))
     path = plot_layouts(reference, generated, tmp_path / "joint.png", paired=False)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """Figures as they would be saved (laid out), instead of PNG files."""
+    made: list[Figure] = []
+
+    def keep(fig: Figure, path: object) -> Path:
+        fig.draw_without_rendering()
+        made.append(fig)
+        return Path(str(path))
+
+    monkeypatch.setattr(figures, "_write_png", keep)
+    return made
+
+
+def _panels(fig: Figure) -> list:
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def _titles(fig: Figure) -> str:
+    suptitle = fig.get_suptitle() if hasattr(fig, "get_suptitle") else ""
+    return " | ".join([suptitle, *(ax.get_title() for ax in _panels(fig))])
+
+
+def test_figures_fill_their_canvas_and_label_every_colourbar(
+    drawn: list[Figure], tmp_path: Path
+) -> None:
+    """No blank band: the panels cover most of the figure (aspect kept by the data limits)."""
+    true, pred = _slice(n=600)
+    rng = np.random.default_rng(2)
+    expr = rng.random((len(true), 4))
+    plot_layouts(true * 100, pred, tmp_path / "a.png", title="slice_5: placed")
+    plot_layouts(true * 100, pred * [0.5, 2.0, 1.0], tmp_path / "b.png", title="t", paired=False)
+    plot_genes(true, expr, expr + 0.1 * rng.random(expr.shape), list("abcd"), tmp_path / "c.png")
+    for fig in drawn:
+        area = sum(ax.get_position().width * ax.get_position().height for ax in _panels(fig))
+        assert area > 0.75, _titles(fig)
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert all(bar.get_xlabel() or bar.get_ylabel() for bar in bars)
+    assert [len([a for a in f.axes if a.get_label() == "<colorbar>"]) for f in drawn] == [1, 0, 4]
+    assert _titles(drawn[2]).count("Pearson r = ") == 4
+
+
+def test_cell_type_legend_is_sorted_with_non_types_grey_and_last() -> None:
+    labels = ["type 10", "Low quality", "type 2", "unknown", "type 1", "Unassigned"]
+    entries, colours = figures._type_colours(np.array(labels * 3, dtype=object))
+    names = [label for label, _ in entries]
+    assert names == ["type 1", "type 2", "type 10", "Low quality", "Unassigned", "unknown"]
+    for label, colour in entries:
+        grey = colour[0] == colour[1] == colour[2]
+        assert grey == (label in ("Low quality", "Unassigned", "unknown")), label
+    assert colours.shape == (18, 4)
+
+
+@pytest.mark.parametrize("n_types", [8, 24])
+def test_cell_types_get_distinct_colours(n_types: int) -> None:
+    entries, _ = figures._type_colours(np.array([f"t{i}" for i in range(n_types)], dtype=object))
+    rgb = np.array([colour[:3] for _, colour in entries])
+    assert pdist(rgb).min() > 0.15
+    assert all(0.2126 * r + 0.7152 * g + 0.0722 * b < 0.7 for r, g, b in rgb)  # seen on white
+
+
+def test_generated_layout_without_truth_is_one_panel_named_generated(
+    drawn: list[Figure], tmp_path: Path
+) -> None:
+    _, pred = _slice()
+    types = np.array([f"type {i % 3}" for i in range(len(pred))], dtype=object)
+    plot_layout(pred, tmp_path / "alone.png", cell_types=types, title="s: placed")
+    (panel,) = _panels(drawn[0])
+    assert panel.get_title() == "generated" and "true" not in _titles(drawn[0])
+    assert [t.get_text() for t in drawn[0].legends[0].get_texts()] == [
+        "type 0",
+        "type 1",
+        "type 2",
+    ]
+
+
+def test_joint_layouts_are_coloured_by_cell_type_with_a_legend(
+    drawn: list[Figure], tmp_path: Path
+) -> None:
+    reference, generated = _slice()
+    types = np.array([f"type {i % 3}" for i in range(len(reference))], dtype=object)
+    predicted = np.roll(types, 1)
+    plot_layouts(
+        reference, generated, tmp_path / "j.png", cell_types=types, pred_cell_types=predicted,
+        paired=False,
+    )  # fmt: skip
+    fig = drawn[0]
+    assert [ax.get_title() for ax in _panels(fig)] == ["reference", "generated"]
+    assert fig.legends and len(fig.legends[0].get_texts()) == 3
+    facecolours = [
+        len(np.unique(ax.collections[0].get_facecolors(), axis=0)) for ax in _panels(fig)
+    ]
+    assert facecolours == [3, 3]
+
+
+def test_genes_without_truth_draw_predictions_only(drawn: list[Figure], tmp_path: Path) -> None:
+    pos, _ = _slice()
+    pred = np.random.default_rng(3).random((len(pos), 5))
+    mask = np.zeros(5, dtype=bool)
+    plot_genes(pos, np.zeros_like(pred), pred, list("abcde"), tmp_path / "g.png", gene_mask=mask)
+    titles = [ax.get_title() for ax in _panels(drawn[0])]
+    assert len(titles) == 4 and all(t.endswith(": predicted") for t in titles)

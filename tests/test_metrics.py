@@ -331,3 +331,38 @@ def test_summarize_weights_counts_and_nan() -> None:
     assert weighted["pcc_gene_mean"] == pytest.approx(0.875)
     with pytest.raises(ValueError, match="weights"):
         summarize(slices, weights=[1.0])
+
+
+def test_summarize_adds_up_cell_counts_only() -> None:
+    """Over two slices of a 351-gene panel: 351 genes, not 702; clusters are not averaged."""
+    slices = [
+        {"mse": 0.5, "n_cells": 100, "n_genes": 351, "cluster_n_clusters": 23,
+         "cluster_n_cells_labelled": 90, "morans_i_n_genes": 300, "n_anchors": 100,
+         "seconds": 1.0},
+        {"mse": 0.3, "n_cells": 300, "n_genes": 351, "cluster_n_clusters": 24,
+         "cluster_n_cells_labelled": 280, "morans_i_n_genes": 310, "n_anchors": 300,
+         "seconds": 2.5},
+    ]  # fmt: skip
+    out = summarize(slices, weights=[100, 300])
+    assert out["mse"] == pytest.approx(0.35)
+    assert out["n_cells"] == 400 and out["cluster_n_cells_labelled"] == 370
+    assert out["n_anchors"] == 400 and out["seconds"] == pytest.approx(3.5)
+    assert not {"n_genes", "cluster_n_clusters", "morans_i_n_genes"} & set(out)
+
+
+def test_summary_lines_show_every_metric_beside_its_baseline() -> None:
+    from alphastomics.workflows.evaluate import summary_lines
+
+    overall = {
+        "expr_to_pos": {"distance_spearman_median": 0.41, "knn_preservation": 0.2},
+        "baseline_random_positions": {"distance_spearman_median": 0.0, "knn_preservation": 0.05},
+        "pos_to_expr": {"pcc_gene_mean": 0.3, "mse": 0.433},
+        "baseline_mean_expression": {"pcc_gene_mean": math.nan, "mse": 0.398},
+    }
+    lines = summary_lines(overall)
+    assert lines == [
+        "expr_to_pos: median distance Spearman 0.410 (random positions: 0.000)",
+        "expr_to_pos: kNN preservation 0.200 (random positions: 0.050)",
+        "pos_to_expr: mean gene Pearson r 0.300 (a constant: 0.000)",
+        "pos_to_expr: expression MSE 0.433 (training mean per gene: 0.398; the model is worse)",
+    ]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,7 +148,20 @@ def test_isotropic_scale_round_trips_to_user_units(tmp_path: Path, n_dims: int) 
         assert (positions**2).sum(axis=1).mean() / n_dims == pytest.approx(1.0, rel=1e-4)
         ratio = positions[:, :n_dims].std(axis=0) / original.std(axis=0)
         np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
-        if n_dims == 2:
+        assert positions.shape[1] == n_dims and len(info["center"]) == n_dims  # 2D stays 2D
+    assert meta["n_dims"] == n_dims
+
+
+def test_2d_and_3d_files_make_a_3d_store_with_z_0(tmp_path: Path) -> None:
+    flat = write_h5ad(make_tiny_adata(n_slices=1, n_dims=2), tmp_path / "flat.h5ad")
+    deep = write_h5ad(make_tiny_adata(n_slices=1, seed=1), tmp_path / "deep.h5ad")
+    out = tmp_path / "out"
+    meta = _run([flat, deep], out)
+    assert meta["n_dims"] == 3
+    for info in meta["slices"]:
+        positions = _entry(out, info, "positions")
+        assert positions.shape[1] == 3
+        if info["input_dims"] == 2:
             assert np.all(positions[:, 2] == 0.0) and info["center"][2] == 0.0
 
 
@@ -461,7 +478,7 @@ BAD_INPUTS = {
     ),
     "nan coordinates": (_with(_nan_coords), ["3 cells", "slice_1", "NaN"]),
     "inf expression": (_with(_inf_expression), ["2 cells", "slice_2", "adata.X"]),
-    "one-cell slice": (_with(_one_cell_slice), ["slice_1", "1 cell", "at least 2"]),
+    "one-cell slice": (_with(_one_cell_slice), ["slice_1", "1 cell", "at least 3"]),
     "no cells": (_with(lambda adata: adata[:0].copy()), ["a.h5ad has no cells"]),
     "duplicate genes": (_with(_duplicate_genes), ["duplicate gene names", "gene_0"]),
     "negative with log1p": (
@@ -531,21 +548,70 @@ def test_holding_out_every_slice_is_an_error(tmp_path: Path) -> None:
 
 def test_existing_output_is_refused_then_replaced(tmp_path: Path, tiny_h5ad: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    _run([tiny_h5ad], out, cell_type_key="cell_type")
     with pytest.raises(UserInputError, match="--overwrite"):
         _run([tiny_h5ad], out)
-    assert (out / "keep.txt").read_text() == "user data"
-    # A failing run with overwrite leaves the old folder untouched.
+    # A failing run with overwrite leaves the old store untouched.
     with pytest.raises(UserInputError):
         _run([tiny_h5ad], out, position_key="spatial", overwrite=True)
-    assert (out / "keep.txt").exists()
+    assert json.loads((out / "metadata.json").read_text())["cell_types"]
     meta = SpatialDataPreprocessor(progress=False).preprocess_and_save(
         [tiny_h5ad], out, overwrite=True
     )
-    assert not (out / "keep.txt").exists()
     assert json.loads((out / "metadata.json").read_text()) == meta
+    assert meta["cell_types"] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.h5ad"]
+
+
+def test_overwrite_never_deletes_what_the_store_did_not_write(
+    tmp_path: Path, tiny_h5ad: Path
+) -> None:
+    out = tmp_path / "out"
+    _run([tiny_h5ad], out)
+    (out / "keep.txt").write_text("user data")
+    (out / "slices" / "notes.md").write_text("mine")
+    with pytest.raises(UserInputError, match=r"did not write \(keep.txt, slices/notes.md\)"):
+        _run([tiny_h5ad], out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "user data"
+    assert (out / "slices" / "notes.md").read_text() == "mine"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_run_leaves_nothing_the_next_run_keeps(tmp_path: Path, tiny_h5ad: Path) -> None:
+    """SIGKILL during preprocess leaves a hidden temporary store; the next run removes it, and
+    puts back a store it had moved aside, while a live process's temporary store is kept."""
+    out = tmp_path / "out"
+    host = socket.gethostname()
+    dead = tmp_path / f".out.tmp-{_dead_pid()}-0123abcd@{host}"
+    (dead / "slices" / "0").mkdir(parents=True)
+    (dead / "slices" / "0" / "expression.npy").write_bytes(b"\0" * 1000)
+    alive = tmp_path / f".out.tmp-{os.getppid()}-4567abcd@{host}"
+    alive.mkdir()
+    _run([tiny_h5ad], out)
+    assert not dead.exists() and alive.is_dir()
+
+    # killed between moving the old store aside and moving the new one in
+    moved = tmp_path / f".out.old-{_dead_pid()}-89abcdef@{host}"
+    os.replace(out, moved)
+    with pytest.raises(UserInputError, match="--overwrite"):
+        _run([tiny_h5ad], out)
+    assert (out / "metadata.json").is_file() and not moved.exists()
+
+
+def test_output_dir_that_is_the_current_folder(
+    tmp_path: Path, tiny_h5ad: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(UserInputError, match="current folder"):
+        _run([tiny_h5ad], Path("."), overwrite=True)
+    assert not any(here.iterdir())
 
 
 def test_empty_existing_output_folder_is_fine(tmp_path: Path, tiny_h5ad: Path) -> None:

@@ -8,7 +8,9 @@ subprocess with SIGTERM.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -121,23 +123,30 @@ def test_interrupted_run_resumes_to_the_same_result(
     reference: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
     step: int,
 ) -> None:
     out = tmp_path / "run"
+    caplog.set_level(logging.INFO)
     code = train(tiny_store, out, callbacks=(SignalAt(step, signum),), monkeypatch=monkeypatch)
     line = cli_line(capsys.readouterr().err)
     assert code == 128 + signum
     name = signal.Signals(signum).name
     assert f"stopped by {name} at step {step}" in line
-    assert f"--resume --output_dir {out}" in line
+    assert f"{name} received" in caplog.text and "Received SIGTERM" not in caplog.text
+    resume = line.split("resume with `", 1)[1].rstrip("`")
+    assert resume == shlex.join(
+        ["alphastomics", "train", "--resume", "--data_dir", str(tiny_store), "--output_dir",
+         str(out), "--config", str(out / "config.yaml")]
+    )  # fmt: skip
     last = out / "checkpoints" / "last.ckpt"
     assert load(last)["global_step"] == step
     assert load_module(last).hparams["num_genes"] == 16  # a valid, loadable checkpoint
-    assert not list(last.parent.glob("*.tmp"))
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
-    assert train(tiny_store, out, "--resume") == 0
+    assert main(shlex.split(resume)[1:]) == 0  # the printed command, pasted
     ours, theirs = load(last), load(reference / "checkpoints" / "last.ckpt")
     assert ours["global_step"] == theirs["global_step"] == 6
     assert_same_weights(ours["state_dict"], theirs["state_dict"])  # EMA weights

@@ -21,7 +21,10 @@ _PARALLEL_QUERIES = 20_000
 
 
 def _points(x: Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64).numpy()
+    # non-finite coordinates (a diverged model) get neighbours of the origin, not an error:
+    # the non-finite values themselves travel on through the network and are caught there
+    points = x.detach().to("cpu", torch.float64).numpy()
+    return np.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _query(tree: cKDTree, points: np.ndarray, k: int) -> np.ndarray:

@@ -22,6 +22,15 @@ _REQUIRED_HPARAMS = ("cfg", "num_genes", "gene_names")
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file into a dict, or raise a one-line :class:`UserInputError`."""
     path = Path(path)
+    if path.is_dir():
+        inside = [
+            p for p in (path / "checkpoints" / "best.ckpt", path / "best.ckpt") if p.is_file()
+        ]
+        hint = f"did you mean {inside[0]}?" if inside else "pass RUN/checkpoints/best.ckpt"
+        raise UserInputError(
+            f"checkpoint {path} is a folder, not a .ckpt file; {hint} (a DeepSpeed checkpoint "
+            "folder must be converted first, see the README)"
+        )
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist; pass a .ckpt written by `train`")
     try:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
-import tempfile
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,18 +28,9 @@ from alphastomics.config import Config
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
+from alphastomics.utils.io import reserve_temporary, writing
 
 log = logging.getLogger(__name__)
-
-
-def _file_mode() -> int:
-    """Mode of a newly created file under this process's umask (read once, at import)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
 
 
 def _nonfinite_weights(checkpoint: dict[str, Any]) -> list[str]:
@@ -73,32 +68,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 bad[0],
             )
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = reserve_temporary(path)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600)
-                    os.fchmod(handle.fileno(), _FILE_MODE)
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            with writing(path):
+                with open(tmp, "wb") as handle:
+                    torch.save(checkpoint, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
 
 class ThrottledLastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` at epoch ends, at most every ``min_interval_s`` seconds, and at the end.
+    """``last.ckpt`` at the first epoch end, then at epoch ends at most every ``min_interval_s``
+    seconds, and at the end.
 
     A store with one or two training slices has epochs of one or two steps; writing (and
-    fsync-ing) a checkpoint after each of them would cost more than the steps themselves.
+    fsync-ing) a checkpoint after each of them would cost more than the steps themselves. The
+    first epoch is always saved, so a run killed early still has something to resume from.
     """
 
     def __init__(self, *, min_interval_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.min_interval_s = min_interval_s
-        self._last_write = time.monotonic()
+        self._last_write = -math.inf
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if time.monotonic() - self._last_write < self.min_interval_s:
@@ -110,6 +107,75 @@ class ThrottledLastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's progress bar on stderr (it writes to stdout), beside every other message."""
+
+    def init_sanity_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the bars of a stopped run, so the next message starts on its own line."""
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None:
+                bar.close()
+
+
+class _Drop(logging.Filter):
+    """Drop log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Lightning's messages that are about Lightning, not about this run: an advertisement, a
+# deprecation inside Lightning, and the logging interval, which counts global steps here
+_NOT_FOR_USERS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's tips and its warnings a user cannot act on, for the block only.
+
+    Lightning's "Received SIGTERM" is hidden too: :class:`GracefulInterrupt` hands Ctrl+C to
+    Lightning as SIGTERM and says itself which signal came.
+    """
+    filters = [
+        (logging.getLogger("pytorch_lightning.utilities.rank_zero"), _Drop("💡 Tip")),
+        (
+            logging.getLogger("pytorch_lightning.trainer.connectors.signal_connector"),
+            _Drop("Received SIGTERM"),
+        ),
+    ]
+    for logger, dropped in filters:
+        logger.addFilter(dropped)
+    try:
+        with warnings.catch_warnings():
+            for message in _NOT_FOR_USERS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for logger, dropped in filters:
+            logger.removeFilter(dropped)
 
 
 class BestCheckpointFallback(pl.Callback):
@@ -372,8 +438,9 @@ def build_trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
-    # last.ckpt at the end of every epoch (ModelCheckpoint(save_last=True) rewrites it only when
-    # the best score improves); GracefulInterrupt also writes it when a run is stopped
+    # last.ckpt at the first epoch end, then every checkpoint_every_minutes at an epoch end, and
+    # at the end (ModelCheckpoint(save_last=True) rewrites it only when the best score
+    # improves); GracefulInterrupt also writes it when a run is stopped
     last = ThrottledLastCheckpoint(
         min_interval_s=60.0 * train_cfg.checkpoint_every_minutes,
         dirpath=str(output_dir / "checkpoints"),
@@ -390,7 +457,7 @@ def build_trainer(
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(StderrProgressBar(refresh_rate=10))
     if train_cfg.use_ema:
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
     callbacks += [ResumeState(), GracefulInterrupt()]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder, collate_holders
-from alphastomics.utils.preprocess import FORMAT_VERSION
+from alphastomics.utils.preprocess import FORMAT_VERSION, check_store
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class ProcessedStore:
             self.metadata: dict[str, Any] = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserInputError(f"{path} is not valid JSON; run preprocess again") from err
+        check_store(self.data_dir, self.metadata)
         version = self.metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise UserInputError(

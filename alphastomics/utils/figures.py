@@ -6,24 +6,32 @@ written atomically (temporary file in the target folder, then ``os.replace``).
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import os
-import uuid
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 
+from alphastomics.utils.io import atomic_write
 from alphastomics.utils.metrics import procrustes_align
 
-__all__ = ["plot_genes", "plot_layouts"]
+__all__ = ["MODE_TITLES", "plot_genes", "plot_layout", "plot_layouts"]
+
+MODE_TITLES = {
+    "expr_to_pos": "cells placed from their expression",
+    "pos_to_expr": "expression predicted from positions",
+    "joint": "tissue generated beside its reference",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +42,10 @@ _DPI = 150
 
 def _write_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Save ``fig`` to ``path`` as PNG atomically; on failure no partial file is left."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI, bbox_inches="tight")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        target = atomic_write(
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+        )
     finally:
         fig.clear()
     logger.debug("wrote %s", target)
@@ -102,31 +104,94 @@ def _type_labels(cell_types: ArrayLike, n: int) -> np.ndarray:
     return np.array([as_label(x) for x in arr], dtype=object)
 
 
+_NOT_A_TYPE = re.compile(
+    r"^(unknown|nan|none|na|n/a|other|others|unassigned|unclassified|undefined|ambiguous|"
+    r"doublets?|low[ _-]?quality.*|unlabell?ed|-1)$",
+    re.IGNORECASE,
+)
+_GREYS = [(0.62, 0.62, 0.62, 1.0), (0.78, 0.78, 0.78, 1.0), (0.45, 0.45, 0.45, 1.0)]
+_AXIS_NAMES = "xyz"
+
+
+def _natural_key(label: str) -> list[Any]:
+    """Sort key that puts "type 2" before "type 10"."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", label)]
+
+
+def _palette(n: int) -> list[tuple[float, ...]]:
+    """``n`` distinct colours: scanpy's (Vega's 10 for up to 10 types, else "godsnot", a list
+    of maximally distinct colours), without the pale ones that vanish on white and the greyish
+    ones kept for labels that name no type. Beyond its 75 colours, they repeat."""
+    from scanpy.plotting import palettes
+
+    source = palettes.default_20[:10] if n <= 10 else palettes.godsnot_102
+    colours = []
+    for colour in map(to_rgba, source):
+        red, green, blue = colour[:3]
+        luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+        if luminance < 0.7 and colorsys.rgb_to_hls(red, green, blue)[2] > 0.25:
+            colours.append(colour)
+    return [colours[i % len(colours)] for i in range(n)]
+
+
 def _type_colours(labels: np.ndarray) -> tuple[list[tuple[str, Any]], np.ndarray]:
-    """Legend entries (label, colour) by frequency and one RGBA colour per cell (N, 4)."""
-    palette = [
-        *colormaps["tab20"].colors,
-        *colormaps["tab20b"].colors,
-        *colormaps["tab20c"].colors,
-    ]
-    counts = Counter(labels.tolist()).most_common()
-    grey = (0.75, 0.75, 0.75, 1.0)
-    shown = counts if len(counts) <= _MAX_TYPES else counts[: _MAX_TYPES - 1]
-    lookup = {label: (*palette[i % len(palette)][:3], 1.0) for i, (label, _) in enumerate(shown)}
-    entries: list[tuple[str, Any]] = [(label, lookup[label]) for label, _ in shown]
-    if len(shown) < len(counts):
-        entries.append((f"other ({len(counts) - len(shown)} types)", grey))
-    colours = np.array([lookup.get(label, grey) for label in labels.tolist()])
+    """Legend entries (label, colour) and one RGBA colour per cell (N, 4).
+
+    Real types get distinct colours, in natural order; labels that name no type ("Unknown",
+    "Low quality", "Unassigned", ...) are grey and listed last. Beyond ``_MAX_TYPES`` types the
+    rarest are grey, as "other".
+    """
+    counts = Counter(labels.tolist())
+    named = [label for label in counts if not _NOT_A_TYPE.match(label.strip())]
+    greyed = sorted((label for label in counts if label not in named), key=_natural_key)
+    if len(named) > _MAX_TYPES:
+        kept = {
+            label for label, _ in Counter({k: counts[k] for k in named}).most_common(_MAX_TYPES - 1)
+        }
+    else:
+        kept = set(named)
+    named = sorted(kept, key=_natural_key)
+    lookup = dict(zip(named, _palette(len(named)), strict=False))
+    for k, label in enumerate(greyed):
+        lookup[label] = _GREYS[k % len(_GREYS)]
+    entries: list[tuple[str, Any]] = [(label, lookup[label]) for label in [*named, *greyed]]
+    n_other = len(counts) - len(named) - len(greyed)
+    other = _GREYS[len(greyed) % len(_GREYS)]
+    if n_other:
+        entries.append((f"other ({n_other} types)", other))
+    colours = np.array([lookup.get(label, other) for label in labels.tolist()])
     return entries, colours
 
 
 def _scatter_panel(ax: Axes, xy: np.ndarray, title: str, **kwargs: Any) -> Any:
     artist = ax.scatter(xy[:, 0], xy[:, 1], linewidths=0, rasterized=True, **kwargs)
     ax.set_title(title)
-    ax.set_aspect("equal", adjustable="box")
+    ax.set_aspect("equal", adjustable="datalim")
     ax.set_xticks([])
     ax.set_yticks([])
     return artist
+
+
+def _legend(fig: Figure, entries: list[tuple[str, Any]]) -> None:
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=colour, label=label, markersize=6)
+        for label, colour in entries
+    ]
+    fig.legend(
+        handles=handles,
+        title="cell type",
+        loc="outside right center",
+        frameon=False,
+        fontsize="small",
+        ncols=1 if len(handles) <= 16 else 2,
+    )
+
+
+def _layout_figure(xy: np.ndarray, n_panels: int, legend: bool) -> Figure:
+    """A figure whose panels fit the data's aspect, so no blank band is left around them."""
+    panel_height = 4.5
+    width = n_panels * panel_height * _aspect(xy) + (3.2 if legend else 0.8)
+    return Figure(figsize=(width, panel_height + 0.9), layout="constrained")
 
 
 def plot_layouts(
@@ -135,6 +200,7 @@ def plot_layouts(
     path: str | os.PathLike[str],
     *,
     cell_types: ArrayLike | None = None,
+    pred_cell_types: ArrayLike | None = None,
     title: str = "",
     paired: bool = True,
 ) -> Path:
@@ -152,16 +218,20 @@ def plot_layouts(
     path
         Output PNG; missing parent folders are created, an existing file is replaced.
     cell_types
-        Shape (N,): colours cells by type, with a legend of the 29 most frequent types (rarer
-        ones grey, as "other"). Without it, cells are coloured by their true position along the
-        first displayed axis, so a colour gradient shows where each cell was placed.
+        Shape (N,): colours cells by type, with a legend in natural order (up to 30 types;
+        rarer ones grey, as "other"; labels such as "Unknown" or "Low quality" grey). Without
+        it, cells are coloured by their true position along the first displayed axis, so a
+        colour gradient shows where each cell was placed.
+    pred_cell_types
+        Shape (N,): types of the generated cells when they are not those of ``cell_types``
+        (unpaired layouts, e.g. types predicted for generated cells).
     title
         Figure title.
     paired
-        False when the rows are not the same cells (a generated tissue next to a reference of
-        the same size): no Procrustes fit, the generated layout is only centred and scaled to
-        the reference's spread, panels are titled "reference" / "generated", and cells are
-        coloured by their position along the first displayed axis of their own panel.
+        False when the rows are not the same cells (a generated tissue next to its reference):
+        no Procrustes fit, the generated layout is only centred and scaled to the reference's
+        spread, panels are titled "reference" / "generated", each with its own extent; cells
+        are coloured by ``cell_types`` / ``pred_cell_types`` when given, else plainly.
 
     Returns
     -------
@@ -182,48 +252,94 @@ def plot_layouts(
     n = len(true_arr)
     if paired:
         aligned = procrustes_align(true_arr, pred_arr)
+        pred_cell_types = cell_types if pred_cell_types is None else pred_cell_types
     else:
         centred = pred_arr - pred_arr.mean(axis=0)
         spread = np.sqrt((centred**2).sum(axis=1).mean()) or 1.0
         ref_spread = np.sqrt(((true_arr - true_arr.mean(axis=0)) ** 2).sum(axis=1).mean())
         aligned = centred / spread * ref_spread + true_arr.mean(axis=0)
-        cell_types = None
     axes = list(_display_axes(true_arr))
     keep = _subsample(n)
     true_xy, pred_xy = true_arr[keep][:, axes], aligned[keep][:, axes]
     size = _marker_size(len(keep))
+    typed = cell_types is not None or pred_cell_types is not None
+    names = ("true", "generated (aligned)") if paired else ("reference", "generated")
 
-    panel_height = 5.0
-    fig = Figure(
-        figsize=(2 * panel_height * _aspect(true_xy) + 3.0, panel_height + 1.0),
-        layout="constrained",
-    )
-    ax_true, ax_pred = fig.subplots(1, 2, sharex=True, sharey=True)
-    if cell_types is not None:
-        entries, colours = _type_colours(_type_labels(cell_types, n)[keep])
-        _scatter_panel(ax_true, true_xy, "true", c=colours, s=size)
-        _scatter_panel(ax_pred, pred_xy, "generated (aligned)", c=colours, s=size)
-        handles = [
-            Line2D([], [], marker="o", linestyle="", color=colour, label=label, markersize=6)
-            for label, colour in entries
-        ]
-        fig.legend(
-            handles=handles,
-            loc="outside right center",
-            frameon=False,
-            fontsize="small",
-            ncols=1 if len(handles) <= 15 else 2,
+    fig = _layout_figure(true_xy, 2, legend=typed)
+    ax_true, ax_pred = fig.subplots(1, 2)
+    if typed:
+        true_labels = _type_labels(cell_types, n)[keep] if cell_types is not None else None
+        pred_labels = (
+            _type_labels(pred_cell_types, n)[keep] if pred_cell_types is not None else None
         )
+        both = np.concatenate([x for x in (true_labels, pred_labels) if x is not None])
+        entries, colours = _type_colours(both)
+        split = 0 if true_labels is None else len(true_labels)
+        plain = (0.35, 0.35, 0.35, 1.0)
+        _scatter_panel(ax_true, true_xy, names[0], c=colours[:split] if split else [plain], s=size)
+        _scatter_panel(
+            ax_pred,
+            pred_xy,
+            names[1],
+            c=colours[split:] if pred_labels is not None else [plain],
+            s=size,
+        )
+        _legend(fig, entries)
     elif not paired:
-        _scatter_panel(ax_true, true_xy, "reference", c=true_xy[:, 0], cmap="viridis", s=size)
-        _scatter_panel(ax_pred, pred_xy, "generated", c=pred_xy[:, 0], cmap="viridis", s=size)
+        _scatter_panel(ax_true, true_xy, names[0], c="#3b6ea5", s=size)
+        _scatter_panel(ax_pred, pred_xy, names[1], c="#3b6ea5", s=size)
     else:
         shade = true_xy[:, 0]
-        _scatter_panel(ax_true, true_xy, "true", c=shade, cmap="viridis", s=size)
-        artist = _scatter_panel(
-            ax_pred, pred_xy, "generated (aligned)", c=shade, cmap="viridis", s=size
+        _scatter_panel(ax_true, true_xy, names[0], c=shade, cmap="viridis", s=size)
+        artist = _scatter_panel(ax_pred, pred_xy, names[1], c=shade, cmap="viridis", s=size)
+        fig.colorbar(
+            artist,
+            ax=[ax_true, ax_pred],
+            shrink=0.7,
+            label=f"true {_AXIS_NAMES[axes[0]]} position of each cell",
         )
-        fig.colorbar(artist, ax=[ax_true, ax_pred], shrink=0.7, label=f"true axis {axes[0]}")
+    if paired:  # one frame: both panels span the cells of both
+        both = np.concatenate([true_xy, pred_xy])
+        for ax in (ax_true, ax_pred):
+            ax.update_datalim(both)
+            ax.autoscale_view()
+    if title:
+        fig.suptitle(title)
+    return _write_png(fig, path)
+
+
+def plot_layout(
+    positions: ArrayLike,
+    path: str | os.PathLike[str],
+    *,
+    cell_types: ArrayLike | None = None,
+    title: str = "",
+) -> Path:
+    """Draw one generated layout (no truth to compare with) and save a PNG.
+
+    Parameters
+    ----------
+    positions
+        Coordinates, shape (N, D) with D in {2, 3}; the two axes of largest variance are drawn.
+    path
+        Output PNG; missing parent folders are created, an existing file is replaced.
+    cell_types
+        Shape (N,): colours cells by type, with a legend (as :func:`plot_layouts`).
+    title
+        Figure title.
+    """
+    pos = _positions(positions, "positions")
+    keep = _subsample(len(pos))
+    xy = pos[keep][:, list(_display_axes(pos))]
+    size = _marker_size(len(keep))
+    fig = _layout_figure(xy, 1, legend=cell_types is not None)
+    ax = fig.subplots(1, 1)
+    if cell_types is not None:
+        entries, colours = _type_colours(_type_labels(cell_types, len(pos))[keep])
+        _scatter_panel(ax, xy, "generated", c=colours, s=size)
+        _legend(fig, entries)
+    else:
+        _scatter_panel(ax, xy, "generated", c="#3b6ea5", s=size)
     if title:
         fig.suptitle(title)
     return _write_png(fig, path)
@@ -269,7 +385,7 @@ def _pcc(a: np.ndarray, b: np.ndarray) -> float:
 
 def plot_genes(
     positions: ArrayLike,
-    true_expr: ArrayLike,
+    true_expr: ArrayLike | None,
     pred_expr: ArrayLike,
     gene_names: Sequence[str],
     path: str | os.PathLike[str],
@@ -277,8 +393,9 @@ def plot_genes(
     n_genes: int = 4,
     genes: Sequence[str] | None = None,
     gene_mask: ArrayLike | None = None,
+    title: str = "",
 ) -> Path:
-    """Draw true (top row) and predicted (bottom row) expression of a few genes in space.
+    """Draw measured (top row) and predicted (bottom row) expression of a few genes in space.
 
     Each gene's two panels share one colour scale (1st to 99th percentile of both), so a
     prediction on the wrong level shows as a brighter or darker panel. The lower title gives
@@ -289,7 +406,8 @@ def plot_genes(
     positions
         Coordinates, shape (N, D) with D in {2, 3}; the two axes of largest variance are drawn.
     true_expr, pred_expr
-        Expression, shape (N, G).
+        Expression, shape (N, G). ``true_expr`` None (or no measured gene in ``gene_mask``):
+        only the predictions are drawn, for the genes that vary most in them.
     gene_names
         G names, in column order.
     path
@@ -300,7 +418,9 @@ def plot_genes(
     genes
         Names of the genes to draw, in order; overrides ``n_genes`` and ``gene_mask``.
     gene_mask
-        Bool array, shape (G,): genes eligible for the automatic choice (unmeasured genes False).
+        Bool array, shape (G,): the measured genes (the others have no truth to draw).
+    title
+        Figure title.
 
     Returns
     -------
@@ -308,8 +428,10 @@ def plot_genes(
         The written file.
     """
     pos = _positions(positions, "positions")
-    true_arr = np.asarray(true_expr)
     pred_arr = np.asarray(pred_expr)
+    measured = None if gene_mask is None else np.asarray(gene_mask, dtype=bool)
+    truth = true_expr is not None and (measured is None or bool(measured.any()))
+    true_arr = np.asarray(true_expr) if truth else pred_arr
     if true_arr.ndim != 2 or true_arr.shape != pred_arr.shape or len(true_arr) != len(pos):
         raise ValueError(
             f"true_expr {true_arr.shape} and pred_expr {pred_arr.shape} must both be (N, G) "
@@ -320,26 +442,41 @@ def plot_genes(
             f"gene_names has {len(gene_names)} names but the expression has "
             f"{true_arr.shape[1]} columns."
         )
-    chosen = _select_genes(true_arr, gene_names, genes, gene_mask, n_genes)
+    chosen = _select_genes(true_arr, gene_names, genes, measured if truth else None, n_genes)
     keep = _subsample(len(pos))
     xy = pos[keep][:, list(_display_axes(pos))]
     size = _marker_size(len(keep))
 
-    panel_width = 3.6
+    rows = 2 if truth else 1
+    panel = 3.4
     fig = Figure(
-        figsize=(panel_width * len(chosen), 2 * panel_width / _aspect(xy) + 1.6),
+        figsize=(panel * _aspect(xy) * len(chosen) + 0.4, rows * panel + 1.3 + 0.4 * bool(title)),
         layout="constrained",
     )
-    grid = np.asarray(fig.subplots(2, len(chosen), squeeze=False, sharex=True, sharey=True))
+    grid = np.asarray(fig.subplots(rows, len(chosen), squeeze=False))
     for col, gene in enumerate(chosen):
         t = true_arr[:, gene].astype(np.float64)
         p = pred_arr[:, gene].astype(np.float64)
-        low, high = np.percentile(np.concatenate([t[keep], p[keep]]), [1, 99])
+        shown = np.concatenate([t[keep], p[keep]]) if truth else p[keep]
+        low, high = np.percentile(shown, [1, 99])
         high = high if high > low else low + 1.0
         style = {"cmap": "magma", "vmin": low, "vmax": high, "s": size}
-        _scatter_panel(grid[0, col], xy, f"{gene_names[gene]} (true)", c=t[keep], **style)
-        artist = _scatter_panel(
-            grid[1, col], xy, f"predicted, r = {_pcc(t, p):.2f}", c=p[keep], **style
+        if truth:
+            has_truth = measured is None or bool(measured[gene])
+            label = "measured" if has_truth else "not measured"
+            _scatter_panel(grid[0, col], xy, f"{gene_names[gene]}: {label}", c=t[keep], **style)
+            r = f"Pearson r = {_pcc(t, p):.2f}" if has_truth else "no truth"
+            name = f"predicted ({r})"
+        else:
+            name = f"{gene_names[gene]}: predicted"
+        artist = _scatter_panel(grid[-1, col], xy, name, c=p[keep], **style)
+        fig.colorbar(
+            artist,
+            ax=grid[:, col].tolist(),
+            shrink=0.7,
+            location="bottom",
+            label="expression (log-normalised)",
         )
-        fig.colorbar(artist, ax=grid[:, col].tolist(), shrink=0.6, location="bottom")
+    if title:
+        fig.suptitle(title)
     return _write_png(fig, path)

@@ -737,9 +737,12 @@ def summarize(
     Returns
     -------
     dict
-        For each key: counts (keys starting with ``n_``) are summed; booleans are True if any
-        slice is True; other numbers are the weighted mean over the slices where the value is
-        finite (NaN if none). Non-numeric values are skipped. ``n_slices`` is added.
+        For each key: counts of cells (``n_cells``, ``n_cells_scored``, ``n_anchors``, …) and
+        ``seconds`` are summed; other counts (``n_genes``, ``cluster_n_clusters``,
+        ``morans_i_n_genes``, …: per-slice properties that do not add up) are left out;
+        booleans are True if any slice is True; other numbers (rates, scores) are the weighted
+        mean over the slices where the value is finite (NaN if none). Non-numeric values are
+        skipped. ``n_slices`` is added.
     """
     if not metrics:
         raise ValueError("summarize needs at least one metric dict.")
@@ -760,11 +763,24 @@ def summarize(
             out[key] = bool(any(values))
         elif not all(isinstance(v, int | float | np.number) for v in values):
             continue
-        elif key.startswith("n_"):
-            out[key] = int(sum(int(v) for v in values))
+        elif _is_count(key):
+            if _adds_up(key):
+                out[key] = int(sum(int(v) for v in values))
+        elif key == "seconds":
+            out[key] = float(sum(float(v) for v in values))
         else:
             pairs = [(float(v), wi) for v, wi in present if math.isfinite(float(v))]
             total = sum(wi for _, wi in pairs)
             out[key] = sum(v * wi for v, wi in pairs) / total if total > 0 else math.nan
     out["n_slices"] = len(metrics)
     return out
+
+
+def _is_count(key: str) -> bool:
+    """``n_genes``, ``cluster_n_clusters``, ``morans_i_n_genes``: a count, not a rate."""
+    return key.startswith("n_") or "_n_" in key
+
+
+def _adds_up(key: str) -> bool:
+    """Counts of cells add up over slices; counts of genes, clusters or labels do not."""
+    return "cells" in key or "anchors" in key

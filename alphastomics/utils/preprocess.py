@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,13 @@ from tqdm.auto import tqdm
 
 import alphastomics
 from alphastomics.errors import UserInputError
+from alphastomics.utils.io import (
+    check_output_dir,
+    remove_stale_siblings,
+    stale_siblings,
+    temporary_sibling,
+    writing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ DEFAULT_SLICE_KEY = "slice"
 DEFAULT_VAL_FRACTION = 0.1
 MIN_TRAIN_SLICES_WITH_VAL = 5  # the default holds out validation slices only above this
 MAX_DIMS = 3  # coordinates have 2 or 3 columns; a store of 2D files keeps 2
+MIN_SLICE_CELLS = 3  # fewest cells of a slice (or held-out part): position metrics need 3
 _CHUNK_ROWS = 8192  # rows densified at a time
 _MAX_LISTED = 5  # names quoted in an error message
 
@@ -130,9 +137,26 @@ def to_model_units(positions: np.ndarray, center: Sequence[float], scale: float)
 def read_gene_list(path: str | Path) -> list[str]:
     """Read a gene list file: one gene per line; blank lines and ``#`` comments are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"gene list file {path} is a folder; pass --gene_list_file FILE")
     if not path.is_file():
         raise UserInputError(f"gene list file {path} does not exist; pass --gene_list_file FILE")
-    genes = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    raw = path.read_bytes()
+    # a byte-order mark says the encoding (Windows editors write UTF-16, or UTF-8 with a BOM)
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise UserInputError(
+            f"gene list file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 "
+            "with one gene per line"
+        ) from err
+    if "\0" in text:
+        raise UserInputError(
+            f"gene list file {path} holds NUL characters (UTF-16 without a byte-order mark?); "
+            "save it as UTF-8 with one gene per line"
+        )
+    genes = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     genes = [g for g in genes if g]
     if not genes:
         raise UserInputError(f"gene list file {path} lists no genes; write one gene per line")
@@ -192,19 +216,22 @@ def _check_anndata(
     normalize: NormalizeMode,
     require_positions: bool,
     default_slice_name: str,
+    require_expression: bool = True,
 ) -> _CheckedAnnData:
-    """Check everything that can be wrong with one AnnData, in the order a user would fix it."""
+    """Check everything that can be wrong with one AnnData, in the order a user would fix it.
+
+    With ``require_expression=False`` an expression problem is not an error: the expression
+    is reported as unused and the result has no matrix.
+    """
     if adata.n_obs == 0:
         raise UserInputError(f"{source} has no cells; remove it from the inputs")
-    genes = [str(g) for g in adata.var_names]
-    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
-    if len(duplicated):
-        raise UserInputError(
-            f"{source} has {len(duplicated)} duplicate gene names in var_names "
-            f"{_quote(list(duplicated))}; make them unique (adata.var_names_make_unique()) "
-            "or drop the duplicates"
-        )
-    matrix = _expression_matrix(adata, layer, source)
+    try:
+        genes, matrix = _check_genes(adata, layer, source)
+    except UserInputError as err:
+        if require_expression:
+            raise
+        logger.info("%s: expression not read (%s)", source, str(err).split("; ")[0])
+        genes, matrix = [], None
     positions = _read_positions(adata, position_key, source, required=require_positions)
     groups = _slice_groups(adata, slice_key, source, default_slice_name)
     cell_labels = _cell_labels(adata, cell_type_key, source)
@@ -217,10 +244,19 @@ def _check_anndata(
                     f"{source}: all {len(rows)} cells of slice '{name}' have the same {what}; "
                     "pass --position_key with the real coordinates"
                 )
-    _check_finite_rows(_nonfinite_rows(matrix), groups, source, _matrix_label(layer))
-    applied = _decide_normalization(matrix, normalize, source, layer)
-    library_size = _row_sums(matrix) if applied == "log1p" else None
-    _check_expressed_slices(matrix, library_size, groups, source, layer)
+    applied: AppliedNormalization = "none"
+    library_size = None
+    if matrix is not None:
+        try:
+            _check_finite_rows(_nonfinite_rows(matrix), groups, source, _matrix_label(layer))
+            applied = _decide_normalization(matrix, normalize, source, layer)
+            library_size = _row_sums(matrix) if applied == "log1p" else None
+            _check_expressed_slices(matrix, library_size, groups, source, layer)
+        except UserInputError as err:
+            if require_expression:
+                raise
+            logger.info("%s: expression not read (%s)", source, str(err).split("; ")[0])
+            genes, matrix, applied, library_size = [], None, "none", None
     return _CheckedAnnData(
         source=source,
         adata=adata,
@@ -233,6 +269,24 @@ def _check_anndata(
         normalization=applied,
         library_size=library_size,
     )
+
+
+def _check_genes(adata: ad.AnnData, layer: str | None, source: str) -> tuple[list[str], Any]:
+    """Gene names (unique) and the expression matrix of ``adata``."""
+    if adata.n_vars == 0:
+        raise UserInputError(
+            f"{source} has no genes (adata.var is empty), so it holds no expression; "
+            "add the expression matrix with its genes"
+        )
+    genes = [str(g) for g in adata.var_names]
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+    if len(duplicated):
+        raise UserInputError(
+            f"{source} has {len(duplicated)} duplicate gene names in var_names "
+            f"{_quote(list(duplicated))}; make them unique (adata.var_names_make_unique()) "
+            "or drop the duplicates"
+        )
+    return genes, _expression_matrix(adata, layer, source)
 
 
 def _check_expressed_slices(
@@ -364,15 +418,15 @@ def _slice_groups(
             for name, rows in zip(names, np.split(order, bounds), strict=True)
         ]
     for name, rows in groups:
-        if len(rows) < 2:
+        if len(rows) < MIN_SLICE_CELLS:
             fix = (
                 f"drop it (adata = adata[adata.obs['{slice_key}'] != '{name}'])"
                 if len(groups) > 1 or (slice_key is not None and slice_key in adata.obs)
                 else "remove the file from the inputs"
             )
             raise UserInputError(
-                f"{source}: slice '{name}' has {len(rows)} cell; every slice needs at least 2 "
-                f"cells; {fix}"
+                f"{source}: slice '{name}' has {len(rows)} {'cell' if len(rows) == 1 else 'cells'}; "
+                f"every slice needs at least {MIN_SLICE_CELLS} cells; {fix}"
             )
     return groups
 
@@ -509,9 +563,8 @@ def _build_slice(
 ) -> PreparedSlice:
     file_cols, model_cols = _gene_columns(checked.genes, genes)
     expression = np.zeros((len(rows), len(genes)), dtype=np.float32)  # (N, G)
-    for start, block in zip(
-        range(0, len(rows), _CHUNK_ROWS), _row_chunks(checked.matrix, rows), strict=True
-    ):
+    blocks = () if checked.matrix is None else _row_chunks(checked.matrix, rows)
+    for start, block in zip(range(0, len(rows), _CHUNK_ROWS), blocks, strict=False):
         block = block[:, file_cols].astype(np.float64)
         if checked.normalization == "log1p":
             library = checked.library_size[rows[start : start + len(block)]]  # type: ignore[index]
@@ -575,6 +628,7 @@ def prepare_anndata(
     cell_types: Sequence[str] | None = None,
     source: str = "input AnnData",
     n_dims: int | None = None,
+    require_expression: bool = True,
 ) -> list[PreparedSlice]:
     """Prepare a new AnnData for an already-trained model, slice by slice.
 
@@ -600,6 +654,10 @@ def prepare_anndata(
     n_dims
         The model's spatial dimensions; None = the input's. 2D input to a 3D model gets
         z = 0; 3D input to a 2D model is an error.
+    require_expression
+        True: an expression problem (no matrix, no model gene, NaN, …) is an error. False
+        (expression is not an input, e.g. ``pos_to_expr``): it is logged and the slices get
+        zero expression with every gene masked as unmeasured.
 
     Returns
     -------
@@ -619,14 +677,15 @@ def prepare_anndata(
         normalize=normalize,
         require_positions=require_positions,
         default_slice_name=Path(source).stem or "slice",
+        require_expression=require_expression,
     )
     measured = set(checked.genes).intersection(genes)
-    if not measured:
+    if not measured and require_expression:
         raise UserInputError(
             f"{source} measures none of the model's {len(genes)} genes (e.g. "
             f"{_quote(genes)}); check var_names (gene symbols vs. IDs)"
         )
-    if len(measured) < len(genes):
+    if measured and len(measured) < len(genes):
         logger.warning(
             "%s: %d of the model's %d genes (%.1f%%) were not measured; they are masked",
             source,
@@ -788,13 +847,25 @@ class SpatialDataPreprocessor:
         dict
             The metadata written to ``output_dir/metadata.json``.
         """
-        output_dir = Path(output_dir)
-        _check_output_dir(output_dir, overwrite)
         if not files:
             raise UserInputError("no input files; pass --input FILE [FILE ...] or --input_dir DIR")
         paths = [Path(f) for f in files]
-        if len({p.resolve() for p in paths}) < len(paths):
-            raise UserInputError("an input file is listed twice; list each file once")
+        output_dir = Path(output_dir)
+        with writing(output_dir):
+            _recover_interrupted_store(output_dir)
+        check_output_dir(
+            output_dir,
+            overwrite=overwrite,
+            inputs=paths,
+            foreign=_foreign_entries,
+            writer="preprocess",
+        )
+        seen: dict[Path, int] = {}
+        for i, p in enumerate(paths):
+            first = paths[seen.setdefault(p.resolve(), i)]
+            if seen[p.resolve()] != i:
+                same = "" if first == p else f" (as {first} and {p})"
+                raise UserInputError(f"input file {p} is listed twice{same}; list each file once")
 
         summaries = [self._summarise(path) for path in paths]
         genes, masks = self._unify_genes(summaries)
@@ -802,14 +873,17 @@ class SpatialDataPreprocessor:
         cell_types = sorted(set().union(*(s.cell_labels for s in summaries)))
         entries, split = self._plan_split(summaries, slice_names)
 
-        parent_created = _make_parents(output_dir.parent)
-        tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        target = output_dir.resolve()
+        with writing(output_dir):
+            parent_created = _make_parents(target.parent)
+        tmp = temporary_sibling(target)
         try:
-            tmp.mkdir()
-            metadata = self._write_store(
-                tmp, summaries, genes, masks, slice_names, cell_types, entries, split
-            )
-            _move_into_place(tmp, output_dir)
+            with writing(output_dir):
+                tmp.mkdir()
+                metadata = self._write_store(
+                    tmp, summaries, genes, masks, slice_names, cell_types, entries, split
+                )
+                _move_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             for folder in parent_created:
@@ -968,7 +1042,7 @@ class SpatialDataPreprocessor:
         n_val = _held_out_cells(
             DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction, n_cells
         )
-        if n_cells - n_test - n_val < 2:
+        if n_cells - n_test - n_val < MIN_SLICE_CELLS:
             raise UserInputError(
                 f"slice '{name}' has {n_cells} cells, too few to hold out {n_val} validation and "
                 f"{n_test} test cells; lower --val_fraction/--test_fraction"
@@ -1090,12 +1164,92 @@ class SpatialDataPreprocessor:
         return metadata
 
 
+def check_store(data_dir: str | Path, metadata: Any) -> None:
+    """Check a store's ``metadata.json`` (already parsed) and its arrays' shapes.
+
+    Only array headers are read. A store written by another format version is left to the
+    caller's version check. Raises a :class:`UserInputError` naming the file and the key.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / "metadata.json"
+    fix = f"run preprocess again into {data_dir} (with --overwrite), or restore the file"
+    if not isinstance(metadata, dict):
+        raise UserInputError(
+            f"{path} holds a JSON {type(metadata).__name__}, not the metadata of a processed "
+            f"store; {fix}"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        return
+    kinds = {"genes": list, "n_genes": int, "slices": list, "split": dict}
+    kinds |= {"gene_mean": list, "gene_std": list, "cell_types": list}
+    for key, kind in kinds.items():
+        if key not in metadata:
+            raise UserInputError(f"{path} has no key {key!r}; {fix}")
+        if not isinstance(metadata[key], kind) or isinstance(metadata[key], bool):
+            raise UserInputError(f"{path}: {key!r} is not a JSON {kind.__name__}; {fix}")
+    n_genes = len(metadata["genes"])
+    for key in ("n_genes", "gene_mean", "gene_std"):
+        value = metadata[key]
+        count = value if key == "n_genes" else len(value)
+        if count != n_genes:
+            raise UserInputError(
+                f"{path}: {key!r} says {count} genes but 'genes' lists {n_genes}; {fix}"
+            )
+    if not metadata["slices"]:
+        raise UserInputError(f"{path} lists no slices; {fix}")
+    n_dims = metadata.get("n_dims", MAX_DIMS)
+    for k, info in enumerate(metadata["slices"]):
+        _check_store_entry(data_dir, path, k, info, (n_genes, n_dims), fix)
+
+
+def _check_store_entry(
+    data_dir: Path, path: Path, k: int, info: Any, sizes: tuple[int, int], fix: str
+) -> None:
+    n_genes, n_dims = sizes
+    where = f"{path}: slices[{k}]"
+    if not isinstance(info, dict):
+        raise UserInputError(f"{where} is not a JSON object; {fix}")
+    for key in ("name", "path", "n_cells", "split", "gene_mask"):
+        if key not in info:
+            raise UserInputError(f"{where} has no key {key!r}; {fix}")
+    n_cells = info["n_cells"]
+    if not isinstance(n_cells, int) or isinstance(n_cells, bool) or n_cells < 1:
+        raise UserInputError(f"{where}: 'n_cells' must be a positive whole number; {fix}")
+    if info["split"] not in ("train", "val", "test"):
+        raise UserInputError(f"{where}: 'split' must be train, val or test; {fix}")
+    if not isinstance(info["gene_mask"], list) or len(info["gene_mask"]) != n_genes:
+        raise UserInputError(f"{where}: 'gene_mask' must list {n_genes} booleans; {fix}")
+    if not isinstance(info["path"], str):
+        raise UserInputError(f"{where}: 'path' is not a string; {fix}")
+    folder = data_dir / info["path"]
+    expected = {
+        "expression": (n_cells, n_genes),
+        "positions": (n_cells, n_dims),
+        "cell_type": (n_cells,),
+        "obs_names": (n_cells,),
+    }
+    for name, shape in expected.items():
+        file = folder / f"{name}.npy"
+        try:
+            found = np.load(file, mmap_mode="r").shape
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserInputError(
+                f"cannot read {file} ({reason}); the store is damaged, {fix}"
+            ) from err
+        if tuple(found) != shape:
+            raise UserInputError(
+                f"{file} has shape {tuple(found)}, but {path} says {shape} (slice "
+                f"{info['name']!r}); the store is damaged, {fix}"
+            )
+
+
 def _held_out(fraction: float, n: int) -> int:
     return math.ceil(fraction * n) if fraction > 0 else 0
 
 
 def _held_out_cells(fraction: float, n: int) -> int:
-    return max(2, round(fraction * n)) if fraction > 0 else 0
+    return max(MIN_SLICE_CELLS, round(fraction * n)) if fraction > 0 else 0
 
 
 def _unique_slice_names(summaries: list[_FileSummary]) -> list[list[str]]:
@@ -1150,14 +1304,47 @@ def _write_entry(folder: Path, prepared: PreparedSlice, part: slice | np.ndarray
     np.save(folder / "obs_names.npy", np.ascontiguousarray(prepared.obs_names[part]))
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserInputError(f"output {output_dir} is a file; pass a folder to --output_dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserInputError(
-            f"output folder {output_dir} exists and is not empty; pass --overwrite to replace "
-            "it or choose another --output_dir"
-        )
+STORE_ARRAYS = ("expression.npy", "positions.npy", "cell_type.npy", "obs_names.npy")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that are not part of a processed store."""
+    foreign = [
+        p.name for p in sorted(folder.iterdir()) if p.name not in ("metadata.json", "slices")
+    ]
+    slices = folder / "slices"
+    if slices.is_symlink() or (slices.exists() and not slices.is_dir()):
+        return [*foreign, "slices"]
+    if slices.is_dir():
+        for entry in sorted(slices.iterdir()):
+            ours = (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and entry.name.isdigit()
+                and all(f.name in STORE_ARRAYS for f in entry.iterdir())
+            )
+            if not ours:
+                foreign.append(f"slices/{entry.name}")
+    return foreign
+
+
+def _recover_interrupted_store(output_dir: Path) -> None:
+    """Clean up after a preprocess run that died (SIGKILL, power loss) writing ``output_dir``.
+
+    Its half-written temporary store is removed; a previous store it had moved aside to replace
+    is put back when nothing took its place, else removed.
+    """
+    target = output_dir.resolve()
+    remove_stale_siblings(target, "tmp")
+    for old, pid in stale_siblings(target, "old"):
+        if target.exists():
+            logger.info("removing %s, the store replaced by process %d", old, pid)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            logger.warning(
+                "putting back %s: process %d moved it aside to replace it and died", target, pid
+            )
+            os.replace(old, target)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -1176,7 +1363,7 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(tmp, output_dir)
         return
-    old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    old = temporary_sibling(output_dir, "old")
     os.replace(output_dir, old)
     try:
         os.replace(tmp, output_dir)

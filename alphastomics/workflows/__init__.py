@@ -52,14 +52,14 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from alphastomics.config import config_to_yaml, load_config
+    from alphastomics.config import config_to_annotated_yaml, load_config
 
     overrides = list(args.overrides)
     if args.data_mode:
         overrides.append(f"data.loading.mode={args.data_mode}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
+        print(config_to_annotated_yaml(cfg), end="")
         return
     if args.data_dir is None:
         raise UserInputError(
@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     from alphastomics.diffusion_model.checkpoint import load_module
     from alphastomics.utils.io import check_output_dir
-    from alphastomics.workflows.evaluate import run_evaluation
+    from alphastomics.workflows.evaluate import run_evaluation, summary_lines
 
     output_dir = args.output_dir or args.checkpoint.parent.parent / f"test_{args.split}"
     if (output_dir / "metrics.json").exists():
@@ -94,10 +94,8 @@ def cmd_test(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint=str(args.checkpoint),
     )
-    for mode in ("expr_to_pos", "pos_to_expr"):
-        if mode in result["overall"]:
-            key = "distance_spearman_median" if mode == "expr_to_pos" else "pcc_gene_mean"
-            log.info("%s %s = %.3f", mode, key, result["overall"][mode][key])
+    for line in summary_lines(result["overall"]):
+        log.info("%s", line)
     log.info("metrics and figures in %s", output_dir)
 
 
@@ -148,6 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             "position_key": args.position_key,
             "slice_key": args.slice_key,
             "cell_type_key": args.cell_type_key,
+            "layer": args.layer,
         }
         sample_h5ad(
             module,
@@ -155,6 +154,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             output,
             keys=keys,
             min_gene_overlap=args.min_gene_overlap,
+            normalize=args.normalize,
             checkpoint=str(args.checkpoint),
             measured_key=args.measured_key,
             **common,
@@ -176,7 +176,21 @@ def cmd_extract(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         extract_store(module, args.data_dir, output, args.extract_mode)
     else:
-        extract_h5ad(module, args.input_data, output, args.extract_mode)
+        keys = {
+            "position_key": args.position_key,
+            "slice_key": args.slice_key,
+            "cell_type_key": args.cell_type_key,
+            "layer": args.layer,
+        }
+        extract_h5ad(
+            module,
+            args.input_data,
+            output,
+            args.extract_mode,
+            keys=keys,
+            normalize=args.normalize,
+            min_gene_overlap=args.min_gene_overlap,
+        )
     log.info("wrote %s", output)
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from alphastomics.config import load_config
 from alphastomics.datasets import synthetic_tissue
 from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.utils.io import atomic_write, check_output_dir
+from alphastomics.errors import UserInputError
+from alphastomics.utils.io import atomic_write, check_output_dir, write_h5ad
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
 from alphastomics.workflows.evaluate import run_evaluation
 from alphastomics.workflows.sampling import sample_h5ad
@@ -38,16 +41,20 @@ def run_demo(
     output_dir: str | Path, *, minutes: float = 2.0, seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Run the whole pipeline on generated data inside ``output_dir``; returns the report path."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise UserInputError(f"--minutes must be a positive number of minutes; got {minutes}")
+    cfg = load_config(
+        overrides=[*DEMO_OVERRIDES, f"training.max_time_minutes={minutes}", f"training.seed={seed}"]
+    )
     output_dir = check_output_dir(output_dir, overwrite=overwrite)
     start = time.perf_counter()
     data_dir = output_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
     adata = synthetic_tissue(n_cells=3000, n_genes=60, n_slices=6, seed=seed)
     tissue = data_dir / "demo_tissue.h5ad"
-    adata.write_h5ad(tissue)
+    atomic_write(tissue, partial(write_h5ad, adata))
     test_slice = sorted(adata.obs["slice"].unique())[-1]
     test_h5ad = data_dir / "test_slice.h5ad"
-    adata[adata.obs["slice"] == test_slice].copy().write_h5ad(test_h5ad)
+    atomic_write(test_h5ad, partial(write_h5ad, adata[adata.obs["slice"] == test_slice].copy()))
 
     store = output_dir / "processed"
     SpatialDataPreprocessor(
@@ -59,9 +66,6 @@ def run_demo(
         seed=seed,
     ).preprocess_and_save([tissue], store, overwrite=True)
 
-    cfg = load_config(
-        overrides=[*DEMO_OVERRIDES, f"training.max_time_minutes={minutes}", f"training.seed={seed}"]
-    )
     run_dir = output_dir / "run"
     run_training(cfg, store, run_dir, overwrite=True)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -71,7 +75,6 @@ def run_demo(
     )
 
     samples = output_dir / "samples"
-    samples.mkdir(exist_ok=True)
     for mode in ("expr_to_pos", "pos_to_expr", "joint"):
         sample_h5ad(
             module,

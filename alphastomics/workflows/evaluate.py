@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.figures import plot_genes, plot_layouts
-from alphastomics.utils.io import atomic_write_json
+from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layouts
+from alphastomics.utils.io import json_text, staged_outputs
 from alphastomics.utils.metrics import (
     clustering_metrics,
     expression_metrics,
@@ -124,37 +125,62 @@ def run_evaluation(
         )
     check_store_genes(module, store.metadata["genes"], data_dir)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     names = store.metadata.get("cell_types", [])
     genes = store.metadata["genes"]
     per_slice: dict[str, Any] = {}
-    for k, index in enumerate(indices):
-        arrays = store.load_slice(index)
-        name = store.metadata["slices"][index]["name"]
-        generator = torch.Generator(device=module.device).manual_seed(seed + k)
-        metrics, pred = evaluate_slice(
-            module, arrays, sampler=sampler, steps=steps, generator=generator, cell_type_names=names
-        )
-        per_slice[name] = metrics
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        labels = _cell_type_names(np.asarray(arrays["cell_type"]), names)
-        if "positions" in pred:
-            plot_layouts(
-                np.asarray(arrays["positions"]),
-                pred["positions"],
-                output_dir / f"layout_{safe}.png",
-                cell_types=labels,
-                title=f"{name}: expr_to_pos",
+    with staged_outputs() as stage:  # every figure and metrics.json, or nothing
+        for k, index in enumerate(indices):
+            arrays = store.load_slice(index)
+            name = store.metadata["slices"][index]["name"]
+            generator = torch.Generator(device=module.device).manual_seed(seed + k)
+            metrics, pred = evaluate_slice(
+                module,
+                arrays,
+                sampler=sampler,
+                steps=steps,
+                generator=generator,
+                cell_type_names=names,
             )
-        if "expression" in pred:
-            plot_genes(
-                np.asarray(arrays["positions"]),
-                np.asarray(arrays["expression"]),
-                pred["expression"],
-                genes,
-                output_dir / f"genes_{safe}.png",
-            )
-        log.info("scored %s (%d cells)", name, metrics["n_cells"])
+            per_slice[name] = metrics
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            labels = _cell_type_names(np.asarray(arrays["cell_type"]), names)
+            positions = np.asarray(arrays["positions"])
+            if "positions" in pred:  # each figure: a function of the path it is written to
+                layout = partial(
+                    plot_layouts,
+                    positions,
+                    pred["positions"],
+                    cell_types=labels,
+                    title=f"{name}: {MODE_TITLES['expr_to_pos']}",
+                )
+                stage.write(output_dir / f"layout_{safe}.png", layout)
+            if "expression" in pred:
+                panels = partial(
+                    plot_genes,
+                    positions,
+                    np.asarray(arrays["expression"]),
+                    pred["expression"],
+                    genes,
+                    gene_mask=np.asarray(arrays["gene_mask"], dtype=bool),
+                    title=f"{name}: {MODE_TITLES['pos_to_expr']}",
+                )
+                stage.write(output_dir / f"genes_{safe}.png", panels)
+            log.info("scored %s (%d cells)", name, metrics["n_cells"])
+        result = _result(per_slice, split, checkpoint, sampler, steps, seed, module)
+        stage.write(output_dir / "metrics.json", lambda tmp: tmp.write_text(json_text(result)))
+    return result
+
+
+def _result(
+    per_slice: dict[str, Any],
+    split: str,
+    checkpoint: str | None,
+    sampler: str | None,
+    steps: int | None,
+    seed: int,
+    module: AlphaSTomicsModule,
+) -> dict[str, Any]:
+    """metrics.json: per-slice metrics and their cell-weighted ``overall`` summary."""
     overall = {
         key: summarize(
             [m[key] for m in per_slice.values()], weights=[m["n_cells"] for m in per_slice.values()]
@@ -162,7 +188,7 @@ def run_evaluation(
         for key in next(iter(per_slice.values()))
         if isinstance(next(iter(per_slice.values()))[key], dict)
     }
-    result = {
+    return {
         "split": split,
         "checkpoint": checkpoint,
         "sampler": sampler or module.cfg.sampling.sampler,
@@ -172,8 +198,53 @@ def run_evaluation(
         "slices": per_slice,
         "overall": overall,
     }
-    atomic_write_json(output_dir / "metrics.json", result)
-    return result
+
+
+# (mode, metric, its name, baseline block, the baseline's name, higher is better)
+_HEADLINES = (
+    (
+        "expr_to_pos",
+        "distance_spearman_median",
+        "median distance Spearman",
+        "baseline_random_positions",
+        "random positions",
+        True,
+    ),
+    (
+        "expr_to_pos",
+        "knn_preservation",
+        "kNN preservation",
+        "baseline_random_positions",
+        "random positions",
+        True,
+    ),
+    ("pos_to_expr", "pcc_gene_mean", "mean gene Pearson r", None, "a constant", True),
+    (
+        "pos_to_expr",
+        "mse",
+        "expression MSE",
+        "baseline_mean_expression",
+        "training mean per gene",
+        False,
+    ),
+)
+
+
+def summary_lines(overall: dict[str, Any]) -> list[str]:
+    """One line per headline metric of ``overall``, each beside its baseline."""
+    lines = []
+    for mode, key, label, block, baseline_name, higher in _HEADLINES:
+        value = overall.get(mode, {}).get(key)
+        if value is None:
+            continue
+        baseline = 0.0 if block is None else overall.get(block, {}).get(key)
+        text = f"{mode}: {label} {value:.3f} ({baseline_name}: "
+        if baseline is None or not np.isfinite(baseline):
+            lines.append(text + "n/a)")
+            continue
+        worse = value < baseline if higher else value > baseline
+        lines.append(text + f"{baseline:.3f}{'; the model is worse' if worse else ''})")
+    return lines
 
 
 def check_store_genes(module: AlphaSTomicsModule, genes: list[str], source: str | Path) -> None:

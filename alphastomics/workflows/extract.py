@@ -10,9 +10,10 @@ from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
-from alphastomics.utils.io import atomic_write
-from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
+from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
 from alphastomics.workflows.evaluate import check_store_genes
+from alphastomics.workflows.inputs import prepare_input
 
 EMBEDDING_KEY = "X_alphastomics"
 
@@ -21,23 +22,22 @@ def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:
     return np.array([names[c] if 0 <= c < len(names) else "" for c in codes], dtype=str)
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-
-    atomic_write(path, write)
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append .npz to a name
+        np.savez_compressed(handle, **arrays)
 
 
 def extract_store(
     module: AlphaSTomicsModule, data_dir: str | Path, output: Path, mode: ExtractMode
 ) -> dict[str, np.ndarray]:
-    """Embeddings of every slice of a processed store, in store order, written to ``output``."""
+    """Embeddings of every slice of a processed store, in store order, written to ``output``
+    with each cell's ``obs_names`` (of its input file), ``slice`` and ``cell_types``."""
     store = ProcessedStore(data_dir)
     check_store_genes(module, store.gene_names, data_dir)
-    holders = []
+    holders, obs_names = [], []
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)
+        obs_names.append(np.asarray(arrays["obs_names"], dtype=str))
         holders.append(
             DataHolder.from_arrays(
                 arrays["expression"],
@@ -51,29 +51,36 @@ def extract_store(
     slice_names = [s["name"] for s in store.metadata["slices"]]
     result["cell_types"] = _names(result["cell_types"], store.metadata.get("cell_types", []))
     result["slice"] = np.array([slice_names[i] for i in result.pop("slice_index")], dtype=str)
-    _save_npz(output, result)
+    result["obs_names"] = np.concatenate(obs_names)  # holders keep each slice's cell order
+    atomic_write(output, lambda tmp: _write_npz(tmp, result))
     return result
 
 
 def extract_h5ad(
-    module: AlphaSTomicsModule, input_path: Path, output: Path, mode: ExtractMode
+    module: AlphaSTomicsModule,
+    input_path: Path,
+    output: Path,
+    mode: ExtractMode,
+    *,
+    keys: dict[str, str | None] | None = None,
+    normalize: NormalizeMode | None = None,
+    min_gene_overlap: float = 0.5,
 ) -> dict[str, np.ndarray]:
-    """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm."""
+    """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm.
+
+    ``keys``, ``normalize`` and ``min_gene_overlap`` as for ``sample`` (see
+    :func:`~alphastomics.workflows.inputs.prepare_input`).
+    """
     adata = read_h5ad(input_path)
     info = module.hparams.get("data_info", {})
-    keys = info.get("keys", {})
-    slices = prepare_anndata(
+    slices = prepare_input(
+        module,
         adata,
-        genes=list(module.hparams["gene_names"]),
-        position_key=keys.get("position_key") or "ccf",
-        slice_key=keys.get("slice_key") or "slice",
-        cell_type_key=keys.get("cell_type_key"),
-        layer=keys.get("layer"),
-        normalize=(info.get("normalization") or {}).get("requested", "auto"),
-        require_positions=True,
-        cell_types=info.get("cell_types"),
-        source=str(input_path),
-    )
+        str(input_path),
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+    ).slices
     extractor = EmbeddingExtractor(module, mode=mode)
     result: dict[str, np.ndarray] = {}
     order = np.concatenate([piece.obs_indices for piece in slices])
@@ -87,12 +94,14 @@ def extract_h5ad(
     stacked = {key: np.concatenate(parts)[inverse] for key, parts in result.items()}
     codes = np.concatenate([piece.cell_type for piece in slices])[inverse]
     stacked["cell_types"] = _names(codes, info.get("cell_types") or [])
+    stacked["obs_names"] = np.asarray(adata.obs_names, dtype=str)
     main_key = (
         "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
     )
     out = adata.copy()
     out.obsm[EMBEDDING_KEY] = stacked[main_key]
     out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}
-    _save_npz(output, stacked)
-    atomic_write(output.with_suffix(".h5ad"), lambda tmp: out.write_h5ad(tmp))
+    with staged_outputs() as stage:  # both files, or neither
+        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
+        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
     return stacked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,22 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.spatial import procrustes
+from sklearn.neighbors import KNeighborsClassifier
 
 from alphastomics import __version__
 from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.figures import plot_genes, plot_layouts
-from alphastomics.utils.io import atomic_write, check_output_file
-from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
+from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layout, plot_layouts
+from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
+from alphastomics.utils.preprocess import (
+    MIN_SLICE_CELLS,
+    NormalizeMode,
+    PreparedSlice,
+    read_h5ad,
+)
+from alphastomics.workflows.inputs import prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -134,59 +142,43 @@ def sample_h5ad(
     min_gene_overlap: float,
     checkpoint: str,
     measured_key: str | None = None,
+    normalize: NormalizeMode | None = None,
 ) -> ad.AnnData:
     """Sample every slice of an .h5ad and write the result (see spec §3) atomically.
 
+    ``keys`` (``position_key``, ``slice_key``, ``cell_type_key``, ``layer``) and ``normalize``
+    default to the checkpoint's (see :func:`~alphastomics.workflows.inputs.prepare_input`).
     ``measured_key`` (``pos_to_expr`` only) names a boolean ``obs`` column: those cells keep
     their expression and the others of their slice are imputed from them.
     """
     adata = read_h5ad(input_path)
     measured = None if measured_key is None else measured_cells(adata, measured_key, input_path)
     genes = list(module.hparams["gene_names"])
-    present = set(map(str, adata.var_names))
-    missing = [g for g in genes if g not in present]
-    share = 1 - len(missing) / len(genes)
-    reads_expression = mode != "pos_to_expr" or measured_key is not None
-    if reads_expression and share < min_gene_overlap:
-        raise UserInputError(
-            f"{input_path} has only {len(genes) - len(missing)} of the checkpoint's {len(genes)} "
-            f"genes ({share:.0%} < --min_gene_overlap {min_gene_overlap:.0%}); check that var_names "
-            "are gene symbols of the same panel, or lower --min_gene_overlap"
-        )
-    if missing:
-        log.warning(
-            "%d of %d model genes (%.0f%%) are not in %s; they are masked as unmeasured, not zero: %s",
-            len(missing),
-            len(genes),
-            100 * (1 - share),
-            input_path,
-            ", ".join(missing[:10]),
-        )
-    info = module.hparams.get("data_info", {})
-    saved_keys = info.get("keys", {})
-    position_key = keys.get("position_key") or saved_keys.get("position_key") or "ccf"
-    slices = prepare_anndata(
+    prepared = prepare_input(
+        module,
         adata,
-        genes=genes,
-        position_key=position_key,
-        slice_key=keys.get("slice_key") or saved_keys.get("slice_key") or "slice",
-        cell_type_key=keys.get("cell_type_key") or saved_keys.get("cell_type_key"),
-        layer=saved_keys.get("layer"),
-        normalize=(info.get("normalization") or {}).get("requested", "auto"),
+        str(input_path),
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+        require_expression=mode != "pos_to_expr" or measured_key is not None,
         require_positions=mode == "pos_to_expr",
-        cell_types=info.get("cell_types"),
-        source=str(input_path),
-        n_dims=module.n_dims,
     )
+    slices, missing = prepared.slices, prepared.missing_genes
+    share = 1 - len(missing) / len(genes)
+    info = module.hparams.get("data_info", {})
     n, g = adata.n_obs, len(genes)
     out_expr = np.zeros((n, g), dtype=np.float32)
     out_std = np.zeros((n, g), dtype=np.float32)
     # positions go back with the input's columns and precision (2D in, 2D out)
-    given = adata.obsm.get(position_key, None)
+    given = adata.obsm.get(prepared.keys["position_key"], None)
     out_dims = module.n_dims if given is None else np.shape(given)[1]
     out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
     out_pos = np.zeros((n, out_dims), dtype=out_dtype)
     spread = np.zeros(n, dtype=np.float32)
+    slice_of = np.empty(n, dtype=object)
+    predicted_type = np.full(n, None, dtype=object)
+    type_names = list(info.get("cell_types") or [])
     figure_data = []
     for k, piece in enumerate(slices):
         has_pos = piece.positions is not None
@@ -221,7 +213,12 @@ def sample_h5ad(
         out_std[rows] = expr_spread
         out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, out_dims)
         spread[rows] = _aligned_spread(pos_k) * scale
-        figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
+        slice_of[rows] = piece.name
+        if mode == "joint":
+            predicted_type[rows] = predict_cell_types(piece, expr_point, type_names)
+        figure_data.append(
+            (piece, positions if has_pos else None, pos_k[0], expr_point, predicted_type[rows])
+        )
 
     meta = {
         "mode": mode,
@@ -234,17 +231,77 @@ def sample_h5ad(
         "input": str(input_path),
         "missing_genes": missing,
         "missing_gene_share": 1 - share,
+        "normalization": prepared.normalization or "not read",
         "expression_estimate": module.cfg.sampling.expression_estimate,
     }
     if measured is not None:
         meta["measured_key"] = measured_key
         meta["n_measured"] = int(measured.sum())
         meta["imputed_by"] = "neighbour read-out" if module.imputes_from_neighbors else "inpainting"
-    result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
+    if mode == "joint":
+        result = _generated_anndata(adata, genes, out_expr, out_pos, slice_of, predicted_type)
+    else:
+        result = _result_anndata(
+            adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples
+        )
+    meta["expression_key"] = _expression_key(result, mode)
     result.uns["alphastomics"] = meta
-    atomic_write(output_path, lambda tmp: result.write_h5ad(tmp))
-    _figure(figure_data, output_path.with_suffix(".png"), mode, genes, module)
+    with staged_outputs() as stage:
+        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
+        figure = output_path.with_suffix(".png")
+        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
     return result
+
+
+PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
+
+
+def predict_cell_types(
+    piece: PreparedSlice, generated: np.ndarray, names: list[str], k: int = 15
+) -> np.ndarray:
+    """(N,) object: cell type of each generated cell, by majority among its ``k`` nearest
+    labelled reference cells in measured-gene expression (None without labels)."""
+    labelled = piece.cell_type >= 0
+    if not names or not labelled.any() or not piece.gene_mask.any():
+        return np.full(len(generated), None, dtype=object)
+    genes = piece.gene_mask
+    classifier = KNeighborsClassifier(n_neighbors=min(k, int(labelled.sum())))
+    classifier.fit(piece.expression[labelled][:, genes], piece.cell_type[labelled])
+    codes = classifier.predict(generated[:, genes])
+    return np.array([names[c] for c in codes], dtype=object)
+
+
+def _generated_anndata(
+    reference: ad.AnnData,
+    genes: list[str],
+    expr: np.ndarray,
+    pos: np.ndarray,
+    slice_of: np.ndarray,
+    predicted_type: np.ndarray,
+) -> ad.AnnData:
+    """A new AnnData of generated cells, each labelled with the reference slice it was made
+    for (and a predicted cell type); the reference's ``uns`` and gene annotations are kept."""
+    obs = pd.DataFrame(
+        {"slice": pd.Categorical(slice_of.astype(str))},
+        index=[f"generated_{i}" for i in range(len(expr))],
+    )
+    if any(t is not None for t in predicted_type):
+        obs[PREDICTED_CELL_TYPE] = pd.Categorical(predicted_type)
+    known = set(map(str, reference.var_names))
+    var = reference.var.reindex(genes) if known >= set(genes) else pd.DataFrame(index=genes)
+    out = ad.AnnData(X=expr, obs=obs, var=var, uns=deepcopy(dict(reference.uns)))
+    out.obsm["spatial"] = pos
+    return out
+
+
+def _expression_key(result: ad.AnnData, mode: str) -> str | None:
+    if mode == "pos_to_expr":
+        return (
+            "layers/alphastomics_expression"
+            if "alphastomics_expression" in result.layers
+            else "obsm/alphastomics_expression"
+        )
+    return "X" if mode == "joint" else None
 
 
 def _result_anndata(
@@ -257,51 +314,138 @@ def _result_anndata(
     spread: np.ndarray,
     num_samples: int,
 ) -> ad.AnnData:
-    if mode == "joint":
-        out = ad.AnnData(
-            X=expr,
-            obs=pd.DataFrame(index=[f"generated_{i}" for i in range(len(expr))]),
-            var=pd.DataFrame(index=genes),
-        )
-        out.obsm["spatial"] = pos
-        return out
+    """The input with our results beside its own X, obs, var, uns, obsm and layers."""
+    out = adata.copy()
     if mode == "expr_to_pos":
-        out = adata.copy()
         out.obsm["alphastomics_positions"] = pos
         if num_samples > 1:
             out.obs["alphastomics_position_spread"] = spread
         return out
-    same_genes = list(map(str, adata.var_names)) == genes
-    if same_genes:
-        out = adata.copy()
-    else:
-        # the input's genes differ from the model's: the output carries the model's gene list
-        out = ad.AnnData(obs=adata.obs.copy(), var=pd.DataFrame(index=genes), obsm=dict(adata.obsm))
-    out.layers["alphastomics_expression"] = expr
+    results = {"alphastomics_expression": expr}
     if num_samples > 1:
-        out.layers["alphastomics_expression_std"] = expr_std
+        results["alphastomics_expression_std"] = expr_std
+    same_genes = list(map(str, adata.var_names)) == genes
+    for key, values in results.items():
+        if same_genes:
+            out.layers[key] = values
+        else:  # the input's genes are not the model's: a table on the model's genes
+            out.obsm[key] = pd.DataFrame(values, index=out.obs_names, columns=genes)
     return out
 
 
 def _figure(
     figure_data: list, path: Path, mode: str, genes: list[str], module: AlphaSTomicsModule
 ) -> None:
-    piece, true_pos, pos0, expr = figure_data[0]
+    """The figure of the first slice: truth beside the result where there is one."""
+    piece, true_pos, pos0, expr, predicted = figure_data[0]
     names = module.hparams.get("data_info", {}).get("cell_types") or []
     labels = None
     if piece.cell_type is not None and names and (piece.cell_type >= 0).any():
         labels = np.array(
             [names[c] if c >= 0 else "unknown" for c in piece.cell_type], dtype=object
         )
+    title = f"{piece.name}: {MODE_TITLES[mode]}"
     if mode == "pos_to_expr":
-        plot_genes(true_pos, piece.expression, expr, genes, path)
-    elif mode == "joint" and true_pos is not None:
+        truth = piece.expression if piece.gene_mask.any() else None
+        plot_genes(true_pos, truth, expr, genes, path, gene_mask=piece.gene_mask, title=title)
+        return
+    if mode == "joint":
         # generated cells are new cells: shown beside the reference, not aligned to it
-        plot_layouts(true_pos, pos0, path, title=f"{piece.name}: joint", paired=False)
+        types = predicted if any(t is not None for t in predicted) else None
+        if true_pos is None:
+            plot_layout(pos0, path, cell_types=types, title=title)
+        else:
+            plot_layouts(
+                true_pos,
+                pos0,
+                path,
+                cell_types=labels,
+                pred_cell_types=types,
+                title=title,
+                paired=False,
+            )
     elif true_pos is not None:
-        plot_layouts(true_pos, pos0, path, cell_types=labels, title=f"{piece.name}: {mode}")
+        plot_layouts(true_pos, pos0, path, cell_types=labels, title=title)
     else:
-        plot_layouts(pos0, pos0, path, cell_types=labels, title=f"{piece.name}: {mode} (no truth)")
+        plot_layout(pos0, path, cell_types=labels, title=title)
+
+
+def read_pt(input_path: Path, module: AlphaSTomicsModule) -> tuple[DataHolder, int]:
+    """A checked batch from a ``.pt`` input, and the input's number of coordinate columns.
+
+    The same checks as for an ``.h5ad``: shapes, the checkpoint's gene count, finite values in
+    every real cell, at least ``MIN_SLICE_CELLS`` real cells per item. 2-column positions get
+    z = 0.
+    """
+    try:
+        data = torch.load(input_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserInputError(
+            f"{input_path} is not a readable .pt file ({type(err).__name__})"
+        ) from err
+    required = ("expression", "positions", "node_mask")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise UserInputError(f"{input_path} must hold a dict with keys {', '.join(required)}")
+    try:
+        expr, pos, mask = (torch.as_tensor(data[k]) for k in required)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UserInputError(
+            f"{input_path}: expression, positions and node_mask must be tensors or arrays"
+        ) from err
+    if expr.dim() == 2 and pos.dim() == 2 and mask.dim() == 1:
+        expr, pos, mask = expr[None], pos[None], mask[None]
+    n_genes, n_dims = int(module.hparams["num_genes"]), int(module.hparams.get("n_dims", 3))
+    if expr.dim() != 3 or pos.dim() != 3 or mask.dim() != 2:
+        raise UserInputError(
+            f"{input_path}: expected expression (B, N, G), positions (B, N, D), node_mask (B, N) "
+            f"(or without B); got {tuple(expr.shape)}, {tuple(pos.shape)}, {tuple(mask.shape)}"
+        )
+    if pos.shape[:2] != expr.shape[:2] or mask.shape != expr.shape[:2]:
+        raise UserInputError(
+            f"{input_path}: expression {tuple(expr.shape)}, positions {tuple(pos.shape)} and "
+            f"node_mask {tuple(mask.shape)} must agree on (B, N)"
+        )
+    input_dims = pos.shape[-1]
+    if input_dims not in (2, n_dims) or input_dims > n_dims:
+        raise UserInputError(
+            f"{input_path}: positions have {input_dims} columns; expected 2 or {n_dims} (x, y[, z])"
+        )
+    if expr.shape[-1] != n_genes:
+        raise UserInputError(
+            f"{input_path}: expression has {expr.shape[-1]} genes, the checkpoint {n_genes}; "
+            "reorder it on the checkpoint's gene list"
+        )
+    for name, value in (("expression", expr), ("positions", pos), ("node_mask", mask)):
+        if value.is_complex():
+            raise UserInputError(f"{input_path}: {name} is complex; expected real numbers")
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise UserInputError(f"{input_path}: node_mask must be boolean (or 0/1)")
+        mask = mask == 1
+    expr, pos = expr.double(), pos.double()
+    for name, value in (("expression", expr), ("positions", pos)):
+        bad = (~torch.isfinite(value)).any(-1) & mask  # (B, N) real cells with NaN or inf
+        if bool(bad.any()):
+            item = int(bad.any(-1).nonzero()[0])
+            n_bad = int(bad.sum())
+            raise UserInputError(
+                f"{input_path}: {n_bad} real {'cell has' if n_bad == 1 else 'cells have'} NaN "
+                f"or infinite values in {name!r} (first in item {item}); drop those cells "
+                "(node_mask False) or fix them"
+            )
+    too_small = (mask.sum(-1) < MIN_SLICE_CELLS).nonzero().flatten().tolist()
+    if too_small:
+        raise UserInputError(
+            f"{input_path}: item {too_small[0]} has {int(mask[too_small[0]].sum())} real cells "
+            f"(node_mask True); every item needs at least {MIN_SLICE_CELLS}"
+        )
+    if input_dims < n_dims:
+        pos = torch.cat([pos, pos.new_zeros(*pos.shape[:2], n_dims - input_dims)], dim=-1)
+    # padded cells are never read; zero them so NaN there cannot reach the network
+    expr = torch.where(mask[..., None], expr, 0.0)
+    pos = torch.where(mask[..., None], pos, 0.0)
+    holder = DataHolder(expression=expr.float(), positions=pos.float(), node_mask=mask)
+    return holder, input_dims
 
 
 def sample_pt(
@@ -315,31 +459,18 @@ def sample_pt(
     num_samples: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Sample a ``.pt`` dict of tensors in model units (log-normalised, scaled) to a ``.pt``."""
-    try:
-        data = torch.load(input_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserInputError(
-            f"{input_path} is not a readable .pt file ({type(err).__name__})"
-        ) from err
-    required = ("expression", "positions", "node_mask")
-    if not isinstance(data, dict) or any(k not in data for k in required):
-        raise UserInputError(f"{input_path} must hold a dict with keys {', '.join(required)}")
-    expr, pos, mask = (torch.as_tensor(data[k]) for k in required)
-    if expr.dim() == 2:
-        expr, pos, mask = expr[None], pos[None], mask[None]
-    if expr.shape[-1] != module.hparams["num_genes"]:
-        raise UserInputError(
-            f"{input_path}: expression has {expr.shape[-1]} genes, the checkpoint "
-            f"{module.hparams['num_genes']}; reorder it on the checkpoint's gene list"
-        )
-    holder = DataHolder(expression=expr.float(), positions=pos.float(), node_mask=mask.bool())
+    """Sample a ``.pt`` dict of tensors in model units (log-normalised, scaled) to a ``.pt``.
+
+    Positions with 2 columns are read with z = 0 and written back with 2 columns.
+    """
+    holder, input_dims = read_pt(input_path, module)
     exprs, poss = [], []
     for k in range(num_samples):
         generator = torch.Generator(device=module.device).manual_seed(seed + k)
         e, p = module.sample(holder, mode, sampler=sampler, steps=steps, generator=generator)
         exprs.append(e.cpu())
         poss.append(p.cpu())
+    poss = [p[..., :input_dims] for p in poss]
     out = {
         "expression": exprs[0] if num_samples == 1 else torch.stack(exprs),
         "positions": poss[0] if num_samples == 1 else torch.stack(poss),

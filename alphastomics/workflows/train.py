@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,14 @@ from alphastomics.config import Config, config_to_dict, config_to_yaml
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt
 from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.diffusion_model.trainer import build_trainer, validation_minutes
+from alphastomics.diffusion_model.trainer import (
+    build_trainer,
+    quiet_lightning,
+    validation_minutes,
+)
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
+from alphastomics.utils.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,7 @@ def _check_run_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
 
 @rank_zero_only
 def _write_config(cfg: Config, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(config_to_yaml(cfg)))
 
 
 def run_training(
@@ -74,18 +79,47 @@ def run_training(
 ) -> AlphaSTomicsModule:
     """Train on the store in ``data_dir``; checkpoints go to ``output_dir/checkpoints``.
 
-    Returns the trained module (its weights are those of the last step; ``best.ckpt`` holds the
-    best validation loss).
+    The run folder is locked (``output_dir/.alphastomics.lock``) while training, so a second
+    run into it is refused. Returns the trained module (its weights are those of the last step;
+    ``best.ckpt`` holds the best validation loss).
+
+    Raises
+    ------
+    UserInputError
+        Bad data or run folder, or training ended before its first step (nothing to save).
+    TrainingStopped
+        Interrupted, too many non-finite steps, or no checkpoint could be written.
     """
     output_dir = Path(output_dir)
-    resume_from = _check_run_dir(output_dir, resume, overwrite)
-    pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     has_val = bool(ProcessedStore(data_dir).slice_indices("val"))
     # the Trainer knows this process's rank before torch.distributed exists (torchrun's
     # environment, or the processes Lightning launches itself): build it first
-    trainer = build_trainer(
-        cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
-    )
+    with quiet_lightning():
+        trainer = build_trainer(
+            cfg, output_dir, has_validation=has_val, enable_progress_bar=enable_progress_bar
+        )
+    if trainer.global_rank != 0:  # rank 0 holds the run folder's lock for all ranks
+        return _fit(cfg, trainer, data_dir, output_dir, resume, overwrite, has_val)
+    created = not output_dir.exists()
+    try:
+        with folder_lock(output_dir):
+            return _fit(cfg, trainer, data_dir, output_dir, resume, overwrite, has_val)
+    finally:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+
+
+def _fit(
+    cfg: Config,
+    trainer: pl.Trainer,
+    data_dir: str | Path,
+    output_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    has_val: bool,
+) -> AlphaSTomicsModule:
+    resume_from = _check_run_dir(output_dir, resume, overwrite)
+    pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     rank, world_size = trainer.global_rank, trainer.world_size
     if rank != 0:
         logging.getLogger("alphastomics").setLevel(logging.WARNING)
@@ -118,19 +152,22 @@ def run_training(
         _check_resume(resume_from, cfg, meta["gene_names"], data_dir)
     _write_config(cfg, output_dir)
     try:
-        trainer.fit(
-            module,
-            train_dataloaders=train_loader,
-            val_dataloaders=val_loader if has_val else None,
-            ckpt_path=str(resume_from) if resume_from else None,
-        )
+        with quiet_lightning():
+            trainer.fit(
+                module,
+                train_dataloaders=train_loader,
+                val_dataloaders=val_loader if has_val else None,
+                ckpt_path=str(resume_from) if resume_from else None,
+            )
     except FloatingPointError as err:
         raise TrainingStopped(f"{err}; {_last_checkpoint(output_dir, 'is intact')}") from err
     except SystemExit as err:
-        stopped = _stop_message(trainer, output_dir)
+        stopped = _stop_message(trainer, output_dir, data_dir)
         if stopped is None:
             raise
         raise TrainingStopped(*stopped) from err
+    if rank == 0:
+        _check_saved(cfg, trainer, output_dir)
     return module
 
 
@@ -150,6 +187,25 @@ def _log_validation_plan(cfg: Config, has_val: bool) -> None:
         log.info("validation every %.1f minutes (%s)", validation_minutes(cfg), why)
 
 
+def _check_saved(cfg: Config, trainer: pl.Trainer, output_dir: Path) -> None:
+    """A run that ends without ``last.ckpt`` is an error, never a silent success."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.exists():  # a folder under DeepSpeed
+        return
+    if trainer.global_step == 0:
+        limit = cfg.training.max_time_minutes
+        reason = (
+            f"training.max_time_minutes={limit} was used up before the first step; raise it"
+            if limit is not None
+            else "the training data gave no batch; check the store's train split"
+        )
+        raise UserInputError(f"training ended after 0 steps, so there is no checkpoint: {reason}")
+    raise TrainingStopped(
+        f"training ended at step {trainer.global_step} without writing {last}: its weights hold "
+        "NaN or inf (see the warning above); lower training.lr or check the data"
+    )
+
+
 def _last_checkpoint(output_dir: Path, state: str = "holds it") -> str:
     """``RUN/checkpoints/last.ckpt (step N) <state>``, or that there is none, for messages."""
     last = output_dir / "checkpoints" / "last.ckpt"
@@ -162,12 +218,24 @@ def _last_checkpoint(output_dir: Path, state: str = "holds it") -> str:
     return f"{last} (step {step}) {state}"
 
 
-def _stop_message(trainer: pl.Trainer, output_dir: Path) -> tuple[str, int] | None:
+def resume_command(output_dir: Path, data_dir: str | Path) -> str:
+    """The command that continues the run in ``output_dir``, ready to paste into a shell.
+
+    The run's own ``config.yaml`` (the resolved config, overrides included) carries the options.
+    """
+    parts = ["alphastomics", "train", "--resume", "--data_dir", str(data_dir)]
+    parts += ["--output_dir", str(output_dir), "--config", str(output_dir / "config.yaml")]
+    return shlex.join(parts)
+
+
+def _stop_message(
+    trainer: pl.Trainer, output_dir: Path, data_dir: str | Path
+) -> tuple[str, int] | None:
     """Message and exit status after ``fit`` stopped on SIGINT/SIGTERM (None: not a signal)."""
     guard = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
     if guard is None or guard.stop_reason is None:
         return None
-    resume = f"`alphastomics train --resume --output_dir {output_dir}` with the same --data_dir and options"
+    resume = f"`{resume_command(output_dir, data_dir)}`"
     if guard.stop_reason == "abort":
         return (
             f"training aborted by Ctrl+C before a clean stop, nothing saved "
