@@ -34,8 +34,8 @@ class DiffusionConfig:
 class LossConfig:
     lambda_expression: float = 1.0
     lambda_position: float = 1.0
-    use_distance_matrix: bool = True
-    align_rotation: bool = False
+    use_distance_matrix: bool = False
+    align_rotation: bool | str = "auto"  # True | False | "auto" (see resolve_auto)
     exact_distance_max_cells: int = 3000
     n_neighbor_pairs: int = 16
     n_random_pairs: int = 48
@@ -51,7 +51,7 @@ class ModelConfig:
     fourier_scale: float = 1.0
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
-    local_neighbors: int = 16
+    local_neighbors: int = 0
 
 
 @dataclass
@@ -70,8 +70,8 @@ class PreprocessingConfig:
 
 @dataclass
 class LoadingConfig:
-    mode: Literal["slice", "cell"] = "slice"
-    batch_size: int = 1
+    mode: Literal["auto", "slice", "cell"] = "auto"
+    batch_size: int | None = None
     max_cells: int | None = None
     neighborhood_fraction: float = 0.5
     num_workers: int = 0
@@ -182,6 +182,10 @@ def _check(cfg: Config) -> None:
         (cfg.diffusion.nu_position > 0, "diffusion.nu_position must be > 0"),
         (cfg.loss.lambda_expression >= 0, "loss.lambda_expression must be >= 0"),
         (cfg.loss.lambda_position >= 0, "loss.lambda_position must be >= 0"),
+        (
+            cfg.loss.align_rotation in (True, False, "auto"),
+            f"loss.align_rotation must be true, false or auto; got {cfg.loss.align_rotation!r}",
+        ),
         (cfg.loss.exact_distance_max_cells >= 2, "loss.exact_distance_max_cells must be >= 2"),
         (cfg.loss.n_neighbor_pairs >= 0, "loss.n_neighbor_pairs must be >= 0"),
         (cfg.loss.n_random_pairs >= 0, "loss.n_random_pairs must be >= 0"),
@@ -208,7 +212,10 @@ def _check(cfg: Config) -> None:
             "(n_neighbors > 0); set neighbor_readout.n_neighbors=0 to turn it off",
         ),
         (cfg.neighbor_readout.max_queries >= 1, "neighbor_readout.max_queries must be >= 1"),
-        (cfg.data.loading.batch_size >= 1, "data.loading.batch_size must be >= 1"),
+        (
+            cfg.data.loading.batch_size is None or cfg.data.loading.batch_size >= 1,
+            "data.loading.batch_size must be null or >= 1",
+        ),
         (
             cfg.data.loading.max_cells is None or cfg.data.loading.max_cells >= 2,
             "data.loading.max_cells must be null or >= 2",
@@ -347,14 +354,70 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     Sections and keys added since the checkpoint was written get the values that rebuild the
     model it holds weights for, not today's defaults: a config without ``neighbor_readout``
     predates the read-out, so it has ``n_neighbors: 0``; one without ``model.local_neighbors``
-    predates local attention, so it has 0.
+    predates local attention, so it has 0; one without ``loss.align_rotation`` was trained
+    without alignment.
     """
     upgraded = dict(saved)
+    loss = dict(upgraded.get("loss") or {})
+    loss.setdefault("align_rotation", False)  # written before the aligned loss existed
+    upgraded["loss"] = loss
     upgraded.setdefault("neighbor_readout", {"n_neighbors": 0})
     model = dict(upgraded.get("model") or {})
     model.setdefault("local_neighbors", 0)  # written before local attention existed
     upgraded["model"] = model
     return upgraded
+
+
+CELL_ITEM_SIZE = 256  # cells per item in cell mode when data.loading.batch_size is null
+
+
+def resolve_auto(cfg: Config, n_training_frames: int | None) -> tuple[Config, list[str]]:
+    """Settle the ``auto`` settings for training data with ``n_training_frames`` frames.
+
+    One slice or volume (``n_training_frames == 1``) is one frame: the model may learn its
+    orientation (``loss.align_rotation`` false), and since a whole-slice item would be the
+    same cells at every step, items are 256-cell neighbourhoods and random subsets of it
+    (``data.loading.mode`` cell), read at their place in the frame. Several slices are
+    centred and scaled each on its own and need not share an orientation: each prediction is
+    rotated or reflected onto its truth first (Kabsch; rotation-invariant like the metric,
+    O(N)), and an item is a whole slice. Unknown (None) is treated as several. A null
+    ``data.loading.batch_size`` is 1 slice per batch in slice mode, 256 cells per item in cell
+    mode. Returns the settled config and one line per ``auto`` it decided, for the log.
+    """
+    several = n_training_frames is None or n_training_frames > 1
+    frames = (
+        "an unknown number of training slices"
+        if n_training_frames is None
+        else f"{n_training_frames} training slice{'' if n_training_frames == 1 else 's'}"
+    )
+    messages = []
+    loss, loading = cfg.loss, cfg.data.loading
+    if loss.align_rotation == "auto":
+        loss = dataclasses.replace(loss, align_rotation=several)
+        if not loss.use_distance_matrix:
+            reason = (
+                "each in its own frame, so each prediction is rotated onto its truth first"
+                if several
+                else "one frame, whose orientation the model learns"
+            )
+            messages.append(
+                f"loss.align_rotation=auto -> {str(several).lower()}: {frames}, {reason}"
+            )
+    if loading.mode == "auto":
+        mode = "slice" if several else "cell"
+        loading = dataclasses.replace(loading, mode=mode)
+        reason = (
+            "an item is a whole slice"
+            if several
+            else "items are neighbourhoods and random subsets of it, not the same cells each step"
+        )
+        messages.append(f"data.loading.mode=auto -> {mode}: {frames}, {reason}")
+    if loading.batch_size is None:
+        loading = dataclasses.replace(
+            loading, batch_size=CELL_ITEM_SIZE if loading.mode == "cell" else 1
+        )
+    data = dataclasses.replace(cfg.data, loading=loading)
+    return dataclasses.replace(cfg, loss=loss, data=data), messages
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

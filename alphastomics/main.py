@@ -116,7 +116,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a processed store")
     p.add_argument("--config", type=Path, help="YAML config (default: the packaged config.yaml)")
     p.add_argument("--data_dir", type=Path, help="processed store written by preprocess")
-    p.add_argument("--data_mode", choices=["slice", "cell"], help="overrides data.loading.mode")
+    p.add_argument(
+        "--data_mode", choices=["auto", "slice", "cell"], help="overrides data.loading.mode"
+    )
     p.add_argument("--output_dir", type=Path, default=Path("outputs"), help="run folder")
     p.add_argument(
         "--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.ckpt"

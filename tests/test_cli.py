@@ -82,6 +82,9 @@ def test_train_writes_checkpoints_config_and_csv_logs(trained):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["cfg"]["model"]["hidden_dim"] == 16
     assert ckpt["hyper_parameters"]["data_info"]["keys"]["position_key"] == "ccf"
+    # loss.align_rotation: auto settled for two training slices, each in its own frame
+    assert ckpt["hyper_parameters"]["cfg"]["loss"]["align_rotation"] is True
+    assert "align_rotation: true" in (run / "config.yaml").read_text()
 
 
 def test_train_refuses_to_reuse_a_run_folder(trained, capsys):

@@ -3,7 +3,13 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from alphastomics.config import Config, config_to_yaml, default_config_path, load_config
+from alphastomics.config import (
+    Config,
+    config_to_yaml,
+    default_config_path,
+    load_config,
+    resolve_auto,
+)
 from alphastomics.errors import UserInputError
 
 
@@ -63,3 +69,36 @@ def test_user_yaml_file_and_round_trip(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("frames", "several"), [(1, False), (2, True), (None, True)])
+def test_auto_settings_follow_the_number_of_training_frames(frames, several):
+    cfg = load_config()
+    assert cfg.loss.align_rotation == "auto" and cfg.data.loading.mode == "auto"
+    resolved, messages = resolve_auto(cfg, frames)
+    assert resolved.loss.align_rotation is several
+    assert resolved.data.loading.mode == ("slice" if several else "cell")
+    assert resolved.data.loading.batch_size == (1 if several else 256)
+    assert [m.split(" ->")[0] for m in messages] == [
+        "loss.align_rotation=auto",
+        "data.loading.mode=auto",
+    ]
+    assert f"-> {str(several).lower()}" in messages[0]
+
+
+def test_settings_the_user_chose_are_kept():
+    fixed = load_config(
+        overrides=[
+            "loss.align_rotation=false",
+            "data.loading.mode=slice",
+            "data.loading.batch_size=2",
+        ]
+    )
+    assert resolve_auto(fixed, 5) == (fixed, [])
+    cell = load_config(overrides=["data.loading.mode=cell"])
+    assert resolve_auto(cell, 5)[0].data.loading.batch_size == 256
+
+
+def test_align_rotation_rejects_other_words():
+    with pytest.raises(UserInputError, match=r"loss\.align_rotation must be true, false or auto"):
+        load_config(overrides=["loss.align_rotation=sometimes"])

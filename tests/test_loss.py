@@ -23,7 +23,8 @@ from alphastomics.diffusion_model.loss import (
 )
 from alphastomics.utils.dataholder import DataHolder
 
-LOSS_KWARGS = dataclasses.asdict(LossConfig())
+# the distance loss, as the tests below were written for it (the default is the coordinate loss)
+LOSS_KWARGS = dataclasses.asdict(LossConfig(use_distance_matrix=True, align_rotation=False))
 
 # Sampled vs exact distance loss on 2,000 cells (k = 16, R = 48): the estimate is unbiased with a
 # relative standard deviation of about 0.3-0.4 % here (96,000 random pairs); 3 % per draw is
@@ -246,6 +247,15 @@ def test_aligned_coordinate_loss_is_invariant_to_rigid_motions(n_dims: int) -> N
         torch.testing.assert_close(coordinate_loss(moved, target, mask, align_rotation=True), base)
     rotated_truth = target @ random_orthogonal(n_dims, 2, False).T
     assert coordinate_loss(rotated_truth, target, mask, align_rotation=True).item() < 1e-10
+
+
+def test_aligned_coordinate_loss_is_nan_not_an_error_for_a_nonfinite_cell() -> None:
+    target, mask = padded([slice_like(40), slice_like(12, seed=1)], 40)
+    pred = target.clone()
+    pred[~mask] = float("nan")  # padding is never read
+    assert coordinate_loss(pred, target, mask, align_rotation=True).item() < 1e-10
+    pred[1, 0, 0] = float("inf")  # a real cell: NaN, as without alignment (the step is skipped)
+    assert torch.isnan(coordinate_loss(pred, target, mask, align_rotation=True))
 
 
 def test_aligned_coordinate_loss_gradient_holds_the_rotation_fixed_exactly() -> None:

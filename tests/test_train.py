@@ -14,6 +14,7 @@ from alphastomics.diffusion_model.trainer import build_trainer
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder, collate_holders
 from alphastomics.utils.metrics import position_metrics
+from alphastomics.workflows.train import data_info_from_metadata
 
 SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]
 
@@ -190,3 +191,23 @@ def test_validation_cadence_is_sized_to_the_budget():
     assert validation_schedule(fixed) == (1, timedelta(minutes=4))
     epochs = load_config(overrides=["training.val_every_n_epochs=3"])
     assert validation_schedule(epochs) == (3, None)
+
+
+def test_training_frames_count_slices_not_store_entries():
+    def entry(name: str, split: str, source: str | None = None) -> dict:
+        info = {"name": name, "split": split, "scale": 1.0, "n_cells": 10}
+        return info | ({"slice": source} if source else {})
+
+    one_volume = [entry("e/train", "train", "e"), entry("e/val", "val", "e")]
+    one_volume.append(entry("e/test", "test", "e"))
+    assert data_info_from_metadata({"slices": one_volume})["n_training_frames"] == 1
+    slices = [entry("a", "train"), entry("b", "train"), entry("c", "test")]
+    assert data_info_from_metadata({"slices": slices})["n_training_frames"] == 2
+    # a module built without the data's frames takes the invariant, aligned loss
+    module = AlphaSTomicsModule(load_config(overrides=[*SMALL]), 8)
+    assert module.cfg.loss.align_rotation is True
+    single = AlphaSTomicsModule(
+        load_config(overrides=[*SMALL]), 8, data_info={"n_training_frames": 1}
+    )
+    assert single.cfg.loss.align_rotation is False
+    assert single.hparams["cfg"]["loss"]["align_rotation"] is False

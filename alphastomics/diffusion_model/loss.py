@@ -123,12 +123,15 @@ def best_rotation(pred: Tensor, target: Tensor) -> Tensor:
     The orthogonal Procrustes solution ``R = U V^T`` of the SVD ``pred^T target = U S V^T``
     (Kabsch 1976, reflections allowed, as in the distance loss and the position metrics), in
     float64 from the D x D cross-covariance, so O(N). ``pred`` and ``target`` (B, N, D) must be
-    centred with padded rows 0.
+    centred with padded rows 0. An item with a non-finite entry gets a NaN ``R``, so its loss
+    is NaN as it would be without alignment (the training step then skips it).
     """
     with torch.no_grad():
         cross = pred.detach().double().transpose(1, 2) @ target.detach().double()  # (B, D, D)
-        u, _, vh = torch.linalg.svd(cross)
-        return (u @ vh).to(pred.dtype)
+        finite = torch.isfinite(cross).all(dim=(1, 2))  # (B,)
+        u, _, vh = torch.linalg.svd(torch.where(finite.view(-1, 1, 1), cross, 0.0))
+        rotation = torch.where(finite.view(-1, 1, 1), u @ vh, torch.nan)
+        return rotation.to(pred.dtype)
 
 
 def coordinate_loss(
@@ -506,6 +509,8 @@ def compute_loss(
     if position_weight is None:
         position_weight = _default_weight(data.t_position, b, device)
 
+    if not isinstance(align_rotation, bool):  # e.g. an unsettled `auto` (config.resolve_auto)
+        raise ValueError(f"align_rotation must be True or False, got {align_rotation!r}")
     expression_mse = expression_loss(
         pred_expression, data.expression, data.node_mask, data.gene_mask, expression_weight
     )

@@ -22,7 +22,13 @@ from torch import Tensor
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_split
-from alphastomics.config import Config, config_to_dict, load_config, upgrade_saved_config
+from alphastomics.config import (
+    Config,
+    config_to_dict,
+    load_config,
+    resolve_auto,
+    upgrade_saved_config,
+)
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
@@ -64,11 +70,11 @@ class AlphaSTomicsModule(pl.LightningModule):
         n_dims: int = 3,
     ) -> None:
         super().__init__()
-        if isinstance(cfg, Config):
-            cfg_dict = config_to_dict(cfg)
-        else:
-            cfg_dict = upgrade_saved_config(cfg)  # e.g. hparams of an older checkpoint
-            cfg = load_config(base=cfg_dict)
+        if not isinstance(cfg, Config):
+            cfg = load_config(base=upgrade_saved_config(cfg))  # e.g. hparams of a checkpoint
+        # `auto` settles here for callers that did not (the train workflow logs its choice)
+        cfg, _ = resolve_auto(cfg, (data_info or {}).get("n_training_frames"))
+        cfg_dict = config_to_dict(cfg)
         self.cfg: Config = cfg
         self.save_hyperparameters(
             {
@@ -395,19 +401,11 @@ class AlphaSTomicsModule(pl.LightningModule):
         point_estimate = mode == "pos_to_expr" and expression_estimate == "mean"
         if point_estimate and known is not None and self.neighbor_readout is not None:
             return self.impute_from_neighbors(batch, known, generator=generator)
+        if point_estimate and known is None:
+            return self.predict_mean(batch, mode, generator=generator)
         batch = batch.to(self.device)
         expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         diffusion_sampler = self._sampler(sampler, steps, show_progress)
-        if point_estimate and known is None:
-            expr_out, pos_out = diffusion_sampler.predict_mean(
-                expr,
-                batch.positions,
-                batch.node_mask,
-                mode,
-                gene_mask=batch.gene_mask,
-                generator=generator,
-            )
-            return apply_mask(self.unstandardize(expr_out), batch.node_mask), pos_out
         expr_out, pos_out = diffusion_sampler.sample(
             expr,
             batch.positions,
@@ -420,6 +418,34 @@ class AlphaSTomicsModule(pl.LightningModule):
         )
         expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
+
+    def predict_mean(
+        self,
+        batch: DataHolder,
+        mode: Literal["expr_to_pos", "pos_to_expr"],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The one-step conditional mean of the generated modality given the clean one
+        (:meth:`DiffusionSampler.predict_mean`), in the units of :meth:`sample`.
+
+        Returns
+        -------
+        (expression, positions)
+            (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
+        """
+        tune_malloc()
+        batch = batch.to(self.device)
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        expr_out, pos_out = self._sampler(None, None, False).predict_mean(
+            expr,
+            batch.positions,
+            batch.node_mask,
+            mode,
+            gene_mask=batch.gene_mask,
+            generator=generator,
+        )
+        return apply_mask(self.unstandardize(expr_out), batch.node_mask), pos_out
 
     @property
     def imputes_from_neighbors(self) -> bool:

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from alphastomics.config import Config, config_to_dict, config_to_yaml
+from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
 from alphastomics.diffusion_model.callbacks import GracefulInterrupt
 from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
@@ -28,6 +28,12 @@ from alphastomics.utils.io import atomic_write, folder_lock
 log = logging.getLogger(__name__)
 
 
+def training_frames(metadata: dict[str, Any]) -> int:
+    """Distinct slices (frames) among a store's training entries: cell-split entries of one
+    slice (``<slice>/train``, ...) are one frame."""
+    return len({s.get("slice", s["name"]) for s in metadata["slices"] if s["split"] == "train"})
+
+
 def data_info_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must remember about the data it was trained on."""
     scales = [float(s["scale"]) for s in metadata["slices"]]
@@ -38,6 +44,7 @@ def data_info_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         "n_dims": metadata.get("n_dims", 3),
         "typical_scale": float(sorted(scales)[len(scales) // 2]) if scales else 1.0,
         "typical_n_cells": int(sorted(s["n_cells"] for s in metadata["slices"])[len(scales) // 2]),
+        "n_training_frames": training_frames(metadata),
     }
 
 
@@ -124,6 +131,9 @@ def _fit(
     if rank != 0:
         logging.getLogger("alphastomics").setLevel(logging.WARNING)
     _log_validation_plan(cfg, has_val)
+    cfg, decisions = resolve_auto(cfg, training_frames(ProcessedStore(data_dir).metadata))
+    for decision in decisions:
+        log.info(decision)
     loading = cfg.data.loading
     train_loader, val_loader, _, meta = create_dataloaders(
         data_dir,
@@ -136,13 +146,14 @@ def _fit(
         rank=rank,
         world_size=world_size,
     )
+    data_info = data_info_from_metadata(meta)
     module = AlphaSTomicsModule(
         cfg,
         meta["n_genes"],
         gene_names=meta["gene_names"],
         gene_mean=meta["gene_mean"],
         gene_std=meta["gene_std"],
-        data_info=data_info_from_metadata(meta),
+        data_info=data_info,
         n_dims=meta.get("n_dims", 3),
     )
     if world_size > 1:
