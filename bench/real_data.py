@@ -501,6 +501,46 @@ def evaluate_model(
     }
 
 
+def evaluate_one_step_mean(
+    args: argparse.Namespace, module: Any, checkpoint: Path, data_dir: Path
+) -> dict[str, Any] | None:
+    """Score the model's one-step conditional mean layout (``expr_to_pos``) on the test entries.
+
+    The yardstick of the sampler: a per-cell point estimate from one network evaluation
+    (:meth:`AlphaSTomicsModule.predict_mean`), scored like the sampled row. None for models
+    that do not place cells.
+    """
+    if module.cfg.training_mode == "pos_to_expr":
+        return None
+    store = ProcessedStore(data_dir)
+    scores, weights = [], []
+    start = time.perf_counter()
+    for i in store.slice_indices("test"):
+        arrays = store.load_slice(i)
+        positions = np.asarray(arrays["positions"])
+        holder = DataHolder.from_arrays(
+            np.asarray(arrays["expression"]), positions, gene_mask=np.asarray(arrays["gene_mask"])
+        )
+        generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
+        _, placed = module.predict_mean(holder, "expr_to_pos", generator=generator)
+        scores.append(position_metrics(positions, placed[0].cpu().numpy()))
+        weights.append(len(positions))
+    summary = summarize(scores, weights=weights)
+    return {
+        "checkpoint": str(checkpoint),
+        "training_mode": module.cfg.training_mode,
+        "sampler": "one-step mean",
+        "steps": 1,
+        "seeds": [args.seed],
+        "overall": {
+            "expr_to_pos": {
+                k: {"mean": v, "std": 0.0} for k, v in summary.items() if isinstance(v, int | float)
+            }
+        },
+        "sampling_seconds": time.perf_counter() - start,
+    }
+
+
 def evaluate_placement(
     args: argparse.Namespace, module: Any, checkpoint: Path, data_dir: Path
 ) -> dict[str, Any] | None:
@@ -803,6 +843,7 @@ def _run(
         model = evaluate_model(args, module, checkpoint, data_dir, output_dir / "model_eval")
         placement = evaluate_placement(args, module, checkpoint, data_dir)
         result["placement"] = placement
+        result["one_step_mean"] = evaluate_one_step_mean(args, module, checkpoint, data_dir)
     rows = [_baseline_row(b) for b in baselines]
     if model is not None:
         rows.insert(0, _model_row(model, training_seconds))
@@ -810,6 +851,11 @@ def _run(
             row = _model_row(result["placement"], training_seconds)
             row["method"] += ", among the training cells"
             rows.insert(1, row)
+        if result.get("one_step_mean"):
+            row = _model_row(result["one_step_mean"], training_seconds)
+            row["method"] += ", one-step mean (no sampling)"
+            row["params"] = "predict_mean: E[positions | expression], 4 prior draws"
+            rows.insert(2 if result.get("placement") else 1, row)
     result.update(
         model=model, training_seconds=training_seconds, budget_minutes=args.budget_minutes
     )
