@@ -23,6 +23,7 @@ from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_split
 from alphastomics.config import Config, config_to_dict, load_config, upgrade_saved_config
+from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
@@ -151,6 +152,11 @@ class AlphaSTomicsModule(pl.LightningModule):
         clean_expr, clean_pos = self._clean_masks(b, generator)
         step_e = self.noise_model.sample_steps(b, device=self.device, generator=generator)
         step_p = self.noise_model.sample_steps(b, device=self.device, generator=generator)
+        # gene imputation: some items hide measured genes from the input and are scored on
+        # those alone, their visible genes given clean (as `impute` gives them)
+        hidden = self._hidden_genes(batch.gene_mask, generator)  # (B, G)
+        hides = hidden.any(dim=1)  # (B,)
+        clean_expr = clean_expr | hides
         step_e = torch.where(clean_expr, torch.zeros_like(step_e), step_e)
         step_p = torch.where(clean_pos, torch.zeros_like(step_p), step_p)
         noisy = self.noise_model.apply_noise(
@@ -162,13 +168,13 @@ class AlphaSTomicsModule(pl.LightningModule):
             noisy.t_expression,
             noisy.t_position,
             noisy.node_mask,
-            noisy.gene_mask,
+            noisy.gene_mask & ~hidden,
         )
         loss_cfg = self.cfg.loss
         result = compute_loss(
             out.expression,
             out.positions,
-            noisy,
+            noisy.replace(gene_mask=torch.where(hides.unsqueeze(1), hidden, noisy.gene_mask)),
             lambda_expression=loss_cfg.lambda_expression,
             lambda_position=loss_cfg.lambda_position,
             use_distance_matrix=loss_cfg.use_distance_matrix,
@@ -176,7 +182,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             exact_distance_max_cells=loss_cfg.exact_distance_max_cells,
             n_neighbor_pairs=loss_cfg.n_neighbor_pairs,
             n_random_pairs=loss_cfg.n_random_pairs,
-            expression_weight=(~clean_expr).float(),
+            expression_weight=(~clean_expr | hides).float(),
             position_weight=(~clean_pos).float(),
             generator=generator,
             position_neighbors=self._neighbor_cache.lookup(
@@ -195,6 +201,12 @@ class AlphaSTomicsModule(pl.LightningModule):
                 self.cfg.neighbor_readout.loss_weight,
             )
         return result
+
+    def _hidden_genes(self, gene_mask: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, G) bool measured genes hidden from the input this step (``training.p_hide_genes``)."""
+        t = self.cfg.training
+        p = 0.0 if self.cfg.training_mode == "expr_to_pos" else t.p_hide_genes
+        return hide_genes(gene_mask, p, t.hide_share_min, t.hide_share_max, generator)
 
     def neighbor_readout_loss(
         self, batch: DataHolder, generator: torch.Generator | None = None
