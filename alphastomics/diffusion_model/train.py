@@ -513,6 +513,70 @@ class AlphaSTomicsModule(pl.LightningModule):
             expr_out = torch.where(unmeasured.unsqueeze(1), self.unstandardize(mean), expr_out)
         return apply_mask(expr_out, mask), center(batch.positions, mask)
 
+    @torch.inference_mode()
+    def impute(
+        self,
+        batch: DataHolder,
+        *,
+        use_positions: bool = True,
+        expression_estimate: Literal["mean", "sample"] = "mean",
+        sampler: Literal["ddim", "ddpm"] | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Expression of the genes each item did not measure, from those it did (and positions).
+
+        ``batch.gene_mask`` marks the measured genes: they are the condition, with the
+        positions unless ``use_positions`` is False (then expression alone). ``"mean"``: the
+        conditional mean (:meth:`DiffusionSampler.impute_mean`, what the gene-hiding items of
+        training teach, ``training.p_hide_genes``); ``"sample"``: one reverse-process draw of
+        every unmeasured gene with the measured genes held to their values
+        (:meth:`DiffusionSampler.sample` with ``known_genes``; positions drawn too when they
+        are not used).
+
+        Parameters
+        ----------
+        batch
+            Log-normalised expression (B, N, G) (read for measured genes), positions (B, N, D)
+            in the store's scaled units, ``gene_mask`` (B, G); each item needs a measured gene.
+
+        Returns
+        -------
+        Tensor
+            (B, N, G) log-normalised: measured genes as given, the others imputed; padded rows 0.
+        """
+        tune_malloc()
+        batch = batch.to(self.device)
+        measured = batch.gene_mask.bool()
+        if not bool(measured.any(dim=1).all()):
+            item = int((~measured.any(dim=1)).nonzero()[0])
+            raise ValueError(
+                f"item {item} measures no gene: nothing to impute from; use pos_to_expr"
+            )
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        diffusion_sampler = self._sampler(sampler, steps, False)
+        if expression_estimate == "mean":
+            out = diffusion_sampler.impute_mean(
+                expr,
+                batch.positions,
+                batch.node_mask,
+                measured,
+                use_positions=use_positions,
+                generator=generator,
+            )
+        else:
+            out, _ = diffusion_sampler.sample(
+                expr,
+                batch.positions,
+                batch.node_mask,
+                "pos_to_expr" if use_positions else "joint",
+                gene_mask=torch.ones_like(measured),
+                generator=generator,
+                known_genes=measured,
+            )
+        imputed = torch.where(measured.unsqueeze(1), batch.expression, self.unstandardize(out))
+        return apply_mask(imputed, batch.node_mask)
+
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         train_cfg = self.cfg.training
