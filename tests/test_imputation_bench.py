@@ -1,0 +1,131 @@
+"""bench/imputation.py: the scores of Li et al.'s protocol on known answers, the folds, the kNN
+baseline, and a smoke run on a tiny checkpoint with Tangram and gimVI absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_adata
+
+from alphastomics.main import main
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_imputation", Path(__file__).parents[1] / "bench" / "imputation.py"
+)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench
+_spec.loader.exec_module(bench)
+
+
+def _truth(n: int = 50, g: int = 4) -> np.ndarray:
+    return np.random.default_rng(0).gamma(2.0, 1.0, size=(n, g))
+
+
+def test_a_perfect_prediction_scores_perfectly() -> None:
+    truth = _truth()
+    for pred in (truth, 3.0 * truth):  # every score is blind to a gene's scale
+        scores = bench.score_genes(truth, pred)
+        assert np.allclose(scores["pcc"], 1.0) and np.allclose(scores["ssim"], 1.0)
+        assert np.allclose(scores["rmse"], 0.0, atol=1e-12)
+        assert np.allclose(scores["js"], 0.0, atol=1e-12)
+
+
+def test_scores_of_known_bad_predictions() -> None:
+    truth = _truth()
+    flipped = truth.max(0) - truth  # a mirror image: PCC -1, z-scores opposite
+    scores = bench.score_genes(truth, flipped)
+    assert np.allclose(scores["pcc"], -1.0)
+    assert np.allclose(scores["rmse"], 2.0)
+    constant = bench.score_genes(truth, np.ones_like(truth))
+    assert np.allclose(constant["pcc"], 0.0)  # no information
+    assert np.allclose(constant["rmse"], 1.0)  # the truth's z-scores have RMS 1
+    # disjoint supports: the largest divergence, ln 2
+    a = np.array([[1.0], [0.0]])
+    assert bench.js_divergence(a, a[::-1])[0] == pytest.approx(math.log(2))
+    # negative predictions are clipped at 0 (expression is non-negative)
+    assert np.allclose(bench.score_genes(truth, truth - 100)["pcc"], 0.0)
+    # a gene constant in the truth has no correlation
+    assert np.isnan(bench.pcc(np.ones((5, 1)), np.arange(5.0)[:, None]))[0]
+
+
+def test_ssim_matches_the_formula_by_hand() -> None:
+    t, p = np.array([[0.0], [1.0], [2.0], [4.0]]), np.array([[1.0], [1.0], [2.0], [2.0]])
+    x, y = t[:, 0] / 4, p[:, 0] / 2
+    c1, c2 = 1e-4, 9e-4
+    sx, sy = x.std(), y.std()
+    cov = ((x - x.mean()) * (y - y.mean())).mean()
+    expected = (
+        (2 * x.mean() * y.mean() + c1)
+        / (x.mean() ** 2 + y.mean() ** 2 + c1)
+        * (2 * sx * sy + c2)
+        / (sx**2 + sy**2 + c2)
+        * (cov + c2 / 2)
+        / (sx * sy + c2 / 2)
+    )
+    assert bench.ssim(t, p)[0] == pytest.approx(expected)
+    assert 0 < expected < 1
+
+
+def test_gene_folds_are_kfold_without_shuffling() -> None:
+    folds = bench.gene_folds(351, 10)
+    assert [len(f) for f in folds] == [36] + [35] * 9
+    assert np.array_equal(np.concatenate(folds), np.arange(351))  # contiguous, each gene once
+
+
+def test_knn_baseline_finds_the_matching_reference_cells() -> None:
+    rng = np.random.default_rng(1)
+    prototypes = rng.gamma(2.0, 1.0, size=(5, 40))
+    reference = np.repeat(prototypes, 20, axis=0)  # 20 copies of each
+    measured, dropped = np.arange(30), np.arange(30, 40)
+    pred = bench.knn_predict(reference, prototypes[:, measured], measured, dropped)
+    assert np.allclose(pred, prototypes[:, dropped])
+
+
+def test_model_is_trained_by_the_cli_with_only_the_time_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[list[str]] = []
+    monkeypatch.setattr(bench, "_run", lambda command, commands: ran.append(command))
+    args = bench.build_parser().parse_args(["--dataset", "seqfish", "--output_dir", str(tmp_path)])
+    bench.train_model(args, [], tmp_path / "reference.h5ad", tmp_path, [])
+    preprocess, train = ran
+    assert preprocess[2:4] == ["alphastomics.main", "preprocess"]
+    assert train[3] == "train"
+    overrides = [a for a in train if "=" in a]
+    assert overrides == ["training.max_time_minutes=15.0", "training.max_epochs=1000000"]
+
+
+def test_smoke_run_with_the_peers_absent(
+    tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--data_dir", str(tiny_store), "--output_dir", str(run)]
+    args += ["model.hidden_dim=16", "model.n_layers=1", "model.n_heads=2"]
+    args += ["diffusion.diffusion_steps=20", "sampling.steps=4", "training.max_epochs=1"]
+    args += ["training.accelerator=cpu"]
+    assert main(args) == 0
+    data = tmp_path / "tissue.h5ad"
+    make_tiny_adata(n_slices=3, n_cells=40, seed=2).write_h5ad(data)
+    for method in ("tangram", "gimvi"):  # as on a machine without the [peers] extra
+        monkeypatch.setitem(bench.PEERS, method, f"no_such_module_{method}")
+    out = tmp_path / "bench"
+    argv = ["--h5ad", str(data), "--position_key", "ccf", "--query_slices", "slice_2"]
+    argv += ["--n_folds", "4", "--checkpoint", str(run / "checkpoints" / "last.ckpt")]
+    argv += ["--output_dir", str(out), "--device", "cpu"]
+    assert bench.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["rows"]) == {"model", "knn"}
+    assert set(result["skipped"]) == {"tangram", "gimvi"}
+    assert "pip install -e '.[peers]'" in result["skipped"]["tangram"]
+    for row in result["rows"].values():
+        assert len(row["scores"]["pcc"]) == 16
+        assert all(math.isfinite(row["median"][m]) for m in bench.METRICS)
+    text = (out / "results.md").read_text()
+    assert "| model |" in text and "| tangram | – |" in text
