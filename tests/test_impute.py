@@ -301,3 +301,23 @@ def test_impute_without_positions_says_so(checkpoint: Path, tmp_path: Path) -> N
     # an explicit position key must exist
     with pytest.raises(UserInputError, match="ccf"):
         impute_anndata(module, panel, keys={"position_key": "ccf"})
+
+
+def test_which_checkpoints_serve_impute(caplog: pytest.LogCaptureFixture) -> None:
+    from alphastomics.workflows.sampling import check_sample_request
+
+    pos_to_expr = AlphaSTomicsModule(
+        load_config(overrides=[*TINY, "training_mode=pos_to_expr"]), num_genes=4
+    )
+    check_sample_request(pos_to_expr, "impute", None, 1)
+    expr_to_pos = AlphaSTomicsModule(
+        load_config(overrides=[*TINY, "training_mode=expr_to_pos"]), num_genes=4
+    )
+    with pytest.raises(UserInputError, match="cannot sample impute"):
+        check_sample_request(expr_to_pos, "impute", None, 1)
+    untrained = AlphaSTomicsModule(
+        load_config(overrides=[*TINY, "training.p_hide_genes=0"]), num_genes=4
+    )
+    with caplog.at_level("WARNING"):
+        check_sample_request(untrained, "impute", None, 1)
+    assert "training.p_hide_genes=0" in caplog.text
