@@ -277,10 +277,16 @@ def tangram_predict(
         random_state=seed,
         verbose=False,
     )
-    projected = tg.project_genes(mapping, ad_sc)
-    names = [genes[i] for i in dropped]
-    values = projected[:, names].X
-    return np.asarray(values.toarray() if hasattr(values, "toarray") else values)
+    projected = tg.project_genes(mapping, ad_sc)  # its gene names are lower case
+    values = projected.X
+    values = np.asarray(values.toarray() if hasattr(values, "toarray") else values)
+    column = {str(g).lower(): i for i, g in enumerate(projected.var_names)}
+    out = np.zeros((len(query), len(dropped)), dtype=np.float64)
+    for j, i in enumerate(dropped):
+        # pp_adatas drops genes that are 0 in every reference cell: their projection is 0
+        if genes[i].lower() in column:
+            out[:, j] = values[:, column[genes[i].lower()]]
+    return out
 
 
 def gimvi_predict(

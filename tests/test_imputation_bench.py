@@ -129,3 +129,25 @@ def test_smoke_run_with_the_peers_absent(
         assert all(math.isfinite(row["median"][m]) for m in bench.METRICS)
     text = (out / "results.md").read_text()
     assert "| model |" in text and "| tangram | – |" in text
+
+
+@pytest.mark.parametrize("method", ["tangram", "gimvi"])
+def test_peer_rows_predict_the_dropped_genes(method: str) -> None:
+    """Where the [peers] extra is installed: mixed-case gene names, the dropped genes' columns."""
+    pytest.importorskip(bench.PEERS[method])
+    rng = np.random.default_rng(0)
+    reference = np.log1p(rng.poisson(3.0, size=(40, 6)).astype(np.float64))
+    genes = ["Abc", "Def", "GHI", "jkl", "Mno", "Pqr"]
+    measured, dropped = np.array([0, 1, 2, 3]), np.array([4, 5])
+    predict = bench.tangram_predict if method == "tangram" else bench.gimvi_predict
+    pred = predict(
+        reference,
+        reference[:25, measured],
+        measured,
+        dropped,
+        genes=genes,
+        epochs=3,
+        device="cpu",
+        seed=0,
+    )
+    assert pred.shape == (25, 2) and np.isfinite(pred).all()
