@@ -25,8 +25,8 @@ library size 10,000 + log1p, normalised data is kept). Per gene over the query c
 predictions clipped at 0 first (expression is non-negative) for every method: Pearson
 correlation (PCC), SSIM of the gene scaled by its maximum in one global window, RMSE of the
 z-scored values and Jensen-Shannon divergence of the values scaled to sum 1 (natural log);
-the table reports medians over genes. Genes constant in the query have no correlation and are
-left out of every row (their count is reported).
+the table reports medians over genes. Genes constant in the query have no pattern to recover and
+are left out of every median (their count is reported).
 
 Methods:
 
@@ -162,15 +162,21 @@ def js_divergence(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def score_genes(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """Every score per gene: ``{"pcc", "ssim", "rmse", "js"}`` -> (G,), predictions clipped at 0."""
+    """Every score per gene: ``{"pcc", "ssim", "rmse", "js"}`` -> (G,), predictions clipped at 0.
+
+    A gene constant in the truth scores NaN on every metric (it has no pattern to recover), so
+    medians over genes leave it out of every column alike.
+    """
     pred = np.clip(np.asarray(pred, dtype=np.float64), 0.0, None)
     truth = np.asarray(truth, dtype=np.float64)
-    return {
+    scores = {
         "pcc": pcc(truth, pred),
         "ssim": ssim(truth, pred),
         "rmse": rmse_zscore(truth, pred),
         "js": js_divergence(truth, pred),
     }
+    constant = truth.std(axis=0) == 0
+    return {name: np.where(constant, np.nan, value) for name, value in scores.items()}
 
 
 def gene_folds(n_genes: int, n_folds: int = 10) -> list[np.ndarray]:
@@ -376,7 +382,14 @@ def model_predictor(
     from alphastomics.workflows.sampling import impute_anndata
 
     module = load_module(checkpoint, map_location=device)
-    model_genes = list(module.hparams["gene_names"])
+    model_genes = set(map(str, module.hparams["gene_names"]))
+    missing = [str(g) for g in query.var_names if str(g) not in model_genes]
+    if missing:
+        raise UserInputError(
+            f"--checkpoint {checkpoint} lacks {len(missing)} of the {query.n_vars} genes to "
+            f"impute (e.g. {', '.join(missing[:3])}); drop --checkpoint to train on this "
+            "reference, or pass one trained on it"
+        )
 
     def predict(
         reference: np.ndarray, values: np.ndarray, measured: np.ndarray, dropped: np.ndarray
@@ -384,11 +397,7 @@ def model_predictor(
         fold = query[:, measured].copy()
         fold.X = values.astype(np.float32)
         result = impute_anndata(module, fold, normalize="none", seed=seed)
-        genes = list(query.var_names[dropped])
-        missing = [g for g in genes if g not in model_genes]
-        if missing:
-            raise UserInputError(f"the checkpoint's genes lack {missing[:3]}; retrain on the data")
-        return result[:, genes].X
+        return np.asarray(result[:, list(query.var_names[dropped])].X)
 
     return predict
 
@@ -467,7 +476,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reference_path = args.output_dir / "data" / "reference.h5ad"
     reference.write_h5ad(reference_path)
     query.write_h5ad(args.output_dir / "data" / "query.h5ad")
-    genes = [str(g) for g in query.var_names if g in set(map(str, reference.var_names))]
+    reference_genes = set(map(str, reference.var_names))
+    genes = [str(g) for g in query.var_names if str(g) in reference_genes]
+    if len(genes) < args.n_folds:
+        raise UserInputError(
+            f"{args.h5ad}: the query and the reference share {len(genes)} genes, fewer than "
+            f"--n_folds {args.n_folds}; check var_names, or lower --n_folds"
+        )
     ref_values = log_normalised(reference[:, genes].copy(), args.position_key, args.slice_key)
     query = query[:, genes].copy()
     truth = log_normalised(query, args.position_key, args.slice_key)
@@ -605,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:  # the CLI has printed its own error above
+        print(f"error: {shlex.join(err.cmd)} exited with {err.returncode}", file=sys.stderr)
+        return 1
     return 0
 
 

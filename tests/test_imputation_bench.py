@@ -102,22 +102,36 @@ def test_model_is_trained_by_the_cli_with_only_the_time_budget(
     assert overrides == ["training.max_time_minutes=15.0", "training.max_epochs=1000000"]
 
 
-def test_smoke_run_with_the_peers_absent(
-    tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def checkpoint(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model of the 16 genes gene_0 ... gene_15 (one epoch)."""
+    run = tmp_path_factory.mktemp("imputation_bench") / "run"
     args = ["train", "--data_dir", str(tiny_store), "--output_dir", str(run)]
     args += ["model.hidden_dim=16", "model.n_layers=1", "model.n_heads=2"]
     args += ["diffusion.diffusion_steps=20", "sampling.steps=4", "training.max_epochs=1"]
     args += ["training.accelerator=cpu"]
     assert main(args) == 0
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_a_gene_constant_in_the_query_is_left_out_of_every_score() -> None:
+    truth = _truth()
+    truth[:, 2] = 1.5
+    scores = bench.score_genes(truth, truth + 0.1)
+    for name in bench.METRICS:
+        assert np.isnan(scores[name][2]) and np.isfinite(np.delete(scores[name], 2)).all()
+
+
+def test_smoke_run_with_the_peers_absent(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "tissue.h5ad"
     make_tiny_adata(n_slices=3, n_cells=40, seed=2).write_h5ad(data)
     for method in ("tangram", "gimvi"):  # as on a machine without the [peers] extra
         monkeypatch.setitem(bench.PEERS, method, f"no_such_module_{method}")
     out = tmp_path / "bench"
     argv = ["--h5ad", str(data), "--position_key", "ccf", "--query_slices", "slice_2"]
-    argv += ["--n_folds", "4", "--checkpoint", str(run / "checkpoints" / "last.ckpt")]
+    argv += ["--n_folds", "4", "--checkpoint", str(checkpoint)]
     argv += ["--output_dir", str(out), "--device", "cpu"]
     assert bench.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
@@ -151,3 +165,61 @@ def test_peer_rows_predict_the_dropped_genes(method: str) -> None:
         seed=0,
     )
     assert pred.shape == (25, 2) and np.isfinite(pred).all()
+
+
+def _bench_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = bench.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def test_too_few_shared_genes_for_the_folds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "tissue.h5ad"
+    make_tiny_adata(n_slices=2, n_cells=30, n_genes=3, seed=1).write_h5ad(data)
+    argv = ["--h5ad", str(data), "--position_key", "ccf", "--query_slices", "slice_1"]
+    argv += ["--methods", "knn", "--output_dir", str(tmp_path / "out")]
+    line = _bench_error(argv, capsys)
+    assert str(data) in line and "share 3 genes" in line and "--n_folds 10" in line
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_checkpoint_without_the_query_genes(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adata = make_tiny_adata(n_slices=2, n_cells=30, seed=1)
+    adata.var_names = [*(f"gene_{i}" for i in range(15)), "not_in_model"]
+    data = tmp_path / "tissue.h5ad"
+    adata.write_h5ad(data)
+    argv = ["--h5ad", str(data), "--position_key", "ccf", "--query_slices", "slice_1"]
+    argv += ["--n_folds", "4", "--methods", "model", "--checkpoint", str(checkpoint)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    line = _bench_error(argv, capsys)
+    assert str(checkpoint) in line and "lacks 1 of the 16 genes" in line
+    assert "not_in_model" in line and "drop --checkpoint" in line
+
+
+@pytest.mark.slow
+def test_the_model_row_trains_by_the_cli_and_imputes_every_fold(tmp_path: Path) -> None:
+    """End to end without --checkpoint: preprocess + train subprocesses, then the folds."""
+    data = tmp_path / "tissue.h5ad"
+    make_tiny_adata(n_slices=3, n_cells=30, n_genes=8, seed=4).write_h5ad(data)
+    out = tmp_path / "bench"
+    argv = ["--h5ad", str(data), "--position_key", "ccf", "--query_slices", "slice_0"]
+    argv += ["--n_folds", "2", "--methods", "model", "--train_minutes", "0.2"]
+    argv += ["--output_dir", str(out), "--device", "cpu"]
+    argv += ["model.hidden_dim=16", "model.n_layers=1", "model.n_heads=2"]
+    argv += ["diffusion.diffusion_steps=20", "sampling.steps=4", "training.max_epochs=2"]
+    argv += ["training.accelerator=cpu"]
+    assert bench.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert [c.split()[3] for c in result["commands"][1:]] == ["preprocess", "train"]
+    assert "training.max_epochs=2" in result["commands"][2]  # the overrides reach training
+    row = result["rows"]["model"]
+    assert row["fit_seconds"] > 0 and len(row["scores"]["pcc"]) == 8
+    assert all(math.isfinite(row["median"][m]) for m in bench.METRICS)
