@@ -98,6 +98,9 @@ class TrainingConfig:
     ema_decay: float = 0.999
     p_clean_expression: float = 0.4
     p_clean_position: float = 0.4
+    p_hide_genes: float = 0.25
+    hide_share_min: float = 0.05
+    hide_share_max: float = 0.5
     accelerator: str = "auto"
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
     log_every_n_steps: int = 10
@@ -254,6 +257,12 @@ def _check(cfg: Config) -> None:
             cfg.training.p_clean_expression + cfg.training.p_clean_position <= 1,
             "training.p_clean_expression + training.p_clean_position must be <= 1",
         ),
+        (0 <= t.p_hide_genes <= 1, "training.p_hide_genes must be in [0, 1]"),
+        (
+            0 < t.hide_share_min <= t.hide_share_max < 1,
+            "training.hide_share_min and training.hide_share_max must satisfy "
+            f"0 < min <= max < 1; got {t.hide_share_min} and {t.hide_share_max}",
+        ),
         (0 < cfg.training.ema_decay < 1, "training.ema_decay must be in (0, 1)"),
         (
             cfg.training.val_every_n_epochs is None or cfg.training.val_every_n_epochs >= 1,
@@ -355,7 +364,8 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     model it holds weights for, not today's defaults: a config without ``neighbor_readout``
     predates the read-out, so it has ``n_neighbors: 0``; one without ``model.local_neighbors``
     predates local attention, so it has 0; one without ``loss.align_rotation`` was trained
-    without alignment.
+    without alignment; one without ``training.p_hide_genes`` was never trained to impute
+    genes, so it has 0.
     """
     upgraded = dict(saved)
     loss = dict(upgraded.get("loss") or {})
@@ -365,6 +375,9 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     model = dict(upgraded.get("model") or {})
     model.setdefault("local_neighbors", 0)  # written before local attention existed
     upgraded["model"] = model
+    training = dict(upgraded.get("training") or {})
+    training.setdefault("p_hide_genes", 0.0)  # written before gene hiding existed
+    upgraded["training"] = training
     return upgraded
 
 

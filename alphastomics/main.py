@@ -74,8 +74,9 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min_gene_overlap",
         type=_share,
-        default=0.5,
-        help="refuse when less than this share (0-1) of the model's genes is in the input",
+        default=None,
+        help="refuse when less than this share (0-1) of the model's genes is in the input "
+        "(default 0.5; for sample --sample_mode impute, one shared gene is enough)",
     )
 
 
@@ -155,7 +156,12 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate positions, expression or whole tissue")
     p.add_argument("--checkpoint", type=Path, required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--input_data", type=Path, required=True, help=".h5ad or .pt input")
-    p.add_argument("--sample_mode", required=True, help="expr_to_pos | pos_to_expr | joint")
+    p.add_argument(
+        "--sample_mode",
+        required=True,
+        help="expr_to_pos | pos_to_expr | impute (the genes the input lacks, from the genes it "
+        "has and its positions) | joint",
+    )
     p.add_argument("--output", type=Path, help="output file (default: beside the input)")
     p.add_argument(
         "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"

@@ -639,6 +639,69 @@ def test_sample_bad_request(
     assert not list(run["h5ad"].parent.glob("cells_alphastomics_*"))
 
 
+def _impute_input(change: Callable[[ad.AnnData], ad.AnnData | None]) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        adata = make_tiny_adata(n_slices=1, n_cells=30)
+        adata = change(adata) or adata
+        path = folder / "panel.h5ad"
+        adata.write_h5ad(path)
+        return path
+
+    return write
+
+
+def _rename_genes(adata: ad.AnnData) -> None:
+    adata.var_names = [f"other_{i}" for i in range(adata.n_vars)]
+
+
+def _no_ccf(adata: ad.AnnData) -> ad.AnnData:
+    del adata.obsm["ccf"]
+    return adata[:, :8].copy()
+
+
+IMPUTE_CASES: dict[str, tuple[Callable[[Path], Path], list[str], list[str]]] = {
+    "every gene present": (
+        _impute_input(lambda a: None),
+        [],
+        ["panel.h5ad has all 16 of the model's genes", "nothing to impute", "pos_to_expr"],
+    ),
+    "no shared gene": (
+        _impute_input(_rename_genes),
+        [],
+        ["panel.h5ad measures none of the model's 16 genes", "check var_names"],
+    ),
+    "named position key missing": (
+        _impute_input(_no_ccf),
+        ["--position_key", "ccf"],
+        ["panel.h5ad has no coordinates in adata.obsm['ccf']"],
+    ),
+    "too few genes for the overlap asked": (
+        _impute_input(lambda a: a[:, :4].copy()),
+        ["--min_gene_overlap", "0.5"],
+        ["only 4 of the checkpoint's 16 genes", "--min_gene_overlap 0.5"],
+    ),
+    "pt input": (
+        lambda folder: folder / "panel.pt",
+        [],
+        ["--sample_mode impute", "needs an .h5ad input", "panel.pt"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPUTE_CASES))
+def test_sample_impute_bad_input(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    make, flags, fragments = IMPUTE_CASES[case]
+    source = make(tmp_path)
+    if source.suffix == ".pt":
+        torch.save(_pt(), source)
+    args = ["sample", "--checkpoint", run["ckpt"], "--input_data", source, *flags]
+    code, err = run_cli([*args, "--sample_mode", "impute"], capsys)
+    assert_one_line_error(code, err, "sample", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
 def test_test_steps_above_T_and_existing_metrics(
     run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

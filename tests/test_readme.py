@@ -16,3 +16,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["positions"].shape[-1] == 3
     assert namespace["embeddings"]["transformer_embeddings"].shape[1] == 32
+    imputed = namespace["imputed"]
+    assert imputed.shape[1] == 30 and imputed.var["alphastomics_imputed"].sum() == 10

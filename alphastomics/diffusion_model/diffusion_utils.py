@@ -143,3 +143,52 @@ def sample_centered_gaussian(
     """
     device = node_mask.device if device is None else device
     return center(_randn(tuple(shape), generator, device, dtype), node_mask)
+
+
+def hide_genes(
+    gene_mask: Tensor,
+    p_items: float,
+    share_min: float,
+    share_max: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw which measured genes each item hides from the network's input (gene imputation).
+
+    Each item hides genes with probability ``p_items``; such an item hides
+    ``round(share * n_measured)`` of its measured genes, chosen uniformly, with ``share`` drawn
+    uniformly in ``[share_min, share_max]``, and always hides at least one gene and keeps at
+    least one visible (items with fewer than 2 measured genes hide none).
+
+    Parameters
+    ----------
+    gene_mask
+        (B, G) bool, True for a gene the item measured.
+    p_items
+        Probability in [0, 1] that an item hides genes (0: no random draw is made).
+    share_min, share_max
+        Range of the hidden share of an item's measured genes.
+    generator
+        Random source (on any device; the draws are moved to ``gene_mask``'s device).
+
+    Returns
+    -------
+    Tensor
+        (B, G) bool, True for a measured gene hidden from the input; all False when
+        ``p_items`` is 0.
+    """
+    measured = gene_mask.bool()
+    if p_items <= 0:
+        return torch.zeros_like(measured)
+    b, g = measured.shape
+    draw_device = generator.device if generator is not None else measured.device
+    u = torch.rand(b, generator=generator, device=draw_device).to(measured.device)
+    share = share_min + (share_max - share_min) * torch.rand(
+        b, generator=generator, device=draw_device
+    ).to(measured.device)
+    scores = torch.rand(b, g, generator=generator, device=draw_device).to(measured.device)
+    scores = scores.masked_fill(~measured, 2.0)  # unmeasured genes rank last, never hidden
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, G) 0 = first to hide
+    n_measured = measured.sum(dim=1)
+    n_hide = torch.minimum((share * n_measured).round().long().clamp(min=1), n_measured - 1)
+    n_hide = torch.where(u < p_items, n_hide, torch.zeros_like(n_hide))
+    return (rank < n_hide.unsqueeze(1)) & measured

@@ -25,7 +25,10 @@ from alphastomics.utils.dataholder import apply_mask, center
 
 SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
 SamplerKind = Literal["ddim", "ddpm"]
-SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
+# what `alphastomics sample` serves; `impute` is `DiffusionSampler.impute_mean` or
+# `DiffusionSampler.sample` with `known_genes` (see `AlphaSTomicsModule.impute`)
+SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "impute", "joint")
+LOOP_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
 
 
 def step_grid(diffusion_steps: int, n_steps: int, power: float = 2.0) -> list[int]:
@@ -104,6 +107,7 @@ class DiffusionSampler:
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         warm_start: float | None = None,
+        known_genes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the reverse process for one sample per item.
 
@@ -133,6 +137,11 @@ class DiffusionSampler:
             forward-noised to that step (SDEdit, Meng et al. 2022), instead of from pure noise at
             ``T``. The mean fixes the global layout; the remaining steps restore the local
             structure a mean blurs. 0 = cold start. Conditional modes only.
+        known_genes
+            (B, G) bool, ``pos_to_expr`` and ``joint``: genes whose expression is given in
+            every cell (a panel's measured genes); like ``known`` cells, their state is
+            replaced by the forward-noised truth at every step, so the other genes are drawn
+            conditioned on them. Pass a ``gene_mask`` that includes the genes to draw.
 
         Returns
         -------
@@ -140,15 +149,18 @@ class DiffusionSampler:
             (B, N, G) and (B, N, D); the conditioning modality is returned unchanged (positions
             centred), the generated one is the final x0 estimate. Padded rows are zero.
         """
-        if mode not in SAMPLE_MODES:
-            raise ValueError(f"unknown sample mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
+        if mode not in LOOP_MODES:
+            hint = "; impute: AlphaSTomicsModule.impute" if mode == "impute" else ""
+            raise ValueError(
+                f"unknown sample mode {mode!r}; use one of {', '.join(LOOP_MODES)}{hint}"
+            )
         sampler = sampler or self.sampler
         eta = self.eta if eta is None else eta
         warm_start = self.warm_start if warm_start is None else warm_start
         T = self.noise_model.T
         if not 0 <= warm_start <= 1:
             raise ValueError(f"warm_start must be in [0, 1], got {warm_start}")
-        if warm_start > 0 and (mode == "joint" or known is not None):
+        if warm_start > 0 and (mode == "joint" or known is not None or known_genes is not None):
             warm_start = 0.0  # nothing to start from: no clean modality / known cells lead
         top = max(1, round(warm_start * T)) if warm_start > 0 else T
         if sampler == "ddpm":
@@ -188,6 +200,11 @@ class DiffusionSampler:
         known = None if known is None else (known.bool() & mask)
         if known is not None and gen_expr and gen_pos:
             raise ValueError("known cells need one clean modality: use expr_to_pos or pos_to_expr")
+        given = None  # (B, 1, G) entries whose expression is given
+        if known_genes is not None:
+            if known is not None or not gen_expr:
+                raise ValueError("known_genes needs pos_to_expr or joint and no known cells")
+            given = known_genes.bool().unsqueeze(1)
         true_expr, true_pos = apply_mask(expression, mask), positions
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
@@ -201,12 +218,18 @@ class DiffusionSampler:
                 expr_hat = apply_mask(out.expression, mask)
                 if known is not None:
                     expr_hat = torch.where(known.unsqueeze(-1), true_expr, expr_hat)
+                if given is not None:
+                    expr_hat = apply_mask(torch.where(given, true_expr, expr_hat), mask)
                 expr = self._step(
                     "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator
                 )
                 if known is not None:
                     expr = self._replace_known(
                         "expression", expr, expr_hat, known, step_s, generator
+                    )
+                if given is not None:
+                    expr = self._replace_known(
+                        "expression", expr, expr_hat, given, step_s, generator
                     )
                 expr = apply_mask(expr, mask)
             if gen_pos:
@@ -270,6 +293,61 @@ class DiffusionSampler:
             return apply_mask(mean, mask), center(pos, mask)
         return expr, center(mean, mask)
 
+    @torch.inference_mode()
+    def impute_mean(
+        self,
+        expression: Tensor,
+        positions: Tensor,
+        node_mask: Tensor,
+        known_genes: Tensor,
+        *,
+        use_positions: bool = True,
+        generator: torch.Generator | None = None,
+        n_draws: int = 4,
+    ) -> Tensor:
+        """Conditional mean of the genes not in ``known_genes`` given the known ones.
+
+        The known genes are the input, clean (expression time 0), and every other gene is
+        hidden from the network, as in the gene-hiding items of training
+        (``training.p_hide_genes``). With ``use_positions`` the clean positions are the other
+        condition (one network evaluation); without, positions are pure noise at time 1 (the
+        prediction is averaged over ``n_draws`` noise draws): imputation from expression alone.
+
+        Parameters
+        ----------
+        expression
+            (B, N, G) model-space expression; read for the known genes only.
+        positions
+            (B, N, D) clean positions (read only with ``use_positions``).
+        node_mask
+            (B, N) bool, True for real cells.
+        known_genes
+            (B, G) bool, True for a gene given in every cell of the item.
+
+        Returns
+        -------
+        Tensor
+            (B, N, G): the known genes as given, the others predicted; padded rows 0.
+        """
+        mask = node_mask.bool()
+        known = known_genes.bool()
+        b, device = expression.shape[0], expression.device
+        expr = apply_mask(expression, mask) * known.unsqueeze(1).to(expression.dtype)
+        zeros = torch.zeros(b, device=device)
+        if use_positions:
+            pos = apply_mask(positions, mask)
+            predicted = self.model(expr, pos, zeros, zeros, mask, known).expression
+        else:
+            ones = torch.ones(b, device=device)
+            predicted = torch.zeros_like(expr)
+            for _ in range(n_draws):
+                z = sample_centered_gaussian(
+                    positions.shape, mask, generator=generator, device=device
+                )
+                predicted += self.model(expr, z, zeros, ones, mask, known).expression
+            predicted = predicted / n_draws
+        return apply_mask(torch.where(known.unsqueeze(1), expr, predicted), mask)
+
     def _warm_start(
         self,
         expr: Tensor,
@@ -303,10 +381,13 @@ class DiffusionSampler:
         step_s: Tensor,
         generator: torch.Generator | None,
     ) -> Tensor:
-        """Known cells' state at step s: the forward-noised truth ``q(z_s | x0)``."""
+        """Known entries' state at step s: the forward-noised truth ``q(z_s | x0)``.
+
+        ``known`` is (B, N) cells, or a bool mask that broadcasts to ``z_s``, e.g. (B, 1, G)."""
         eps = torch.randn(z_s.shape, generator=generator, device=z_s.device, dtype=z_s.dtype)
         noised = self.noise_model.q_sample(modality, x0_known, step_s, eps)
-        return torch.where(known.unsqueeze(-1), noised, z_s)
+        where = known.unsqueeze(-1) if known.dim() == 2 else known
+        return torch.where(where, noised, z_s)
 
     def _step(
         self,

@@ -29,6 +29,7 @@ from alphastomics.config import (
     resolve_auto,
     upgrade_saved_config,
 )
+from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
@@ -157,6 +158,11 @@ class AlphaSTomicsModule(pl.LightningModule):
         clean_expr, clean_pos = self._clean_masks(b, generator)
         step_e = self.noise_model.sample_steps(b, device=self.device, generator=generator)
         step_p = self.noise_model.sample_steps(b, device=self.device, generator=generator)
+        # gene imputation: some items hide measured genes from the input and are scored on
+        # those alone, their visible genes given clean (as `impute` gives them)
+        hidden = self._hidden_genes(batch.gene_mask, generator)  # (B, G)
+        hides = hidden.any(dim=1)  # (B,)
+        clean_expr = clean_expr | hides
         step_e = torch.where(clean_expr, torch.zeros_like(step_e), step_e)
         step_p = torch.where(clean_pos, torch.zeros_like(step_p), step_p)
         noisy = self.noise_model.apply_noise(
@@ -168,13 +174,13 @@ class AlphaSTomicsModule(pl.LightningModule):
             noisy.t_expression,
             noisy.t_position,
             noisy.node_mask,
-            noisy.gene_mask,
+            noisy.gene_mask & ~hidden,
         )
         loss_cfg = self.cfg.loss
         result = compute_loss(
             out.expression,
             out.positions,
-            noisy,
+            noisy.replace(gene_mask=torch.where(hides.unsqueeze(1), hidden, noisy.gene_mask)),
             lambda_expression=loss_cfg.lambda_expression,
             lambda_position=loss_cfg.lambda_position,
             use_distance_matrix=loss_cfg.use_distance_matrix,
@@ -182,7 +188,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             exact_distance_max_cells=loss_cfg.exact_distance_max_cells,
             n_neighbor_pairs=loss_cfg.n_neighbor_pairs,
             n_random_pairs=loss_cfg.n_random_pairs,
-            expression_weight=(~clean_expr).float(),
+            expression_weight=(~clean_expr | hides).float(),
             position_weight=(~clean_pos).float(),
             generator=generator,
             position_neighbors=self._neighbor_cache.lookup(
@@ -201,6 +207,12 @@ class AlphaSTomicsModule(pl.LightningModule):
                 self.cfg.neighbor_readout.loss_weight,
             )
         return result
+
+    def _hidden_genes(self, gene_mask: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, G) bool measured genes hidden from the input this step (``training.p_hide_genes``)."""
+        t = self.cfg.training
+        p = 0.0 if self.cfg.training_mode == "expr_to_pos" else t.p_hide_genes
+        return hide_genes(gene_mask, p, t.hide_share_min, t.hide_share_max, generator)
 
     def neighbor_readout_loss(
         self, batch: DataHolder, generator: torch.Generator | None = None
@@ -526,6 +538,70 @@ class AlphaSTomicsModule(pl.LightningModule):
             )
             expr_out = torch.where(unmeasured.unsqueeze(1), self.unstandardize(mean), expr_out)
         return apply_mask(expr_out, mask), center(batch.positions, mask)
+
+    @torch.inference_mode()
+    def impute(
+        self,
+        batch: DataHolder,
+        *,
+        use_positions: bool = True,
+        expression_estimate: Literal["mean", "sample"] = "mean",
+        sampler: Literal["ddim", "ddpm"] | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Expression of the genes each item did not measure, from those it did (and positions).
+
+        ``batch.gene_mask`` marks the measured genes: they are the condition, with the
+        positions unless ``use_positions`` is False (then expression alone). ``"mean"``: the
+        conditional mean (:meth:`DiffusionSampler.impute_mean`, what the gene-hiding items of
+        training teach, ``training.p_hide_genes``); ``"sample"``: one reverse-process draw of
+        every unmeasured gene with the measured genes held to their values
+        (:meth:`DiffusionSampler.sample` with ``known_genes``; positions drawn too when they
+        are not used).
+
+        Parameters
+        ----------
+        batch
+            Log-normalised expression (B, N, G) (read for measured genes), positions (B, N, D)
+            in the store's scaled units, ``gene_mask`` (B, G); each item needs a measured gene.
+
+        Returns
+        -------
+        Tensor
+            (B, N, G) log-normalised: measured genes as given, the others imputed; padded rows 0.
+        """
+        tune_malloc()
+        batch = batch.to(self.device)
+        measured = batch.gene_mask.bool()
+        if not bool(measured.any(dim=1).all()):
+            item = int((~measured.any(dim=1)).nonzero()[0])
+            raise ValueError(
+                f"item {item} measures no gene: nothing to impute from; use pos_to_expr"
+            )
+        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        diffusion_sampler = self._sampler(sampler, steps, False)
+        if expression_estimate == "mean":
+            out = diffusion_sampler.impute_mean(
+                expr,
+                batch.positions,
+                batch.node_mask,
+                measured,
+                use_positions=use_positions,
+                generator=generator,
+            )
+        else:
+            out, _ = diffusion_sampler.sample(
+                expr,
+                batch.positions,
+                batch.node_mask,
+                "pos_to_expr" if use_positions else "joint",
+                gene_mask=torch.ones_like(measured),
+                generator=generator,
+                known_genes=measured,
+            )
+        imputed = torch.where(measured.unsqueeze(1), batch.expression, self.unstandardize(out))
+        return apply_mask(imputed, batch.node_mask)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:

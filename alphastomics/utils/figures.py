@@ -30,6 +30,7 @@ __all__ = ["MODE_TITLES", "plot_genes", "plot_layout", "plot_layouts"]
 MODE_TITLES = {
     "expr_to_pos": "cells placed from their expression",
     "pos_to_expr": "expression predicted from positions",
+    "impute": "genes the panel lacks, imputed",
     "joint": "tissue generated beside its reference",
 }
 

@@ -99,6 +99,14 @@ def cmd_test(args: argparse.Namespace) -> None:
     log.info("metrics and figures in %s", output_dir)
 
 
+def _min_gene_overlap(args: argparse.Namespace, *, impute: bool = False) -> float:
+    """--min_gene_overlap, or its default: 0.5, and for impute none (one shared gene will do:
+    a panel is often a small share of a reference's genes)."""
+    if args.min_gene_overlap is not None:
+        return args.min_gene_overlap
+    return 0.0 if impute else 0.5
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from alphastomics.diffusion_model.checkpoint import load_module
     from alphastomics.workflows.sampling import (
@@ -114,6 +122,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserInputError(f"--input_data {source} must be an .h5ad or .pt file")
     if not source.is_file():
         raise UserInputError(f"--input_data {source} does not exist")
+    if args.sample_mode == "impute" and source.suffix != ".h5ad":
+        raise UserInputError(
+            f"--sample_mode impute reads which genes were measured from var_names, so it needs "
+            f"an .h5ad input; got {source.name}"
+        )
     if args.measured_key is not None and (
         args.sample_mode != "pos_to_expr" or source.suffix != ".h5ad"
     ):
@@ -153,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             source,
             output,
             keys=keys,
-            min_gene_overlap=args.min_gene_overlap,
+            min_gene_overlap=_min_gene_overlap(args, impute=args.sample_mode == "impute"),
             normalize=args.normalize,
             checkpoint=str(args.checkpoint),
             measured_key=args.measured_key,
@@ -189,7 +202,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
             args.extract_mode,
             keys=keys,
             normalize=args.normalize,
-            min_gene_overlap=args.min_gene_overlap,
+            min_gene_overlap=_min_gene_overlap(args),
         )
     log.info("wrote %s", output)
 
