@@ -16,3 +16,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["positions"].shape[-1] == 3
     assert namespace["embeddings"]["transformer_embeddings"].shape[1] == 32
+    tissue = namespace["tissue"]
+    assert tissue.obs["slice"].value_counts().to_dict() == {"slice_2": 150, "slice_3": 150}
+    assert tissue.obsm["spatial"].shape == (300, 3)
