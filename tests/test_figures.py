@@ -235,3 +235,24 @@ def test_genes_without_truth_draw_predictions_only(drawn: list[Figure], tmp_path
     plot_genes(pos, np.zeros_like(pred), pred, list("abcde"), tmp_path / "g.png", gene_mask=mask)
     titles = [ax.get_title() for ax in _panels(drawn[0])]
     assert len(titles) == 4 and all(t.endswith(": predicted") for t in titles)
+
+
+def test_a_two_column_legend_gets_its_own_width(drawn: list[Figure], tmp_path: Path) -> None:
+    """24 cell types (seqFISH) make a two-column legend; the panels keep their share of the
+    figure instead of being squeezed by it."""
+    reference, generated = _slice(n=600, d=2)
+    widths = []
+    for n_types in (4, 24):
+        types = np.array([f"type {i % n_types}" for i in range(len(reference))], dtype=object)
+        rows = [
+            [TissuePanel("reference", reference, types), TissuePanel("generated", generated, types)]
+        ]
+        plot_tissues(rows, tmp_path / f"{n_types}.png", title="t")
+        fig = drawn[-1]
+        legend = fig.legends[0]
+        assert legend._ncols == (1 if n_types <= 16 else 2)
+        legend_width = legend.get_window_extent().width / fig.bbox.width
+        panels = sum(ax.get_position().width for ax in _panels(fig) if ax.axison)
+        assert panels + legend_width <= 1.0
+        widths.append(panels * fig.get_size_inches()[0])  # inches of panel
+    assert widths[1] >= 0.98 * widths[0]  # a one-column allowance left them 6% narrower

@@ -191,8 +191,12 @@ def _legend(fig: Figure, entries: list[tuple[str, Any]]) -> None:
         loc="outside right center",
         frameon=False,
         fontsize="small",
-        ncols=1 if len(handles) <= 16 else 2,
+        ncols=_legend_columns(len(handles)),
     )
+
+
+def _legend_columns(n_entries: int) -> int:
+    return 1 if n_entries <= 16 else 2
 
 
 def _layout_figure(xy: np.ndarray, n_panels: int, legend: bool) -> Figure:
@@ -370,11 +374,9 @@ def plot_tissues(
     n_cols = max(len(row) for row in drawn)
     aspect = float(np.median([_aspect(xy) for row in drawn for _, xy, _ in row]))
     panel_height = 4.0
+    legend_width = 3.2 * _legend_columns(len(entries)) if entries else 0.8
     fig = Figure(
-        figsize=(
-            n_cols * panel_height * aspect + (3.2 if entries else 0.8),
-            len(drawn) * panel_height + 0.9,
-        ),
+        figsize=(n_cols * panel_height * aspect + legend_width, len(drawn) * panel_height + 0.9),
         layout="constrained",
     )
     axes_grid = np.atleast_2d(fig.subplots(len(drawn), n_cols, squeeze=False))
