@@ -167,7 +167,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.steps)"
     )
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help=_SAMPLER_HELP)
-    p.add_argument("--num_samples", type=int, default=1, help="samples per cell (spread reported)")
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=1,
+        help="samples per cell (spread reported); joint: tissues per reference slice",
+    )
+    p.add_argument(
+        "--n_cells",
+        metavar="N | NAME=N,...",
+        help="joint: cells per generated slice, one count for all (2000) or per reference slice "
+        "(embryo3_z2=2483,embryo3_z5=2124; slices not named keep their count); default: the "
+        "reference slice's count",
+    )
     p.add_argument(
         "--seed",
         type=_seed,

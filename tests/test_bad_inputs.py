@@ -618,6 +618,34 @@ SAMPLE_CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--sample_mode", "expr_to_pos", "--min_gene_overlap", "150"],
         ["--min_gene_overlap", "not a share in [0, 1]"],
     ),
+    "n_cells not a number": (
+        ["--sample_mode", "joint", "--n_cells", "many"],
+        ["--n_cells many", "'many' is not a whole number", "--n_cells 2000"],
+    ),
+    "n_cells too few": (
+        ["--sample_mode", "joint", "--n_cells", "slice_0=2"],
+        ["--n_cells slice_0=2", "at least 3"],
+    ),
+    "n_cells of a slice the reference lacks": (
+        ["--sample_mode", "joint", "--n_cells", "slice_9=40"],
+        ["slice 'slice_9'", "not in", "cells.h5ad (its slices: slice_0)"],
+    ),
+    "n_cells names a slice twice": (
+        ["--sample_mode", "joint", "--n_cells", "slice_0=5,slice_0=6"],
+        ["'slice_0' is listed twice"],
+    ),
+    "n_cells item without a name": (
+        ["--sample_mode", "joint", "--n_cells", "slice_0=5,7"],
+        ["'7' is not NAME=COUNT"],
+    ),
+    "n_cells without joint": (
+        ["--sample_mode", "expr_to_pos", "--n_cells", "40"],
+        ["--n_cells 40", "--sample_mode joint", "got --sample_mode expr_to_pos"],
+    ),
+    "n_cells with a .pt input": (
+        ["--sample_mode", "joint", "--input_data", "{tmp}/items.pt", "--n_cells", "40"],
+        ["--n_cells 40", "on items.pt"],
+    ),
 }
 
 
@@ -627,6 +655,7 @@ def test_sample_bad_request(
 ) -> None:
     flags, fragments = SAMPLE_CASES[case]
     _no_positions(tmp_path / "nopos.h5ad")
+    torch.save(_pt(), tmp_path / "items.pt")
     flags = [f.format(tmp=tmp_path) for f in flags]
     base = ["sample", "--checkpoint", run["ckpt"]]
     if "--input_data" not in flags:
@@ -635,7 +664,7 @@ def test_sample_bad_request(
     line = assert_one_line_error(code, err, "sample", *fragments)
     if case == "bad sampler flag":
         assert "alphastomics sample --help" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nopos.h5ad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.pt", "nopos.h5ad"]
     assert not list(run["h5ad"].parent.glob("cells_alphastomics_*"))
 
 

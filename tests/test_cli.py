@@ -220,8 +220,15 @@ def test_sample_h5ad_every_mode(trained, tmp_path, mode):
     elif mode == "pos_to_expr":
         assert result.layers["alphastomics_expression"].shape == (source.n_obs, source.n_vars)
         assert "alphastomics_expression_std" in result.layers
-    else:
-        assert result.n_obs == source.n_obs and result.obsm["spatial"].shape == (source.n_obs, 3)
+    else:  # two tissues of the reference's size, each its own slice
+        assert result.n_obs == 2 * source.n_obs and result.obsm["spatial"].shape[1] == 3
+        assert result.obs["slice"].value_counts().to_dict() == {
+            "slice_3_sample0": source.n_obs,
+            "slice_3_sample1": source.n_obs,
+        }
+        assert set(result.obs["alphastomics_reference_slice"]) == {"slice_3"}
+        first, second = (result.X[result.obs["slice"] == f"slice_3_sample{k}"] for k in (0, 1))
+        assert not np.allclose(first, second)  # separate draws, not one averaged
     assert out.with_suffix(".png").is_file()
 
 
@@ -286,6 +293,54 @@ def test_joint_output_labels_each_cell_with_its_reference_slice(trained, tmp_pat
     predicted = result.obs["alphastomics_predicted_cell_type"]
     assert set(predicted) <= set(reference.obs["cell_type"])
     assert result.uns["source"] == "my lab" and result.obsm["spatial"].shape[0] == result.n_obs
+
+
+def _scale(coordinates: np.ndarray) -> float:
+    """The isotropic scale preprocess gives a slice (RMS distance to the centre per axis)."""
+    centred = coordinates - coordinates.mean(axis=0)
+    return float(np.sqrt((centred**2).sum(axis=1).mean() / coordinates.shape[1]))
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [("11", {"slice_2": 11, "slice_3": 11}), ("slice_3=9", {"slice_2": None, "slice_3": 9})],
+)
+def test_joint_n_cells_sets_the_count_of_each_generated_slice(trained, tmp_path, flag, expected):
+    adata = ad.read_h5ad(trained["h5ad"])
+    reference = adata[adata.obs["slice"].isin(["slice_2", "slice_3"])].copy()
+    src, out = tmp_path / "two.h5ad", tmp_path / "joint.h5ad"
+    reference.write_h5ad(src)
+    argv = _sample_argv(trained, src, out, "joint", "--steps", "2", "--n_cells", flag)
+    assert main(argv) == 0
+    result = ad.read_h5ad(out)
+    own = reference.obs["slice"].value_counts().to_dict()
+    counts = {name: n or own[name] for name, n in expected.items()}
+    assert result.obs["slice"].value_counts().to_dict() == counts
+    assert list(result.obs["slice"].cat.categories) == ["slice_2", "slice_3"]
+    info = result.uns["alphastomics"]["slices"]
+    for name, n in counts.items():
+        coordinates = reference.obsm["ccf"][(reference.obs["slice"] == name).to_numpy()]
+        assert info[name]["n_cells"] == n and info[name]["reference_n_cells"] == own[name]
+        assert info[name]["scale"] == pytest.approx(_scale(coordinates))
+        generated = result.obsm["spatial"][(result.obs["slice"] == name).to_numpy()]
+        np.testing.assert_allclose(generated.mean(0), coordinates.mean(0), rtol=1e-5)
+    assert out.with_suffix(".png").is_file()
+
+
+def test_joint_cli_and_python_api_generate_the_same_tissue(trained, tmp_path):
+    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.workflows.sampling import generate_tissue
+
+    out = tmp_path / "joint.h5ad"
+    argv = _sample_argv(trained, trained["test_h5ad"], out, "joint", "--steps", "2", "--seed", "4")
+    assert main([*argv, "--n_cells", "13"]) == 0
+    module = load_module(trained["ckpt"])
+    reference = ad.read_h5ad(trained["test_h5ad"])
+    tissue = generate_tissue(module, reference, n_cells=13, steps=2, seed=4)
+    written = ad.read_h5ad(out)
+    np.testing.assert_array_equal(tissue.X, written.X)
+    np.testing.assert_array_equal(tissue.obsm["spatial"], written.obsm["spatial"])
+    assert list(tissue.obs["slice"]) == ["slice_3"] * 13
 
 
 @pytest.mark.parametrize("kind", ["no genes", "zero expression"])

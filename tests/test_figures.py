@@ -12,7 +12,13 @@ from matplotlib.image import imread
 from scipy.spatial.distance import pdist
 
 from alphastomics.utils import figures
-from alphastomics.utils.figures import plot_genes, plot_layout, plot_layouts
+from alphastomics.utils.figures import (
+    TissuePanel,
+    plot_genes,
+    plot_layout,
+    plot_layouts,
+    plot_tissues,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,12 +95,12 @@ def test_failed_write_leaves_no_partial_file(
     assert [p.name for p in tmp_path.iterdir()] == ["layout.png"]
 
 
-def test_unpaired_layouts_are_not_aligned(tmp_path):
+def test_tissues_of_different_sizes_are_drawn_side_by_side(tmp_path):
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(200, 2)) * 10
-    generated = rng.normal(size=(200, 2))
-    path = plot_layouts(reference, generated, tmp_path / "joint.png", paired=False)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    generated = rng.normal(size=(350, 3))
+    rows = [[TissuePanel("reference", reference), TissuePanel("generated", generated)]]
+    _assert_png(plot_tissues(rows, tmp_path / "joint.png", title="t"))
 
 
 @pytest.fixture
@@ -128,7 +134,8 @@ def test_figures_fill_their_canvas_and_label_every_colourbar(
     rng = np.random.default_rng(2)
     expr = rng.random((len(true), 4))
     plot_layouts(true * 100, pred, tmp_path / "a.png", title="slice_5: placed")
-    plot_layouts(true * 100, pred * [0.5, 2.0, 1.0], tmp_path / "b.png", title="t", paired=False)
+    tissues = [[TissuePanel("reference", true * 100), TissuePanel("generated", pred * 0.5)]]
+    plot_tissues(tissues, tmp_path / "b.png", title="t")
     plot_genes(true, expr, expr + 0.1 * rng.random(expr.shape), list("abcd"), tmp_path / "c.png")
     for fig in drawn:
         area = sum(ax.get_position().width * ax.get_position().height for ax in _panels(fig))
@@ -173,23 +180,52 @@ def test_generated_layout_without_truth_is_one_panel_named_generated(
     ]
 
 
-def test_joint_layouts_are_coloured_by_cell_type_with_a_legend(
+def test_tissues_share_one_colour_per_cell_type_across_panels(
     drawn: list[Figure], tmp_path: Path
 ) -> None:
     reference, generated = _slice()
     types = np.array([f"type {i % 3}" for i in range(len(reference))], dtype=object)
-    predicted = np.roll(types, 1)
-    plot_layouts(
-        reference, generated, tmp_path / "j.png", cell_types=types, pred_cell_types=predicted,
-        paired=False,
-    )  # fmt: skip
-    fig = drawn[0]
-    assert [ax.get_title() for ax in _panels(fig)] == ["reference", "generated"]
-    assert fig.legends and len(fig.legends[0].get_texts()) == 3
-    facecolours = [
-        len(np.unique(ax.collections[0].get_facecolors(), axis=0)) for ax in _panels(fig)
+    fewer = generated[:150]
+    predicted = np.array([f"type {i % 4}" for i in range(len(fewer))], dtype=object)
+    rows = [
+        [
+            TissuePanel("a: reference", reference, types),
+            TissuePanel("a: generated", fewer, predicted),
+        ],
+        [TissuePanel("b: generated", generated)],
     ]
-    assert facecolours == [3, 3]
+    plot_tissues(rows, tmp_path / "j.png")
+    fig = drawn[0]
+    assert [ax.get_title() for ax in _panels(fig) if ax.axison] == [
+        "a: reference",
+        "a: generated",
+        "b: generated",
+    ]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [f"type {i}" for i in range(4)]
+
+    def colour_of(ax, labels):
+        colours = ax.collections[0].get_facecolors()
+        return {label: tuple(colours[labels == label][0]) for label in np.unique(labels)}
+
+    ref_ax, gen_ax, plain_ax = (ax for ax in _panels(fig) if ax.axison)
+    on_reference, on_generated = colour_of(ref_ax, types), colour_of(gen_ax, predicted)
+    assert all(on_generated[t] == on_reference[t] for t in on_reference)
+    assert len(set(on_generated.values())) == 4
+    assert len(np.unique(plain_ax.collections[0].get_facecolors(), axis=0)) == 1
+
+
+def test_tissues_are_turned_onto_the_reference_principal_axes() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(500, 2)) * [6.0, 1.0]
+    reference[:, 0] += 3.0 * (reference[:, 0] > 0)  # skewed along x: its sign is recoverable
+    theta = 0.9
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    other = reference[rng.permutation(500)] @ rot.T + 40.0  # the same shape, turned and moved
+    turned = figures._orient_like(other, reference)
+    np.testing.assert_allclose(turned.mean(axis=0), reference.mean(axis=0), atol=1e-9)
+    frame = figures._principal_frame(turned)
+    np.testing.assert_allclose(np.abs(np.diag(frame.T @ figures._principal_frame(reference))), 1)
+    np.testing.assert_allclose(np.sort(turned[:, 0]), np.sort(reference[:, 0]), atol=1e-6)
 
 
 def test_genes_without_truth_draw_predictions_only(drawn: list[Figure], tmp_path: Path) -> None:
@@ -199,3 +235,24 @@ def test_genes_without_truth_draw_predictions_only(drawn: list[Figure], tmp_path
     plot_genes(pos, np.zeros_like(pred), pred, list("abcde"), tmp_path / "g.png", gene_mask=mask)
     titles = [ax.get_title() for ax in _panels(drawn[0])]
     assert len(titles) == 4 and all(t.endswith(": predicted") for t in titles)
+
+
+def test_a_two_column_legend_gets_its_own_width(drawn: list[Figure], tmp_path: Path) -> None:
+    """24 cell types (seqFISH) make a two-column legend; the panels keep their share of the
+    figure instead of being squeezed by it."""
+    reference, generated = _slice(n=600, d=2)
+    widths = []
+    for n_types in (4, 24):
+        types = np.array([f"type {i % n_types}" for i in range(len(reference))], dtype=object)
+        rows = [
+            [TissuePanel("reference", reference, types), TissuePanel("generated", generated, types)]
+        ]
+        plot_tissues(rows, tmp_path / f"{n_types}.png", title="t")
+        fig = drawn[-1]
+        legend = fig.legends[0]
+        assert legend._ncols == (1 if n_types <= 16 else 2)
+        legend_width = legend.get_window_extent().width / fig.bbox.width
+        panels = sum(ax.get_position().width for ax in _panels(fig) if ax.axison)
+        assert panels + legend_width <= 1.0
+        widths.append(panels * fig.get_size_inches()[0])  # inches of panel
+    assert widths[1] >= 0.98 * widths[0]  # a one-column allowance left them 6% narrower

@@ -18,3 +18,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["embeddings"]["transformer_embeddings"].shape[1] == 32
     imputed = namespace["imputed"]
     assert imputed.shape[1] == 30 and imputed.var["alphastomics_imputed"].sum() == 10
+    tissue = namespace["tissue"]
+    assert tissue.obs["slice"].value_counts().to_dict() == {"slice_2": 150, "slice_3": 150}
+    assert tissue.obsm["spatial"].shape == (300, 3)

@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from numpy.typing import ArrayLike
 from alphastomics.utils.io import atomic_write
 from alphastomics.utils.metrics import procrustes_align
 
-__all__ = ["MODE_TITLES", "plot_genes", "plot_layout", "plot_layouts"]
+__all__ = [
+    "MODE_TITLES",
+    "TissuePanel",
+    "plot_genes",
+    "plot_layout",
+    "plot_layouts",
+    "plot_tissues",
+]
 
 MODE_TITLES = {
     "expr_to_pos": "cells placed from their expression",
@@ -184,8 +192,12 @@ def _legend(fig: Figure, entries: list[tuple[str, Any]]) -> None:
         loc="outside right center",
         frameon=False,
         fontsize="small",
-        ncols=1 if len(handles) <= 16 else 2,
+        ncols=_legend_columns(len(handles)),
     )
+
+
+def _legend_columns(n_entries: int) -> int:
+    return 1 if n_entries <= 16 else 2
 
 
 def _layout_figure(xy: np.ndarray, n_panels: int, legend: bool) -> Figure:
@@ -201,9 +213,7 @@ def plot_layouts(
     path: str | os.PathLike[str],
     *,
     cell_types: ArrayLike | None = None,
-    pred_cell_types: ArrayLike | None = None,
     title: str = "",
-    paired: bool = True,
 ) -> Path:
     """Draw the true and the generated layout of one slice side by side and save a PNG.
 
@@ -211,6 +221,8 @@ def plot_layouts(
     or reflection, translation, isotropic scale; fitted on all cells), so the panels share a
     frame. Both panels show the two coordinate axes along which the true positions vary most
     (see ``_display_axes``). At most 50,000 cells, the same ones in both panels, are drawn.
+    Generated cells that are not the true ones (a generated tissue) are drawn by
+    :func:`plot_tissues`.
 
     Parameters
     ----------
@@ -223,16 +235,8 @@ def plot_layouts(
         rarer ones grey, as "other"; labels such as "Unknown" or "Low quality" grey). Without
         it, cells are coloured by their true position along the first displayed axis, so a
         colour gradient shows where each cell was placed.
-    pred_cell_types
-        Shape (N,): types of the generated cells when they are not those of ``cell_types``
-        (unpaired layouts, e.g. types predicted for generated cells).
     title
         Figure title.
-    paired
-        False when the rows are not the same cells (a generated tissue next to its reference):
-        no Procrustes fit, the generated layout is only centred and scaled to the reference's
-        spread, panels are titled "reference" / "generated", each with its own extent; cells
-        are coloured by ``cell_types`` / ``pred_cell_types`` when given, else plainly.
 
     Returns
     -------
@@ -251,44 +255,20 @@ def plot_layouts(
             f"true_pos {true_arr.shape} and pred_pos {pred_arr.shape} must have the same shape."
         )
     n = len(true_arr)
-    if paired:
-        aligned = procrustes_align(true_arr, pred_arr)
-        pred_cell_types = cell_types if pred_cell_types is None else pred_cell_types
-    else:
-        centred = pred_arr - pred_arr.mean(axis=0)
-        spread = np.sqrt((centred**2).sum(axis=1).mean()) or 1.0
-        ref_spread = np.sqrt(((true_arr - true_arr.mean(axis=0)) ** 2).sum(axis=1).mean())
-        aligned = centred / spread * ref_spread + true_arr.mean(axis=0)
+    aligned = procrustes_align(true_arr, pred_arr)
     axes = list(_display_axes(true_arr))
     keep = _subsample(n)
     true_xy, pred_xy = true_arr[keep][:, axes], aligned[keep][:, axes]
     size = _marker_size(len(keep))
-    typed = cell_types is not None or pred_cell_types is not None
-    names = ("true", "generated (aligned)") if paired else ("reference", "generated")
+    names = ("true", "generated (aligned)")
 
-    fig = _layout_figure(true_xy, 2, legend=typed)
+    fig = _layout_figure(true_xy, 2, legend=cell_types is not None)
     ax_true, ax_pred = fig.subplots(1, 2)
-    if typed:
-        true_labels = _type_labels(cell_types, n)[keep] if cell_types is not None else None
-        pred_labels = (
-            _type_labels(pred_cell_types, n)[keep] if pred_cell_types is not None else None
-        )
-        both = np.concatenate([x for x in (true_labels, pred_labels) if x is not None])
-        entries, colours = _type_colours(both)
-        split = 0 if true_labels is None else len(true_labels)
-        plain = (0.35, 0.35, 0.35, 1.0)
-        _scatter_panel(ax_true, true_xy, names[0], c=colours[:split] if split else [plain], s=size)
-        _scatter_panel(
-            ax_pred,
-            pred_xy,
-            names[1],
-            c=colours[split:] if pred_labels is not None else [plain],
-            s=size,
-        )
+    if cell_types is not None:
+        entries, colours = _type_colours(_type_labels(cell_types, n)[keep])
+        _scatter_panel(ax_true, true_xy, names[0], c=colours, s=size)
+        _scatter_panel(ax_pred, pred_xy, names[1], c=colours, s=size)
         _legend(fig, entries)
-    elif not paired:
-        _scatter_panel(ax_true, true_xy, names[0], c="#3b6ea5", s=size)
-        _scatter_panel(ax_pred, pred_xy, names[1], c="#3b6ea5", s=size)
     else:
         shade = true_xy[:, 0]
         _scatter_panel(ax_true, true_xy, names[0], c=shade, cmap="viridis", s=size)
@@ -299,11 +279,125 @@ def plot_layouts(
             shrink=0.7,
             label=f"true {_AXIS_NAMES[axes[0]]} position of each cell",
         )
-    if paired:  # one frame: both panels span the cells of both
-        both = np.concatenate([true_xy, pred_xy])
-        for ax in (ax_true, ax_pred):
-            ax.update_datalim(both)
-            ax.autoscale_view()
+    both = np.concatenate([true_xy, pred_xy])  # one frame: both panels span the cells of both
+    for ax in (ax_true, ax_pred):
+        ax.update_datalim(both)
+        ax.autoscale_view()
+    if title:
+        fig.suptitle(title)
+    return _write_png(fig, path)
+
+
+@dataclass(frozen=True)
+class TissuePanel:
+    """One tissue of :func:`plot_tissues`: a title, cell coordinates (N, 2 or 3) and
+    optionally a cell type per cell (N,)."""
+
+    title: str
+    positions: ArrayLike
+    cell_types: ArrayLike | None = None
+
+
+def _principal_frame(pos: np.ndarray) -> np.ndarray:
+    """(D, D) orthonormal principal axes of centred ``pos`` (columns, largest variance first),
+    each signed so that the cells' projections on it have a positive third moment."""
+    centred = pos - pos.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt.T
+    skew = ((centred @ axes) ** 3).mean(axis=0)
+    return axes * np.where(skew < 0, -1.0, 1.0)
+
+
+def _orient_like(pos: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``pos`` turned so that its principal axes lie on those of ``reference`` and moved to its
+    centre; no scaling. Tissues that are not the same cells have no cell-to-cell alignment,
+    but a generated tissue is defined only up to rotation and reflection, and this shows it in
+    the reference's orientation wherever their shapes make the principal axes agree."""
+    if len(pos) < pos.shape[1] + 1 or len(reference) < reference.shape[1] + 1:
+        return pos
+    turned = (pos - pos.mean(axis=0)) @ _principal_frame(pos) @ _principal_frame(reference).T
+    return turned + reference.mean(axis=0)
+
+
+def plot_tissues(
+    rows: Sequence[Sequence[TissuePanel]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Draw tissues that are not the same cells (a generated tissue beside its reference) in a
+    grid of panels, one colour per cell type across every panel, and save a PNG.
+
+    The first panel of each row is drawn as it is, on the two coordinate axes along which it
+    varies most (see ``_display_axes``); the other panels of the row (with as many coordinate
+    columns) are turned onto its principal axes (see ``_orient_like``) and keep their own
+    extent. At most 50,000 cells are
+    drawn per panel.
+
+    Parameters
+    ----------
+    rows
+        Rows of :class:`TissuePanel` (e.g. one row per slice: reference, generated). Panels
+        with cell types are coloured by them, with one legend; panels without are drawn plainly.
+    path
+        Output PNG; missing parent folders are created, an existing file is replaced.
+    title
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    grid = [list(row) for row in rows if len(row)]
+    if not grid:
+        raise ValueError("rows holds no panel to draw.")
+    positions = [
+        [_positions(p.positions, f"positions of {p.title!r}") for p in row] for row in grid
+    ]
+    drawn = []
+    for row, arrays in zip(grid, positions, strict=True):
+        first = arrays[0]
+        row_xy = []
+        for k, (panel, pos) in enumerate(zip(row, arrays, strict=True)):
+            keep = _subsample(len(pos))
+            like_first = k > 0 and pos.shape[1] == first.shape[1]
+            turned = _orient_like(pos, first) if like_first else pos
+            axes = list(_display_axes(first if like_first else pos))
+            labels = None
+            if panel.cell_types is not None:
+                labels = _type_labels(panel.cell_types, len(pos))[keep]
+            row_xy.append((panel.title, turned[keep][:, axes], labels))
+        drawn.append(row_xy)
+    typed = [labels for row in drawn for _, _, labels in row if labels is not None]
+    entries, colours = _type_colours(np.concatenate(typed)) if typed else ([], None)
+
+    n_cols = max(len(row) for row in drawn)
+    aspect = float(np.median([_aspect(xy) for row in drawn for _, xy, _ in row]))
+    panel_height = 4.0
+    legend_width = 3.2 * _legend_columns(len(entries)) if entries else 0.8
+    fig = Figure(
+        figsize=(n_cols * panel_height * aspect + legend_width, len(drawn) * panel_height + 0.9),
+        layout="constrained",
+    )
+    axes_grid = np.atleast_2d(fig.subplots(len(drawn), n_cols, squeeze=False))
+    offset = 0
+    for r, row in enumerate(drawn):
+        for c in range(n_cols):
+            ax = axes_grid[r, c]
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            panel_title, xy, labels = row[c]
+            size = _marker_size(len(xy))
+            if labels is not None and colours is not None:
+                colour = colours[offset : offset + len(labels)]
+                offset += len(labels)
+                _scatter_panel(ax, xy, panel_title, c=colour, s=size)
+            else:
+                _scatter_panel(ax, xy, panel_title, c="#3b6ea5", s=size)
+    if entries:
+        _legend(fig, entries)
     if title:
         fig.suptitle(title)
     return _write_png(fig, path)

@@ -112,6 +112,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from alphastomics.workflows.sampling import (
         check_sample_request,
         default_output,
+        parse_n_cells,
         sample_h5ad,
         sample_pt,
         validate_output,
@@ -127,6 +128,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f"--sample_mode impute reads which genes were measured from var_names, so it needs "
             f"an .h5ad input; got {source.name}"
         )
+    n_cells = None
+    if args.n_cells is not None:
+        if args.sample_mode != "joint" or source.suffix != ".h5ad":
+            raise UserInputError(
+                f"--n_cells {args.n_cells} sets the cell count of slices generated from an "
+                f".h5ad reference (--sample_mode joint); got --sample_mode {args.sample_mode} "
+                f"on {source.name}. Drop --n_cells, or use --sample_mode joint with an .h5ad"
+            )
+        n_cells = parse_n_cells(args.n_cells)
     if args.measured_key is not None and (
         args.sample_mode != "pos_to_expr" or source.suffix != ".h5ad"
     ):
@@ -170,6 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             normalize=args.normalize,
             checkpoint=str(args.checkpoint),
             measured_key=args.measured_key,
+            n_cells=n_cells,
             **common,
         )
     log.info("wrote %s", output)

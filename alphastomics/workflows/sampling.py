@@ -19,7 +19,14 @@ from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layout, plot_layouts
+from alphastomics.utils.figures import (
+    MODE_TITLES,
+    TissuePanel,
+    plot_genes,
+    plot_layout,
+    plot_layouts,
+    plot_tissues,
+)
 from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
 from alphastomics.utils.preprocess import (
     MIN_SLICE_CELLS,
@@ -30,6 +37,12 @@ from alphastomics.utils.preprocess import (
 from alphastomics.workflows.inputs import prepare_input
 
 log = logging.getLogger(__name__)
+
+PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
+REFERENCE_SLICE = "alphastomics_reference_slice"
+NCells = int | dict[str, int] | None  # joint: cells per generated slice, for all or by name
+_N_CELLS_EXAMPLE = "e.g. --n_cells 2000, or per slice --n_cells embryo3_z2=2483,embryo3_z5=2124"
+_MAX_FIGURE_ROWS = 6  # generated slices drawn in the joint figure
 
 
 def check_sample_request(
@@ -149,13 +162,15 @@ def sample_h5ad(
     checkpoint: str,
     measured_key: str | None = None,
     normalize: NormalizeMode | None = None,
+    n_cells: NCells = None,
 ) -> ad.AnnData:
     """Sample every slice of an .h5ad and write the result (see spec §3) atomically.
 
     ``keys`` (``position_key``, ``slice_key``, ``cell_type_key``, ``layer``) and ``normalize``
     default to the checkpoint's (see :func:`~alphastomics.workflows.inputs.prepare_input`).
     ``measured_key`` (``pos_to_expr`` only) names a boolean ``obs`` column: those cells keep
-    their expression and the others of their slice are imputed from them.
+    their expression and the others of their slice are imputed from them. ``n_cells``
+    (``joint`` only) sets the cell count of each generated slice (see :func:`generate_tissue`).
     """
     adata = read_h5ad(input_path)
     if mode == "impute":
@@ -180,6 +195,34 @@ def sample_h5ad(
             else:
                 log.info("no figure: the input has no positions to draw the genes at")
         return result
+    if mode == "joint":
+        tissue, rows = _generate(
+            module,
+            adata,
+            str(input_path),
+            n_cells=n_cells,
+            sampler=sampler,
+            steps=steps,
+            num_samples=num_samples,
+            seed=seed,
+            keys=keys,
+            normalize=normalize,
+            min_gene_overlap=min_gene_overlap,
+        )
+        tissue.uns["alphastomics"].update(checkpoint=checkpoint, input=str(input_path))
+        title = MODE_TITLES["joint"]
+        if len(rows) < tissue.obs["slice"].nunique():
+            title += f" (the first {len(rows)} of {tissue.obs['slice'].nunique()} slices)"
+        with staged_outputs() as stage:
+            stage.write(output_path, lambda tmp: write_h5ad(tissue, tmp))
+            figure = output_path.with_suffix(".png")
+            stage.write(figure, lambda tmp: plot_tissues(rows, tmp, title=title))
+        return tissue
+    if n_cells is not None:
+        raise UserInputError(
+            f"--n_cells sets the cell count of generated slices (--sample_mode joint); "
+            f"drop it for --sample_mode {mode}"
+        )
     measured = None if measured_key is None else measured_cells(adata, measured_key, input_path)
     genes = list(module.hparams["gene_names"])
     prepared = prepare_input(
@@ -204,9 +247,6 @@ def sample_h5ad(
     out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
     out_pos = np.zeros((n, out_dims), dtype=out_dtype)
     spread = np.zeros(n, dtype=np.float32)
-    slice_of = np.empty(n, dtype=object)
-    predicted_type = np.full(n, None, dtype=object)
-    type_names = list(info.get("cell_types") or [])
     figure_data = []
     for k, piece in enumerate(slices):
         has_pos = piece.positions is not None
@@ -241,12 +281,7 @@ def sample_h5ad(
         out_std[rows] = expr_spread
         out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, out_dims)
         spread[rows] = _aligned_spread(pos_k) * scale
-        slice_of[rows] = piece.name
-        if mode == "joint":
-            predicted_type[rows] = predict_cell_types(piece, expr_point, type_names)
-        figure_data.append(
-            (piece, positions if has_pos else None, pos_k[0], expr_point, predicted_type[rows])
-        )
+        figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 
     meta = {
         "mode": mode,
@@ -266,12 +301,7 @@ def sample_h5ad(
         meta["measured_key"] = measured_key
         meta["n_measured"] = int(measured.sum())
         meta["imputed_by"] = "neighbour read-out" if module.imputes_from_neighbors else "inpainting"
-    if mode == "joint":
-        result = _generated_anndata(adata, genes, out_expr, out_pos, slice_of, predicted_type)
-    else:
-        result = _result_anndata(
-            adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples
-        )
+    result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     meta["expression_key"] = _expression_key(result, mode)
     result.uns["alphastomics"] = meta
     with staged_outputs() as stage:
@@ -450,6 +480,67 @@ def _impute_figure(result: ad.AnnData, piece: PreparedSlice, path: Path) -> None
 PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
 
 
+def parse_n_cells(text: str) -> int | dict[str, int]:
+    """``--n_cells``: one count for every generated slice (``2000``) or counts per reference
+    slice (``NAME=COUNT,NAME=COUNT``); anything else is a UserInputError."""
+
+    def count(value: str, where: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserInputError(
+                f"--n_cells {where}: {value.strip()!r} is not a whole number of cells; "
+                f"{_N_CELLS_EXAMPLE}"
+            ) from None
+        if n < MIN_SLICE_CELLS:
+            raise UserInputError(
+                f"--n_cells {where}: {n} cells; every slice needs at least {MIN_SLICE_CELLS}"
+            )
+        return n
+
+    if "=" not in text:
+        return count(text, text)
+    counts: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UserInputError(
+                f"--n_cells {text}: {item!r} is not NAME=COUNT; {_N_CELLS_EXAMPLE}"
+            )
+        if name in counts:
+            raise UserInputError(f"--n_cells {text}: slice {name!r} is listed twice")
+        counts[name] = count(value, item)
+    return counts
+
+
+def _slice_counts(n_cells: NCells, slices: list[PreparedSlice], source: str) -> list[int]:
+    """Cells to generate per reference slice: the reference's count unless ``n_cells`` says."""
+    if n_cells is None:
+        return [piece.n_cells for piece in slices]
+    if isinstance(n_cells, int):
+        if n_cells < MIN_SLICE_CELLS:
+            raise UserInputError(
+                f"--n_cells {n_cells}: every slice needs at least {MIN_SLICE_CELLS} cells"
+            )
+        return [n_cells] * len(slices)
+    names = [piece.name for piece in slices]
+    unknown = [name for name in n_cells if name not in names]
+    if unknown:
+        raise UserInputError(
+            f"--n_cells names slice {unknown[0]!r}, which is not in {source} (its slices: "
+            f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); name the "
+            "reference's slices, or give one count for all"
+        )
+    too_few = {name: n for name, n in n_cells.items() if n < MIN_SLICE_CELLS}
+    if too_few:
+        name, n = next(iter(too_few.items()))
+        raise UserInputError(
+            f"--n_cells {name}={n}: every slice needs at least {MIN_SLICE_CELLS} cells"
+        )
+    return [n_cells.get(piece.name, piece.n_cells) for piece in slices]
+
+
 def predict_cell_types(
     piece: PreparedSlice, generated: np.ndarray, names: list[str], k: int = 15
 ) -> np.ndarray:
@@ -465,27 +556,204 @@ def predict_cell_types(
     return np.array([names[c] for c in codes], dtype=object)
 
 
-def _generated_anndata(
+def generate_tissue(
+    module: AlphaSTomicsModule,
     reference: ad.AnnData,
-    genes: list[str],
-    expr: np.ndarray,
-    pos: np.ndarray,
-    slice_of: np.ndarray,
-    predicted_type: np.ndarray,
+    *,
+    n_cells: NCells = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    keys: dict[str, str | None] | None = None,
+    normalize: NormalizeMode | None = None,
+    min_gene_overlap: float = 0.5,
+    source: str = "the reference AnnData",
 ) -> ad.AnnData:
-    """A new AnnData of generated cells, each labelled with the reference slice it was made
-    for (and a predicted cell type); the reference's ``uns`` and gene annotations are kept."""
-    obs = pd.DataFrame(
-        {"slice": pd.Categorical(slice_of.astype(str))},
-        index=[f"generated_{i}" for i in range(len(expr))],
+    """Generate a virtual tissue (``joint``: expression and positions from noise) for each
+    slice of ``reference``, all in one new AnnData.
+
+    A reference slice gives only the cell count (unless ``n_cells`` says otherwise) and the
+    extent: positions come back at the slice's centre and scale (its size; more or fewer
+    cells fill it more or less densely; a reference without positions gets the training
+    slices' median scale). Its expression labels the generated cells with a predicted cell
+    type (:func:`predict_cell_types`) and is never read by the generation itself, which
+    generates every model gene.
+
+    Parameters
+    ----------
+    module
+        A trained model (``training_mode: joint``).
+    reference
+        AnnData with one or more slices (``slice_key``), prepared as ``sample`` prepares its
+        input (:func:`~alphastomics.workflows.inputs.prepare_input`, with ``keys``,
+        ``normalize`` and ``min_gene_overlap``).
+    n_cells
+        Cells per generated slice: one count for every slice, or ``{slice name: count}``
+        (slices not named keep the reference's count). At least 3.
+    sampler, steps
+        As for :meth:`AlphaSTomicsModule.sample` (default: the checkpoint's).
+    num_samples
+        Tissues generated per reference slice; with K > 1 each is its own slice
+        ``NAME_sample<k>``.
+    seed
+        Slice ``i`` (in the reference's order), draw ``k`` uses seed ``seed + 1000 i + k``.
+    source
+        Name of the reference in messages.
+
+    Returns
+    -------
+    AnnData
+        Generated cells: ``X`` log-normalised expression on the model's genes,
+        ``obsm["spatial"]`` positions in the reference's units and columns,
+        ``obs["slice"]`` the generated slice, ``obs["alphastomics_reference_slice"]`` the
+        reference slice it was made for, ``obs["alphastomics_predicted_cell_type"]`` (with
+        labelled reference cells), ``uns["alphastomics"]`` what was done, per slice too; the
+        reference's ``uns`` and gene annotations are kept.
+    """
+    tissue, _ = _generate(
+        module,
+        reference,
+        source,
+        n_cells=n_cells,
+        sampler=sampler,
+        steps=steps,
+        num_samples=num_samples,
+        seed=seed,
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
     )
-    if any(t is not None for t in predicted_type):
-        obs[PREDICTED_CELL_TYPE] = pd.Categorical(predicted_type)
+    return tissue
+
+
+def _generate(
+    module: AlphaSTomicsModule,
+    reference: ad.AnnData,
+    source: str,
+    *,
+    n_cells: NCells,
+    sampler: str | None,
+    steps: int | None,
+    num_samples: int,
+    seed: int,
+    keys: dict[str, str | None] | None,
+    normalize: NormalizeMode | None,
+    min_gene_overlap: float,
+) -> tuple[ad.AnnData, list[list[TissuePanel]]]:
+    """:func:`generate_tissue`, and the rows of its figure (reference beside generated)."""
+    if num_samples < 1:
+        raise UserInputError(f"--num_samples {num_samples} must be >= 1")
+    prepared = prepare_input(
+        module,
+        reference,
+        source,
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+        require_expression=True,
+        require_positions=False,
+    )
+    counts = _slice_counts(n_cells, prepared.slices, source)
+    genes = list(module.hparams["gene_names"])
+    info = module.hparams.get("data_info", {})
+    type_names = list(info.get("cell_types") or [])
+    given = reference.obsm.get(prepared.keys["position_key"], None)
+    out_dims = module.n_dims if given is None else np.shape(given)[1]
+    out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
+    exprs, poss, slice_of, reference_of, predicted = [], [], [], [], []
+    per_slice: dict[str, dict[str, Any]] = {}
+    rows: list[list[TissuePanel]] = []
+    for i, (piece, n) in enumerate(zip(prepared.slices, counts, strict=True)):
+        has_pos = piece.positions is not None
+        scale = piece.scale if has_pos else info.get("typical_scale", 1.0)
+        center = piece.center if has_pos else np.zeros(module.n_dims)
+        # only the shapes are read: joint generation starts from noise, on every gene
+        holder = DataHolder.from_arrays(
+            np.zeros((n, len(genes)), np.float32), np.zeros((n, module.n_dims), np.float32)
+        )
+        for k in range(num_samples):
+            generator = torch.Generator(device=module.device).manual_seed(seed + 1000 * i + k)
+            expr, pos = module.sample(
+                holder, "joint", sampler=sampler, steps=steps, generator=generator
+            )
+            expr = expr[0].cpu().numpy()
+            pos = positions_to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
+            name = piece.name if num_samples == 1 else f"{piece.name}_sample{k}"
+            types = predict_cell_types(piece, expr, type_names)
+            exprs.append(expr)
+            poss.append(pos.astype(out_dtype))
+            slice_of += [name] * n
+            reference_of += [piece.name] * n
+            predicted.append(types)
+            per_slice[name] = {
+                "reference_slice": piece.name,
+                "n_cells": n,
+                "reference_n_cells": piece.n_cells,
+                "scale": float(scale),
+                "seed": seed + 1000 * i + k,
+            }
+            if len(rows) < _MAX_FIGURE_ROWS:
+                rows.append(_figure_row(piece, given, type_names, name, pos, types))
+    obs = pd.DataFrame(
+        {
+            "slice": pd.Categorical(slice_of, categories=list(per_slice)),
+            REFERENCE_SLICE: pd.Categorical(
+                reference_of, categories=[p.name for p in prepared.slices]
+            ),
+        },
+        index=[f"generated_{i}" for i in range(len(slice_of))],
+    )
+    types = np.concatenate(predicted)
+    if any(t is not None for t in types):
+        obs[PREDICTED_CELL_TYPE] = pd.Categorical(types)
     known = set(map(str, reference.var_names))
     var = reference.var.reindex(genes) if known >= set(genes) else pd.DataFrame(index=genes)
-    out = ad.AnnData(X=expr, obs=obs, var=var, uns=deepcopy(dict(reference.uns)))
-    out.obsm["spatial"] = pos
-    return out
+    tissue = ad.AnnData(
+        X=np.concatenate(exprs), obs=obs, var=var, uns=deepcopy(dict(reference.uns))
+    )
+    tissue.obsm["spatial"] = np.concatenate(poss)
+    tissue.uns["alphastomics"] = {
+        "mode": "joint",
+        "sampler": sampler or module.cfg.sampling.sampler,
+        "steps": steps or module.cfg.sampling.steps,
+        "seed": seed,
+        "num_samples": num_samples,
+        "version": __version__,
+        "input": source,
+        "missing_genes": prepared.missing_genes,
+        "missing_gene_share": len(prepared.missing_genes) / len(genes),
+        "normalization": prepared.normalization or "not read",
+        "expression_key": "X",
+        "slices": per_slice,
+    }
+    return tissue, rows
+
+
+def _figure_row(
+    piece: PreparedSlice,
+    given: Any,
+    type_names: list[str],
+    name: str,
+    generated_pos: np.ndarray,
+    generated_types: np.ndarray,
+) -> list[TissuePanel]:
+    """Panels of one generated slice: its reference (when it has positions) and itself, each
+    coloured by cell type where types are known (the reference's own, the predicted ones)."""
+    panel = TissuePanel(
+        f"{name}: generated",
+        generated_pos,
+        generated_types if any(t is not None for t in generated_types) else None,
+    )
+    if piece.positions is None or given is None:
+        return [panel]
+    labels = None
+    if type_names and (piece.cell_type >= 0).any():
+        labels = np.array(
+            [type_names[c] if c >= 0 else "unknown" for c in piece.cell_type], dtype=object
+        )
+    ref_pos = np.asarray(given)[piece.obs_indices]
+    return [TissuePanel(f"{piece.name}: reference", ref_pos, labels), panel]
 
 
 def _expression_key(result: ad.AnnData, mode: str) -> str | None:
@@ -495,7 +763,7 @@ def _expression_key(result: ad.AnnData, mode: str) -> str | None:
             if "alphastomics_expression" in result.layers
             else "obsm/alphastomics_expression"
         )
-    return "X" if mode == "joint" else None
+    return None
 
 
 def _result_anndata(
@@ -530,8 +798,9 @@ def _result_anndata(
 def _figure(
     figure_data: list, path: Path, mode: str, genes: list[str], module: AlphaSTomicsModule
 ) -> None:
-    """The figure of the first slice: truth beside the result where there is one."""
-    piece, true_pos, pos0, expr, predicted = figure_data[0]
+    """The figure of the first slice (``expr_to_pos``, ``pos_to_expr``): truth beside the
+    result where there is one."""
+    piece, true_pos, pos0, expr = figure_data[0]
     names = module.hparams.get("data_info", {}).get("cell_types") or []
     labels = None
     if piece.cell_type is not None and names and (piece.cell_type >= 0).any():
@@ -543,22 +812,7 @@ def _figure(
         truth = piece.expression if piece.gene_mask.any() else None
         plot_genes(true_pos, truth, expr, genes, path, gene_mask=piece.gene_mask, title=title)
         return
-    if mode == "joint":
-        # generated cells are new cells: shown beside the reference, not aligned to it
-        types = predicted if any(t is not None for t in predicted) else None
-        if true_pos is None:
-            plot_layout(pos0, path, cell_types=types, title=title)
-        else:
-            plot_layouts(
-                true_pos,
-                pos0,
-                path,
-                cell_types=labels,
-                pred_cell_types=types,
-                title=title,
-                paired=False,
-            )
-    elif true_pos is not None:
+    if true_pos is not None:
         plot_layouts(true_pos, pos0, path, cell_types=labels, title=title)
     else:
         plot_layout(pos0, path, cell_types=labels, title=title)
