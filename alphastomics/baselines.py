@@ -1,11 +1,11 @@
 """Reference methods for both conditional tasks, scored exactly like the model.
 
 Every method works in the processed store's units: log-normalised expression (N, G) and each
-slice's centred, isotropically scaled positions (N, 3) (z = 0 for 2D data). They are fitted on
+slice's centred, isotropically scaled positions (N, D), D = 2 or 3 as in the store. They are fitted on
 the training cells only.
 
 ``expr_to_pos`` (place cells from their expression): ``fit(expression, positions)`` then
-``predict(expression) -> positions (N, 3)``.
+``predict(expression) -> positions (N, D)``, the columns of the training positions.
 
 - :class:`RandomPositions`: a centred Gaussian cloud (what chance scores).
 - :class:`ExpressionPCAPositions`: the top 2 (2D data) or 3 principal components of the
@@ -79,7 +79,6 @@ logger = logging.getLogger(__name__)
 
 Task = Literal["expr_to_pos", "pos_to_expr"]
 
-N_DIMS = 3  # the store's positions are always (N, 3)
 DEFAULT_K = 10  # neighbours when there is no validation entry to choose k on
 K_GRID: tuple[int, ...] = (5, 10, 15, 20, 30, 50)  # candidates for k, scored on validation entries
 DEFAULT_N_COMPONENTS = 50  # PCA components of the expression before kNN regression
@@ -92,9 +91,10 @@ def infer_n_dims(positions: np.ndarray) -> int:
     return 2 if positions.shape[1] < 3 or not np.any(positions[:, 2]) else 3
 
 
-def _pad(coordinates: np.ndarray) -> np.ndarray:
-    """(N, d) with d <= 3 -> (N, 3) float32, the missing columns 0."""
-    out = np.zeros((len(coordinates), N_DIMS), dtype=np.float32)
+def _pad(coordinates: np.ndarray, width: int) -> np.ndarray:
+    """(N, d) with d <= width -> (N, width) float32, the missing columns 0: predictions have
+    the columns of the training positions (2 for 2D stores, 3 for 3D)."""
+    out = np.zeros((len(coordinates), width), dtype=np.float32)
     out[:, : coordinates.shape[1]] = coordinates
     return out
 
@@ -141,6 +141,7 @@ class RandomPositions:
         """Record the dimensionality and the spread (per-axis RMS) of ``positions`` (N, 3)."""
         positions = np.asarray(positions, dtype=np.float64)
         self.n_dims_ = self.n_dims or infer_n_dims(positions)
+        self.width_ = positions.shape[1]
         self.scale_ = _rms_per_axis(positions, self.n_dims_)
         self._rng = np.random.default_rng(self.seed)
         return self
@@ -148,7 +149,7 @@ class RandomPositions:
     def predict(self, expression: np.ndarray) -> np.ndarray:
         """(N, 3) float32 random positions, one per row of ``expression``, centred."""
         draw = self._rng.normal(scale=self.scale_, size=(len(expression), self.n_dims_))
-        return _pad(draw - draw.mean(axis=0))
+        return _pad(draw - draw.mean(axis=0), self.width_)
 
     def params(self) -> dict[str, Any]:
         """Settings recorded with the scores."""
@@ -177,6 +178,7 @@ class ExpressionPCAPositions:
         positions = np.asarray(positions, dtype=np.float64)
         _check_fit_arrays(expression, positions, type(self).__name__)
         self.n_dims_ = self.n_dims or infer_n_dims(positions)
+        self.width_ = positions.shape[1]
         n_components = min(self.n_dims_, *expression.shape)
         self.pipeline_ = Pipeline(
             [
@@ -193,7 +195,7 @@ class ExpressionPCAPositions:
     def predict(self, expression: np.ndarray) -> np.ndarray:
         """(N, 3) float32 component scores of ``expression`` (N, G), z = 0 for 2D data."""
         scores = self.pipeline_.transform(np.asarray(expression, dtype=np.float64))
-        return _pad(scores * self.factor_)
+        return _pad(scores * self.factor_, self.width_)
 
     def params(self) -> dict[str, Any]:
         """Settings recorded with the scores."""

@@ -173,3 +173,21 @@ def test_evaluate_baselines_needs_test_entries(tmp_path: Path, tiny_store: Path)
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(UserInputError, match="no 'test' entries"):
         evaluate_baselines(copy)
+
+
+def test_baselines_place_cells_with_the_columns_of_a_2d_store(tmp_path: Path):
+    from conftest import make_tiny_adata, write_h5ad
+
+    from alphastomics.utils.preprocess import SpatialDataPreprocessor
+
+    source = write_h5ad(make_tiny_adata(n_slices=3, n_cells=40, n_dims=2), tmp_path / "flat.h5ad")
+    pre = SpatialDataPreprocessor(test_slices=["slice_2"], progress=False)
+    pre.preprocess_and_save([source], tmp_path / "store")
+    assert np.asarray(ProcessedStore(tmp_path / "store").load_slice(0)["positions"]).shape[1] == 2
+    for method in (RandomPositions(), ExpressionPCAPositions()):
+        expression, positions = np.ones((40, 5)), np.random.default_rng(0).normal(size=(40, 2))
+        expression[:, 0] = positions[:, 0]
+        assert method.fit(expression, positions).predict(expression).shape == (40, 2)
+    results = evaluate_baselines(tmp_path / "store")  # a (N, 3) prediction raised here before
+    placed = {r.name: r for r in results}["expression PCA"]
+    assert np.isfinite(placed.overall["distance_spearman_median"])
