@@ -4,9 +4,11 @@ For each N the default model (``alphastomics.config.load_config()``, G genes) is
 fresh subprocess per measurement, so every peak-memory number is that of one kind of step alone:
 
 - ``train``: noise -> forward -> loss -> backward -> gradient clipping -> AdamW step, with the
-  default (sampled, O(N)) distance loss (``module.diffusion_loss(batch)``);
-- ``train_exact``: the same with ``loss.exact_distance_max_cells = N`` (the exact O(N^2) loss),
-  only for N <= ``--exact_max``;
+  default loss (``module.diffusion_loss(batch)``: the O(N) coordinate loss, Kabsch-aligned as
+  for several training slices);
+- ``train_exact``: the same with the pairwise-distance loss, exact for all N cells
+  (``loss.use_distance_matrix=true loss.exact_distance_max_cells=N``, O(N^2)), only for
+  N <= ``--exact_max``;
 - ``sample``: one DDIM step in ``joint`` mode (one network evaluation + update of both
   modalities; ``module.sample(batch, "joint", sampler="ddim", steps=1)``).
 
@@ -86,7 +88,7 @@ def _worker(
     torch.manual_seed(seed)
     overrides = []
     if kind == "train_exact":
-        overrides.append(f"loss.exact_distance_max_cells={n_cells}")
+        overrides += ["loss.use_distance_matrix=true", f"loss.exact_distance_max_cells={n_cells}"]
     cfg = load_config(overrides=overrides)
     module = AlphaSTomicsModule(cfg, n_genes).to(device)
 

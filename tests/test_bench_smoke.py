@@ -23,7 +23,7 @@ def _load(name: str) -> ModuleType:
 
 def test_scaling_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    # at 200 cells `train` is the `train_exact` step (exact loss up to 3000 cells): run one
+    # `train_exact` (the exact pairwise-distance loss) and `sample`; `train` is cheaper still
     args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
     args += ["--kinds", "train_exact", "sample"]
     proc = subprocess.run(
@@ -59,3 +59,15 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
         ("pos_to_expr", "mean (1 step)", 4),
     }
     assert all(len(r["per_seed"]) == 2 for r in rows)
+
+
+def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:
+    assert _load("placement_ceilings").main(["--data_dir", str(tiny_store)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| reference | slice_3 |")
+    names = [line.split(" | ")[0][2:] for line in table[1:]]  # the rule line starts "|-"
+    assert names[0] == "cell types shuffled" and names[-1] == "same-slice spatial kNN average"
+    # the exact layout with little jitter keeps most neighbours; a shuffle keeps few
+    means = [line.rstrip(" |").split(" | ")[-1] for line in table[1:]]
+    spearman = {n: float(mean.split(" / ")[0]) for n, mean in zip(names, means, strict=True)}
+    assert spearman["jitter σ=0.05"] > spearman["cell types shuffled"]
