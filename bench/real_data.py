@@ -854,7 +854,7 @@ def _run(
         if result.get("one_step_mean"):
             row = _model_row(result["one_step_mean"], training_seconds)
             row["method"] += ", one-step mean (no sampling)"
-            row["params"] = "predict_mean: E[positions | expression], 4 prior draws"
+            row["params"] = "predict_mean: E[positions given expression], 4 prior draws"
             rows.insert(2 if result.get("placement") else 1, row)
     result.update(
         model=model, training_seconds=training_seconds, budget_minutes=args.budget_minutes
