@@ -415,8 +415,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             return self.impute_from_neighbors(batch, known, generator=generator)
         if point_estimate and known is None:
             return self.predict_mean(batch, mode, generator=generator)
-        batch = batch.to(self.device)
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        batch, expr = self._standardized_on_device(batch)
         diffusion_sampler = self._sampler(sampler, steps, show_progress)
         expr_out, pos_out = diffusion_sampler.sample(
             expr,
@@ -447,8 +446,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
         """
         tune_malloc()
-        batch = batch.to(self.device)
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        batch, expr = self._standardized_on_device(batch)
         expr_out, pos_out = self._sampler(None, None, False).predict_mean(
             expr,
             batch.positions,
@@ -458,6 +456,11 @@ class AlphaSTomicsModule(pl.LightningModule):
             generator=generator,
         )
         return apply_mask(self.unstandardize(expr_out), batch.node_mask), pos_out
+
+    def _standardized_on_device(self, batch: DataHolder) -> tuple[DataHolder, Tensor]:
+        """``batch`` on the module's device and its standardised (B, N, G) expression."""
+        batch = batch.to(self.device)
+        return batch, self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
 
     @property
     def imputes_from_neighbors(self) -> bool:
