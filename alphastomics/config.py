@@ -114,7 +114,7 @@ class TrainingConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
     steps: int = 50
     eta: float = 1.0
     expression_estimate: Literal["mean", "sample"] = "mean"

@@ -1,17 +1,19 @@
-"""Held-out quality and wall time of the samplers: ancestral DDPM (all T steps) vs few-step DDIM.
+"""Held-out quality and wall time of the samplers: ancestral DDPM (all T steps) vs few-step
+DDIM and DPM-Solver++(2M).
 
 For every held-out slice and every seed, each sampler configuration samples
 
 - ``expr_to_pos`` (positions from expression), scored by the median per-cell distance Spearman
-  (``position_metrics(...)["distance_spearman_median"]``, LUNA's headline metric), and
+  (``position_metrics(...)["distance_spearman_median"]``, LUNA's headline metric) and by
+  kNN(10) preservation (``knn_preservation``, local structure), and
 - ``pos_to_expr`` (expression from positions) as a *draw* from the reverse process
   (``expression_estimate="sample"``; the shipped default ``mean`` is the sampler-independent
   one-step conditional mean and is reported as a separate reference row), scored by the mean
   per-gene Pearson correlation (``expression_metrics(...)["pcc_gene_mean"]``).
 
-Settings: DDPM over all T steps, then DDIM for every ``--etas`` value (0 = deterministic,
-1 = ancestral-like noise), ``--warm_starts`` value (``sampling.warm_start``) and
-``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
+Settings: DDPM over all T steps, then each of ``--samplers`` (``ddim``, ``dpm``) for every
+``--etas`` value (0 = deterministic, 1 = ancestral-like noise), ``--warm_starts`` value
+(``sampling.warm_start``) and ``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
 gives, per setting, the mean over seeds (each seed's value is the cell-weighted mean over
 slices), the standard deviation across seeds, the gap to DDPM in percent, and the wall time per
 slice. On a shared machine use ``--threads 1`` (see docs/benchmarks.md).
@@ -53,9 +55,9 @@ from alphastomics.utils.metrics import expression_metrics, position_metrics
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
 from alphastomics.workflows.train import run_training
 
-MAIN_METRIC = {
-    "expr_to_pos": "distance_spearman_median",
-    "pos_to_expr": "pcc_gene_mean",
+METRICS = {
+    "expr_to_pos": ("distance_spearman_median", "knn_preservation"),
+    "pos_to_expr": ("pcc_gene_mean",),
 }
 
 
@@ -86,7 +88,7 @@ def train_model(store: Path, run_dir: Path, overrides: list[str]) -> AlphaSTomic
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One sampler configuration: ``sampler`` in {ddpm, ddim, mean}, steps, eta, warm start."""
+    """One sampler configuration: ``sampler`` in {ddpm, ddim, dpm, mean}, steps, eta, warm start."""
 
     sampler: str
     steps: int
@@ -110,27 +112,34 @@ class Setting:
         """Short name for the table."""
         if self.sampler == "mean":
             return "mean (1 step)"
-        name = "ddpm" if self.sampler == "ddpm" else f"ddim eta={self.eta:g}"
+        name = "ddpm" if self.sampler == "ddpm" else f"{self.sampler} eta={self.eta:g}"
         return name + (f" ws={self.warm_start:g}" if self.warm_start > 0 else "")
 
 
 def configurations(
-    ddim_steps: list[int], etas: list[float], warm_starts: list[float], with_ddpm: bool, T: int
+    samplers: list[str],
+    ddim_steps: list[int],
+    etas: list[float],
+    warm_starts: list[float],
+    with_ddpm: bool,
+    T: int,
 ) -> list[Setting]:
-    """Settings to compare: DDPM over all T steps, then DDIM per eta, warm start and steps."""
+    """Settings to compare: DDPM over all T steps, then each few-step sampler per warm start,
+    eta and step count."""
     configs = [Setting("ddpm", T, steps_total=T)] if with_ddpm else []
     for warm in warm_starts:
-        for eta in etas:
-            configs += [
-                Setting("ddim", s, eta, warm, steps_total=T) for s in ddim_steps if 1 <= s <= T
-            ]
+        for sampler in samplers:
+            for eta in etas:
+                configs += [
+                    Setting(sampler, s, eta, warm, steps_total=T) for s in ddim_steps if 1 <= s <= T
+                ]
     return configs
 
 
 def score_slice(
     module: AlphaSTomicsModule, holder: DataHolder, mode: str, setting: Setting, seed: int
-) -> tuple[float, float]:
-    """Sample one slice in ``mode`` with ``setting``; returns (main metric, seconds)."""
+) -> tuple[dict[str, float], float]:
+    """Sample one slice in ``mode`` with ``setting``; returns ({metric: value}, seconds)."""
     generator = torch.Generator().manual_seed(seed)
     sampling = dataclasses.replace(module.cfg.sampling, eta=setting.eta)
     module.cfg = dataclasses.replace(module.cfg, sampling=sampling)  # module.sample reads eta
@@ -147,13 +156,13 @@ def score_slice(
     seconds = time.perf_counter() - start
     if mode == "expr_to_pos":
         truth = holder.positions[0].numpy()
-        value = position_metrics(truth, pos[0].cpu().numpy())[MAIN_METRIC[mode]]
+        scores = position_metrics(truth, pos[0].cpu().numpy())
     else:
         truth = holder.expression[0].numpy()
-        value = expression_metrics(
+        scores = expression_metrics(
             truth, expr[0].cpu().numpy(), gene_mask=holder.gene_mask[0].numpy()
-        )[MAIN_METRIC[mode]]
-    return float(value), seconds
+        )
+    return {name: float(scores[name]) for name in METRICS[mode]}, seconds
 
 
 def run_benchmark(
@@ -162,6 +171,7 @@ def run_benchmark(
     *,
     split: str,
     seeds: list[int],
+    samplers: list[str],
     ddim_steps: list[int],
     etas: list[float],
     warm_starts: list[float],
@@ -184,39 +194,50 @@ def run_benchmark(
     T = module.noise_model.T
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        runs = configurations(ddim_steps, etas, warm_starts, with_ddpm, T)
+        runs = configurations(samplers, ddim_steps, etas, warm_starts, with_ddpm, T)
         if mode == "pos_to_expr":
             runs.append(Setting("mean", 4, steps_total=T))  # one-step mean, 4 prior draws
         for setting in runs:
-            per_seed, seconds = [], []
+            per_seed: dict[str, list[float]] = {name: [] for name in METRICS[mode]}
+            seconds = []
             for seed in seeds:
-                values = []
+                values: dict[str, list[float]] = {name: [] for name in METRICS[mode]}
                 for k, holder in enumerate(holders):
-                    value, secs = score_slice(module, holder, mode, setting, 1000 * seed + k)
-                    values.append(value)
+                    scores, secs = score_slice(module, holder, mode, setting, 1000 * seed + k)
+                    for name, value in scores.items():
+                        values[name].append(value)
                     seconds.append(secs)
-                per_seed.append(float(np.average(values, weights=weights)))
-            row = {
-                "mode": mode,
-                "metric": MAIN_METRIC[mode],
-                "sampler": setting.sampler,
-                "label": setting.label,
-                "steps": setting.steps,
-                "eta": setting.eta,
-                "warm_start": setting.warm_start,
-                "evaluations": setting.evaluations,
-                "mean": statistics.fmean(per_seed),
-                "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan,
-                "per_seed": per_seed,
-                "seconds_per_slice": statistics.fmean(seconds),
-            }
-            rows.append(row)
-            print(_format_row(row, rows), flush=True)
+                for name in METRICS[mode]:
+                    per_seed[name].append(float(np.average(values[name], weights=weights)))
+            for name in METRICS[mode]:
+                row = {
+                    "mode": mode,
+                    "metric": name,
+                    "sampler": setting.sampler,
+                    "label": setting.label,
+                    "steps": setting.steps,
+                    "eta": setting.eta,
+                    "warm_start": setting.warm_start,
+                    "evaluations": setting.evaluations,
+                    "mean": statistics.fmean(per_seed[name]),
+                    "sd": statistics.stdev(per_seed[name]) if len(seeds) > 1 else math.nan,
+                    "per_seed": per_seed[name],
+                    "seconds_per_slice": statistics.fmean(seconds),
+                }
+                rows.append(row)
+                print(_format_row(row, rows), flush=True)
     return rows
 
 
 def _reference(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in rows if r["mode"] == row["mode"] and r["sampler"] == "ddpm"), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["mode"] == row["mode"] and r["metric"] == row["metric"] and r["sampler"] == "ddpm"
+        ),
+        None,
+    )
 
 
 def _gap_percent(row: dict[str, Any], rows: list[dict[str, Any]]) -> float:
@@ -228,7 +249,8 @@ def _gap_percent(row: dict[str, Any], rows: list[dict[str, Any]]) -> float:
 
 def _format_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return (
-        f"{row['mode']:<12} {row['label']:<20} {row['evaluations']:>6} {row['mean']:>8.4f} "
+        f"{row['mode']:<12} {row['metric']:<25} {row['label']:<20} {row['evaluations']:>6} "
+        f"{row['mean']:>8.4f} "
         f"{row['sd']:>8.4f} {_gap_percent(row, rows):>+9.2f} {row['seconds_per_slice']:>9.3f}"
     )
 
@@ -240,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained model to use")
     parser.add_argument("--split", default="test")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--ddim_steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--samplers", nargs="+", choices=("ddim", "dpm"), default=["ddim", "dpm"])
+    parser.add_argument(
+        "--ddim_steps", type=int, nargs="+", default=[10, 20, 50, 100], help="few-step counts"
+    )
     parser.add_argument(
         "--etas", type=float, nargs="+", default=[0.0, 1.0], help="DDIM eta values to compare"
     )
@@ -252,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         help="DDIM warm starts to compare (sampling.warm_start; 0 = from noise)",
     )
     parser.add_argument("--no_ddpm", action="store_true", help="skip the T-step DDPM reference")
-    parser.add_argument(
-        "--modes", nargs="+", choices=sorted(MAIN_METRIC), default=sorted(MAIN_METRIC)
-    )
+    parser.add_argument("--modes", nargs="+", choices=sorted(METRICS), default=sorted(METRICS))
     parser.add_argument("--n_cells", type=int, default=6000, help="demo tissue: cells in all")
     parser.add_argument("--n_genes", type=int, default=60, help="demo tissue: genes")
     parser.add_argument("--n_slices", type=int, default=6, help="demo tissue: slices")
@@ -313,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.get_num_threads()} threads; prepared in {prepared:.0f} s"
         )
         print(
-            f"{'mode':<12} {'sampler':<20} {'evals':>6} {'mean':>8} {'sd':>8} "
+            f"{'mode':<12} {'metric':<25} {'sampler':<20} {'evals':>6} {'mean':>8} {'sd':>8} "
             f"{'vs DDPM %':>9} {'s/slice':>9}"
         )
         rows = run_benchmark(
@@ -321,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(store_dir),
             split=args.split,
             seeds=args.seeds,
+            samplers=args.samplers,
             ddim_steps=args.ddim_steps,
             etas=args.etas,
             warm_starts=args.warm_starts,

@@ -48,16 +48,17 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
     args += ["training.max_steps=2"]
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
-    names = {(r["mode"], r["label"], r["evaluations"]) for r in rows}
-    assert names == {
-        ("expr_to_pos", "ddpm", 20),
-        ("expr_to_pos", "ddim eta=0", 5),
-        ("expr_to_pos", "ddim eta=1", 5),
-        ("pos_to_expr", "ddpm", 20),
-        ("pos_to_expr", "ddim eta=0", 5),
-        ("pos_to_expr", "ddim eta=1", 5),
-        ("pos_to_expr", "mean (1 step)", 4),
-    }
+    names = {(r["mode"], r["metric"], r["label"], r["evaluations"]) for r in rows}
+    few_step = [f"{kind} eta={eta}" for kind in ("ddim", "dpm") for eta in (0, 1)]
+    expected = {("pos_to_expr", "pcc_gene_mean", "mean (1 step)", 4)}
+    for mode, metrics in (
+        ("expr_to_pos", ("distance_spearman_median", "knn_preservation")),
+        ("pos_to_expr", ("pcc_gene_mean",)),
+    ):
+        for metric in metrics:
+            expected |= {(mode, metric, "ddpm", 20)}
+            expected |= {(mode, metric, label, 5) for label in few_step}
+    assert names == expected
     assert all(len(r["per_seed"]) == 2 for r in rows)
 
 

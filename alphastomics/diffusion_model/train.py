@@ -32,7 +32,7 @@ from alphastomics.config import (
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
+from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode, SamplerKind
 from alphastomics.utils.dataholder import DataHolder, apply_mask, center
 from alphastomics.utils.memory import tune_malloc
 
@@ -388,7 +388,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         batch: DataHolder,
         mode: SampleMode,
         *,
-        sampler: Literal["ddim", "ddpm"] | None = None,
+        sampler: SamplerKind | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
         show_progress: bool = False,
@@ -471,7 +471,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         )
 
     def _sampler(
-        self, sampler: Literal["ddim", "ddpm"] | None, steps: int | None, show_progress: bool
+        self, sampler: SamplerKind | None, steps: int | None, show_progress: bool
     ) -> DiffusionSampler:
         return DiffusionSampler(
             self.model,
@@ -549,7 +549,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         *,
         use_positions: bool = True,
         expression_estimate: Literal["mean", "sample"] = "mean",
-        sampler: Literal["ddim", "ddpm"] | None = None,
+        sampler: SamplerKind | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
