@@ -52,6 +52,7 @@ class ModelConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     local_neighbors: int = 0
+    checkpoint_min_cells: int | None = 200_000
 
 
 @dataclass
@@ -208,6 +209,10 @@ def _check(cfg: Config) -> None:
         (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.model.local_neighbors >= 0, "model.local_neighbors must be >= 0"),
+        (
+            cfg.model.checkpoint_min_cells is None or cfg.model.checkpoint_min_cells >= 0,
+            "model.checkpoint_min_cells must be >= 0 (0 = always) or null (never)",
+        ),
         (cfg.neighbor_readout.n_neighbors >= 0, "neighbor_readout.n_neighbors must be >= 0"),
         (
             cfg.neighbor_readout.n_neighbors == 0 or cfg.neighbor_readout.loss_weight > 0,

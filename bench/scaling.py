@@ -67,7 +67,14 @@ def _current_rss_mb() -> float:
 
 
 def _worker(
-    kind: str, n_cells: int, n_genes: int, repeats: int, seed: int, tune: bool, device: str
+    kind: str,
+    n_cells: int,
+    n_genes: int,
+    repeats: int,
+    seed: int,
+    tune: bool,
+    device: str,
+    overrides: list[str],
 ) -> dict[str, Any]:
     """Run one measurement in this (fresh) process; returns the numbers as a dict."""
     import torch
@@ -86,7 +93,7 @@ def _worker(
     from alphastomics.utils.dataholder import DataHolder
 
     torch.manual_seed(seed)
-    overrides = []
+    overrides = list(overrides)
     if kind == "train_exact":
         overrides += ["loss.use_distance_matrix=true", f"loss.exact_distance_max_cells={n_cells}"]
     cfg = load_config(overrides=overrides)
@@ -163,6 +170,7 @@ def _worker(
         "cpu_seconds": cpu[mid],
         "fault_gb": faults[mid],
         "peak_mb": max(_peak_rss_mb() - baseline, 0.0),
+        "overrides": overrides,
         "baseline_mb": baseline_now,
         "threads": torch.get_num_threads(),
         "malloc_tuned": tuned,
@@ -182,6 +190,7 @@ def _run_child(
     tune: bool,
     device: str,
     timeout: float,
+    overrides: list[str],
 ) -> dict[str, Any]:
     """Run :func:`_worker` in a fresh interpreter and parse its JSON line."""
     cmd = [
@@ -200,6 +209,7 @@ def _run_child(
         "--device",
         device,
         *([] if tune else ["--no_malloc_tuning"]),
+        *(["--override", *overrides] if overrides else []),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -268,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every measurement (default config otherwise)",
+    )
     parser.add_argument("--worker", choices=KINDS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -280,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             not args.no_malloc_tuning,
             args.device,
+            args.override,
         )
         print(json.dumps(result))
         return 0
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {info['cpu_cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} "
         f"({info['torch_threads']} threads), load {info['load_average_1min']:.2f}; "
         f"G = {args.genes}, median of {args.repeats} steps after 1 warm-up; malloc tuning "
-        f"{'off' if args.no_malloc_tuning else 'on'}"
+        f"{'off' if args.no_malloc_tuning else 'on'}; overrides: {' '.join(args.override) or 'none'}"
     )
     results: list[dict[str, Any]] = []
     header = (
@@ -311,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 not args.no_malloc_tuning,
                 args.device,
                 args.timeout,
+                args.override,
             )
             if row.get("gpu_peak_mb") is not None:
                 row["peak_mb"] = row["gpu_peak_mb"]

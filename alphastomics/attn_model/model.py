@@ -120,6 +120,11 @@ class Denoiser(nn.Module):
         k of the local attention: each cell also attends to its k nearest cells in the current
         positions, in every layer, and the position head adds a displacement along the offsets
         to them (0 disables both).
+    checkpoint_min_cells
+        Activation checkpointing: while gradients are recorded, a batch with at least this many
+        cells in all (B * N) keeps only each layer's input for the backward pass and recomputes
+        the layer's inside there, a chunk of cells at a time (``TransformerLayer``, ``recompute``;
+        same gradients, one more forward pass of the layers). ``None`` never, 0 always.
 
     Examples
     --------
@@ -142,12 +147,14 @@ class Denoiser(nn.Module):
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
         local_neighbors: int = 16,
+        checkpoint_min_cells: int | None = None,
     ) -> None:
         super().__init__()
         self.n_genes = n_genes
         self.n_dims = n_dims
         self.hidden_dim = hidden_dim
         self.local_neighbors = local_neighbors
+        self.checkpoint_min_cells = checkpoint_min_cells
 
         self.expression_encoder = ExpressionEncoder(n_genes, hidden_dim)
         self.position_encoder = PositionEncoder(
@@ -225,8 +232,9 @@ class Denoiser(nn.Module):
         # the neighbours of every cell in the positions of this evaluation (noisy or clean)
         graph = knn_graph(pos_in, mask, self.local_neighbors) if self.local_neighbors else None
         h = expr_emb + pos_emb  # (B, N, H)
+        recompute = self._checkpoints(mask)
         for layer in self.layers:
-            h = layer(h, cond, mask, graph)
+            h = layer(h, cond, mask, graph, recompute=recompute)
         h = apply_mask(self.final_norm(h, cond), mask)  # (B, N, H)
 
         # expression: per-gene skip of the noisy input + correction from the cell state
@@ -252,6 +260,11 @@ class Denoiser(nn.Module):
             expression_embedding=expr_emb,
             position_embedding=pos_emb,
         )
+
+    def _checkpoints(self, mask: Tensor) -> bool:
+        """Whether this forward pass recomputes layer activations in backward."""
+        limit = self.checkpoint_min_cells
+        return limit is not None and torch.is_grad_enabled() and mask.numel() >= limit
 
     def _check_shapes(
         self,

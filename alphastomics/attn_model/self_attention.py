@@ -65,6 +65,54 @@ def attention_context(
         return context / normaliser.clamp_min(1.0).unsqueeze(-1)  # (B, K, d, d)
 
 
+def context_part(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's share of :func:`attention_context`, relative to the chunk's own key max.
+
+    Parameters
+    ----------
+    k, v
+        (B, K, n_c, d) keys and values of the chunk's cells; ``mask`` (B, n_c) bool.
+
+    Returns
+    -------
+    (part, total, k_max)
+        ``part = Σ_cells exp(k - k_max) vᵀ`` (B, K, d, d), ``total = Σ_cells exp(k - k_max)``
+        (B, K, d) and the chunk's max over real cells ``k_max`` (B, K, d), no gradient
+        (``-inf`` features where the chunk has no real cell), all float32. Combine the chunks
+        with :func:`combine_context_parts`.
+    """
+    with torch.autocast(device_type=k.device.type, enabled=False):
+        keep = mask[:, None, :, None]  # (B, 1, n_c, 1)
+        k_max = k.detach().float().masked_fill(~keep, float("-inf")).amax(dim=2)  # (B, K, d)
+        shift = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max)).unsqueeze(2)
+        weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - shift)  # (B, K, n_c, d)
+        v = v.float().masked_fill(~keep, 0.0)
+        part = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
+        return part, weights.sum(dim=2), k_max
+
+
+def combine_context_parts(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """The context of all cells from the chunks' :func:`context_part` results -> (B, K, d, d).
+
+    Each chunk's share is rescaled to the common max (the log-sum-exp trick of blockwise
+    attention); the max itself carries no gradient, so this equals :func:`attention_context`
+    of all chunks at once, up to floating-point summation order.
+    """
+    k_max = torch.stack([m for _, _, m in parts]).amax(dim=0)  # (B, K, d)
+    k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))
+    context = normaliser = None
+    for part, total, chunk_max in parts:
+        finite = torch.isfinite(chunk_max)
+        shift = torch.where(finite, chunk_max, torch.zeros_like(chunk_max))
+        scale = torch.where(finite, torch.exp(shift - k_max), torch.zeros_like(k_max))  # (B, K, d)
+        context = (
+            part * scale.unsqueeze(-1) if context is None else context + part * scale.unsqueeze(-1)
+        )
+        total = total * scale
+        normaliser = total if normaliser is None else normaliser + total
+    return context / normaliser.clamp_min(1.0).unsqueeze(-1)  # (B, K, d, d)
+
+
 def attention_readout(q: Tensor, context: Tensor) -> Tensor:
     """Each cell's output ``softmax_features(q_i) · context`` -> (B, K, n, d) in ``q``'s dtype."""
     with torch.autocast(device_type=q.device.type, enabled=False):

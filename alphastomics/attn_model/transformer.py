@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from alphastomics.attn_model.layers import AdaptiveLayerNorm, FeedForward
 from alphastomics.attn_model.local_attention import LocalAttention
@@ -12,6 +13,8 @@ from alphastomics.attn_model.self_attention import (
     LinearSelfAttention,
     attention_context,
     attention_readout,
+    combine_context_parts,
+    context_part,
 )
 from alphastomics.utils.dataholder import apply_mask
 
@@ -39,6 +42,11 @@ class TransformerLayer(nn.Module):
     On CPU, slices larger than one chunk (about 10,000 cells at the default width) are processed
     a chunk of cells at a time: the attention context sums over all chunks, everything else is
     per cell, so the result is the same up to floating-point summation order.
+
+    With ``recompute`` (activation checkpointing) the backward pass keeps only the layer's
+    input: without local attention each chunk's share of the context and each chunk's output
+    are recomputed a chunk at a time, so the layer's extra memory in backward is one chunk's;
+    otherwise (local attention, or one chunk) the whole layer is recomputed.
 
     Parameters
     ----------
@@ -74,11 +82,18 @@ class TransformerLayer(nn.Module):
         self._widest = max(3, ff_mult) * hidden_dim  # qkv or feed-forward hidden features
 
     def forward(
-        self, h: Tensor, cond: Tensor, mask: Tensor, graph: NeighborGraph | None = None
+        self,
+        h: Tensor,
+        cond: Tensor,
+        mask: Tensor,
+        graph: NeighborGraph | None = None,
+        *,
+        recompute: bool = False,
     ) -> Tensor:
         """Update cell states ``h`` (B, N, H) given ``cond`` (B, H) and ``mask`` (B, N) bool.
 
-        ``graph`` is the items' neighbour graph, needed when the layer has local attention.
+        ``graph`` is the items' neighbour graph, needed when the layer has local attention;
+        ``recompute`` trades memory for a second forward pass in backward (class docstring).
         """
         if self.local is not None and graph is None:
             raise ValueError("this layer has local attention: pass the neighbour graph")
@@ -86,6 +101,41 @@ class TransformerLayer(nn.Module):
         size = n
         if h.device.type == "cpu":
             size = chunk_cells(b, n, self._widest, max(h.element_size(), 4))
+        if recompute and torch.is_grad_enabled():
+            if self.local is None and size < n:
+                return self._recomputed_chunks(h, cond, mask, size)
+            return checkpoint(self._forward, h, cond, mask, graph, size, use_reentrant=False)
+        return self._forward(h, cond, mask, graph, size)
+
+    def _recomputed_chunks(self, h: Tensor, cond: Tensor, mask: Tensor, size: int) -> Tensor:
+        """Global-attention layer over chunks of ``size`` cells, each chunk checkpointed."""
+        h_parts = h.split(size, dim=1)  # (B, n_c, H) views
+        m_parts = mask.split(size, dim=1)
+        parts = [
+            checkpoint(self._chunk_context, x, cond, m, use_reentrant=False)
+            for x, m in zip(h_parts, m_parts, strict=True)
+        ]
+        context = combine_context_parts(parts)  # (B, K, d, d)
+        out = [
+            checkpoint(self._chunk_output, x, cond, m, context, use_reentrant=False)
+            for x, m in zip(h_parts, m_parts, strict=True)
+        ]
+        return torch.cat(out, dim=1)  # (B, N, H)
+
+    def _chunk_context(self, x: Tensor, cond: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _, k, v = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+        return context_part(k, v, m)
+
+    def _chunk_output(self, x: Tensor, cond: Tensor, m: Tensor, context: Tensor) -> Tensor:
+        q, _, _ = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+        x = x + self.attention.project_out(attention_readout(q, context))
+        x = x + self.ff(self.ff_norm(x, cond))
+        return apply_mask(x, m)
+
+    def _forward(
+        self, h: Tensor, cond: Tensor, mask: Tensor, graph: NeighborGraph | None, size: int
+    ) -> Tensor:
+        n = h.shape[1]
         if size >= n:
             x = self.attention_norm(h, cond)
             h = h + self.attention(x, mask)  # (B, N, H)
