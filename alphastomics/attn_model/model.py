@@ -239,7 +239,7 @@ class Denoiser(nn.Module):
 
         # expression: per-gene skip of the noisy input + correction from the cell state
         gate_expr = torch.sigmoid(self.expression_skip(F.silu(time_expr))).unsqueeze(1)  # (B, 1, G)
-        expr_hat = apply_mask(gate_expr * expr_t + self.expression_head(h), mask)  # (B, N, G)
+        expr_hat = apply_mask(torch.addcmul(self.expression_head(h), gate_expr, expr_t), mask)
 
         # positions: free update path, then a radial correction of the norm
         gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from alphastomics.attn_model.neighbors import nearest_neighbors
@@ -81,6 +82,50 @@ def _weighted_mean_over_items(
     return (weight * item_loss).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
 
 
+# cells per block of the expression loss: its temporaries stay a block's size, not (B, N, G)
+_SSE_BLOCK_CELLS = 8192
+
+
+class _MaskedSSE(torch.autograd.Function):
+    """Per-item ``Σ (pred - target)²`` over real cells and measured genes -> (B,), float32+.
+
+    Formed a block of cells at a time, saving only the inputs: the plain expression keeps
+    about four (B, N, G) temporaries alive until backward, over 4 GB at a million cells.
+    Non-finite entries outside the mask never reach the sum or the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, node_mask: Tensor, gene_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(pred, target, node_mask, gene_mask)
+        sse = pred.new_zeros(pred.shape[0], dtype=torch.promote_types(pred.dtype, torch.float32))
+        genes = gene_mask.unsqueeze(1)  # (B, 1, G)
+        for start in range(0, pred.shape[1], _SSE_BLOCK_CELLS):
+            rows = slice(start, start + _SSE_BLOCK_CELLS)
+            entry = node_mask[:, rows].unsqueeze(-1) & genes  # (B, n, G)
+            diff = _loss_dtype(pred[:, rows]) - _loss_dtype(target[:, rows])
+            sse += torch.where(entry, diff, 0.0).square().sum(dim=(1, 2))
+        return sse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        pred, target, node_mask, gene_mask = ctx.saved_tensors
+        grad_pred = torch.empty_like(pred) if ctx.needs_input_grad[0] else None
+        grad_target = torch.empty_like(target) if ctx.needs_input_grad[1] else None
+        genes = gene_mask.unsqueeze(1)
+        scale = 2.0 * grad.view(-1, 1, 1)  # (B, 1, 1)
+        for start in range(0, pred.shape[1], _SSE_BLOCK_CELLS):
+            rows = slice(start, start + _SSE_BLOCK_CELLS)
+            entry = node_mask[:, rows].unsqueeze(-1) & genes
+            diff = _loss_dtype(pred[:, rows]) - _loss_dtype(target[:, rows])
+            block = torch.where(entry, diff, 0.0) * scale
+            if grad_pred is not None:
+                grad_pred[:, rows] = block.to(pred.dtype)
+            if grad_target is not None:
+                grad_target[:, rows] = (-block).to(target.dtype)
+        return grad_pred, grad_target, None, None
+
+
 def expression_loss(
     pred: Tensor,
     target: Tensor,
@@ -108,11 +153,8 @@ def expression_loss(
     """
     if gene_mask is None:
         gene_mask = torch.ones(pred.shape[0], pred.shape[2], dtype=torch.bool, device=pred.device)
-    entry = node_mask.unsqueeze(-1) & gene_mask.unsqueeze(1)  # (B, N, G)
-    pred = torch.where(entry, _loss_dtype(pred), 0.0)
-    target = torch.where(entry, _loss_dtype(target), 0.0)
-    sse = (pred - target).square().sum(dim=(1, 2))  # (B,)
-    count = entry.sum(dim=(1, 2))  # (B,)
+    sse = _MaskedSSE.apply(pred, target, node_mask, gene_mask)  # (B,)
+    count = node_mask.sum(dim=1) * gene_mask.sum(dim=1)  # (B,)
     item_loss = sse / count.clamp(min=1).to(sse.dtype)
     return _weighted_mean_over_items(item_loss, item_weight, count > 0)
 

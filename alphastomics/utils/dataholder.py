@@ -33,7 +33,14 @@ def center(pos: Tensor, mask: Tensor) -> Tensor:
 
 
 def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
-    """Zero the padded rows of ``x`` (B, N, F)."""
+    """Zero the padded rows of ``x`` (B, N, F).
+
+    On CPU a mask without padding returns ``x`` itself: a whole slice has no padded rows, and
+    each (B, N, G) copy of a million-cell slice is over a gigabyte (on GPU the check would
+    cost a device sync, so the product is always formed there). Treat the result as read-only.
+    """
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return x
     return x * mask.unsqueeze(-1).to(x.dtype)
 
 
