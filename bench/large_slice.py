@@ -1,0 +1,156 @@
+"""Whole-section scale through the CLI: `alphastomics sample` on one slice of up to millions of cells.
+
+A real slice of ``--h5ad`` (``--slice``) is tiled on a grid, side by side with a gap, until the
+tiled slice holds ``--n_cells`` cells (the last tile is cut short); it is written as one .h5ad
+with the source's expression matrix format (sparse stays sparse) and its own ``obs[slice_key]``.
+Each ``--modes`` entry is then run as a user runs it, in a fresh process::
+
+    alphastomics sample --checkpoint CKPT --input_data tiled.h5ad --sample_mode MODE
+
+under ``/usr/bin/time``, which gives the wall time and the peak resident set of the whole
+command (reading, normalising, sampling, writing). The output is checked: one row per input
+cell, finite values, ``obsm["alphastomics_positions"]`` with as many columns as the input's.
+This measures scale only: a tiled slice repeats the same tissue, so its placement is ambiguous
+and no accuracy is scored.
+
+Usage::
+
+    python bench/large_slice.py --h5ad ../shared/data/seqfish_embryo/seqfish_embryo.h5ad \\
+        --slice embryo3_z2 --checkpoint runs/final/seqfish_s0/run/checkpoints/last.ckpt \\
+        --n_cells 1000000 --workdir runs/large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+TIME = "/usr/bin/time"
+
+
+def tile_slice(
+    adata: ad.AnnData, *, slice_key: str, name: str, position_key: str, n_cells: int
+) -> ad.AnnData:
+    """Copies of slice ``name`` on a square grid, cut to ``n_cells`` cells -> a new AnnData."""
+    piece = adata[adata.obs[slice_key].astype(str) == name]
+    if piece.n_obs == 0:
+        raise SystemExit(f"no cells with obs[{slice_key!r}] == {name!r}")
+    positions = np.asarray(piece.obsm[position_key], dtype=np.float64)  # (n, D)
+    extent = positions.max(axis=0) - positions.min(axis=0)
+    copies = math.ceil(n_cells / piece.n_obs)
+    side = math.ceil(math.sqrt(copies))
+    offsets = np.zeros((copies, positions.shape[1]))
+    offsets[:, 0] = (np.arange(copies) % side) * extent[0] * 1.1
+    offsets[:, 1] = (np.arange(copies) // side) * extent[1] * 1.1
+    tiled = (positions[None] + offsets[:, None]).reshape(-1, positions.shape[1])[:n_cells]
+    x = piece.X
+    if sp.issparse(x):
+        matrix = sp.vstack([sp.csr_matrix(x)] * copies, format="csr")[:n_cells]
+    else:
+        matrix = np.tile(np.asarray(x), (copies, 1))[:n_cells]
+    obs = {slice_key: np.full(n_cells, f"{name}_tiled")}
+    out = ad.AnnData(X=matrix, obs=obs, var=piece.var[[]].copy())
+    out.obs_names = [f"cell_{i}" for i in range(n_cells)]
+    out.obsm[position_key] = tiled.astype(np.float32)
+    return out
+
+
+def run_timed(command: list[str]) -> dict[str, Any]:
+    """Run ``command`` under /usr/bin/time; wall seconds and peak resident set in GiB."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [TIME, "-f", "TIME %e %M", *command], capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("TIME ")]
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise SystemExit(f"{' '.join(command[:3])} failed (exit {proc.returncode}): {tail}")
+    _, seconds, peak_kib = lines[-1].split()
+    return {"seconds": float(seconds), "wall_seconds": wall, "peak_gib": int(peak_kib) / 2**20}
+
+
+def check_output(path: Path, mode: str, n_cells: int, n_dims: int) -> None:
+    """The output has every cell, finite values and the input's number of position columns."""
+    out = ad.read_h5ad(path)
+    if out.n_obs != n_cells:
+        raise SystemExit(f"{path}: {out.n_obs} cells, expected {n_cells}")
+    if mode == "expr_to_pos":
+        values = np.asarray(out.obsm["alphastomics_positions"])
+        if values.shape != (n_cells, n_dims):
+            raise SystemExit(f"{path}: positions {values.shape}, expected {(n_cells, n_dims)}")
+    else:
+        values = np.asarray(out.layers["alphastomics_expression"])
+    if not np.isfinite(values).all():
+        raise SystemExit(f"{path}: non-finite values in the {mode} output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Tile the slice, run each mode through the CLI, print and optionally save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--h5ad", type=Path, required=True, help="source data with the slice")
+    parser.add_argument("--slice", required=True, help="obs[slice_key] value of the slice to tile")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="model trained on it")
+    parser.add_argument("--n_cells", type=int, default=1_000_000)
+    parser.add_argument("--slice_key", default="slice")
+    parser.add_argument("--position_key", default="spatial")
+    parser.add_argument(
+        "--modes", nargs="+", default=["expr_to_pos", "pos_to_expr"], help="sample modes"
+    )
+    parser.add_argument("--workdir", type=Path, required=True, help="tiled input and outputs")
+    parser.add_argument("--keep", action="store_true", help="keep the tiled input and outputs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not Path(TIME).exists():
+        raise SystemExit(f"{TIME} is needed to measure peak memory (GNU time)")
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    source = ad.read_h5ad(args.h5ad)
+    tiled = tile_slice(
+        source,
+        slice_key=args.slice_key,
+        name=args.slice,
+        position_key=args.position_key,
+        n_cells=args.n_cells,
+    )
+    n_dims = tiled.obsm[args.position_key].shape[1]
+    del source
+    data = args.workdir / f"tiled_{args.n_cells}.h5ad"
+    tiled.write_h5ad(data)
+    del tiled
+    cli = shutil.which("alphastomics") or str(Path(sys.executable).parent / "alphastomics")
+    rows = []
+    print(f"# {args.n_cells:,} cells tiled from {args.h5ad.name}:{args.slice}; {args.checkpoint}")
+    print(f"{'mode':<12} {'cells':>10} {'seconds':>9} {'peak GiB':>9}")
+    for mode in args.modes:
+        output = args.workdir / f"{mode}.h5ad"
+        command = [cli, "sample", "--checkpoint", str(args.checkpoint), "--input_data", str(data)]
+        command += ["--sample_mode", mode, "--output", str(output), "--overwrite"]
+        row = {"mode": mode, "n_cells": args.n_cells, **run_timed(command)}
+        check_output(output, mode, args.n_cells, n_dims)
+        rows.append(row)
+        print(f"{mode:<12} {args.n_cells:>10,} {row['seconds']:>9.1f} {row['peak_gib']:>9.2f}")
+        if not args.keep:
+            output.unlink()
+    if not args.keep:
+        data.unlink()
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
