@@ -143,7 +143,9 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output_dir", type=Path, help="default: CHECKPOINT_DIR/../test_<split>")
     p.add_argument(
-        "--steps", type=int, help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)"
+        "--steps",
+        type=int,
+        help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)",
     )
     p.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), help=_SAMPLER_HELP)
     p.add_argument(
@@ -164,7 +166,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", type=Path, help="output file (default: beside the input)")
     p.add_argument(
-        "--steps", type=int, help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)"
+        "--steps",
+        type=int,
+        help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)",
     )
     p.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), help=_SAMPLER_HELP)
     p.add_argument(
