@@ -120,6 +120,7 @@ class SamplingConfig:
     eta: float = 1.0
     expression_estimate: Literal["mean", "sample"] = "mean"
     warm_start: float = 0.0
+    grid_power: float = 3.0
 
 
 @dataclass
@@ -294,6 +295,7 @@ def _check(cfg: Config) -> None:
         ),
         (0 <= cfg.sampling.eta <= 1, "sampling.eta must be in [0, 1]"),
         (0 <= cfg.sampling.warm_start <= 1, "sampling.warm_start must be in [0, 1]"),
+        (cfg.sampling.grid_power > 0, "sampling.grid_power must be > 0 (1 = even spacing)"),
         (cfg.distributed.num_nodes >= 1, "distributed.num_nodes must be >= 1"),
         (cfg.distributed.devices >= 1, "distributed.devices must be >= 1"),
         (cfg.distributed.deepspeed_stage in (1, 2, 3), "distributed.deepspeed_stage must be 1-3"),

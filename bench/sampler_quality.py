@@ -12,8 +12,9 @@ For every held-out slice and every seed, each sampler configuration samples
   per-gene Pearson correlation (``expression_metrics(...)["pcc_gene_mean"]``).
 
 Settings: DDPM over all T steps, then each of ``--samplers`` (``ddim``, ``dpm``) for every
-``--etas`` value (0 = deterministic, 1 = ancestral-like noise), ``--warm_starts`` value
-(``sampling.warm_start``) and ``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
+``--grid_powers`` spacing (``sampling.grid_power``), ``--etas`` value (0 = deterministic,
+1 = ancestral-like noise), ``--warm_starts`` value (``sampling.warm_start``) and
+``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
 gives, per setting, the mean over seeds (each seed's value is the cell-weighted mean over
 slices), the standard deviation across seeds, the gap to DDPM in percent, and the wall time per
 slice. On a shared machine use ``--threads 1`` (see docs/benchmarks.md).
@@ -94,6 +95,7 @@ class Setting:
     steps: int
     eta: float = 0.0
     warm_start: float = 0.0
+    grid_power: float = 3.0
 
     @property
     def evaluations(self) -> int:
@@ -112,7 +114,9 @@ class Setting:
         """Short name for the table."""
         if self.sampler == "mean":
             return "mean (1 step)"
-        name = "ddpm" if self.sampler == "ddpm" else f"{self.sampler} eta={self.eta:g}"
+        if self.sampler == "ddpm":
+            return "ddpm"
+        name = f"{self.sampler} eta={self.eta:g} p={self.grid_power:g}"
         return name + (f" ws={self.warm_start:g}" if self.warm_start > 0 else "")
 
 
@@ -123,16 +127,20 @@ def configurations(
     warm_starts: list[float],
     with_ddpm: bool,
     T: int,
+    grid_powers: tuple[float, ...] = (3.0,),
 ) -> list[Setting]:
     """Settings to compare: DDPM over all T steps, then each few-step sampler per warm start,
-    eta and step count."""
+    grid spacing, eta and step count."""
     configs = [Setting("ddpm", T, steps_total=T)] if with_ddpm else []
     for warm in warm_starts:
         for sampler in samplers:
-            for eta in etas:
-                configs += [
-                    Setting(sampler, s, eta, warm, steps_total=T) for s in ddim_steps if 1 <= s <= T
-                ]
+            for power in grid_powers:
+                for eta in etas:
+                    configs += [
+                        Setting(sampler, s, eta, warm, power, steps_total=T)
+                        for s in ddim_steps
+                        if 1 <= s <= T
+                    ]
     return configs
 
 
@@ -141,8 +149,10 @@ def score_slice(
 ) -> tuple[dict[str, float], float]:
     """Sample one slice in ``mode`` with ``setting``; returns ({metric: value}, seconds)."""
     generator = torch.Generator().manual_seed(seed)
-    sampling = dataclasses.replace(module.cfg.sampling, eta=setting.eta)
-    module.cfg = dataclasses.replace(module.cfg, sampling=sampling)  # module.sample reads eta
+    sampling = dataclasses.replace(
+        module.cfg.sampling, eta=setting.eta, grid_power=setting.grid_power
+    )
+    module.cfg = dataclasses.replace(module.cfg, sampling=sampling)  # module.sample reads these
     start = time.perf_counter()
     expr, pos = module.sample(
         holder,
@@ -177,6 +187,7 @@ def run_benchmark(
     warm_starts: list[float],
     with_ddpm: bool,
     modes: list[str],
+    grid_powers: tuple[float, ...] = (3.0,),
 ) -> list[dict[str, Any]]:
     """Score every configuration on every slice of ``split`` for every seed."""
     store = ProcessedStore(store_dir)
@@ -194,7 +205,9 @@ def run_benchmark(
     T = module.noise_model.T
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        runs = configurations(samplers, ddim_steps, etas, warm_starts, with_ddpm, T)
+        runs = configurations(
+            samplers, ddim_steps, etas, warm_starts, with_ddpm, T, tuple(grid_powers)
+        )
         if mode == "pos_to_expr":
             runs.append(Setting("mean", 4, steps_total=T))  # one-step mean, 4 prior draws
         for setting in runs:
@@ -218,6 +231,7 @@ def run_benchmark(
                     "steps": setting.steps,
                     "eta": setting.eta,
                     "warm_start": setting.warm_start,
+                    "grid_power": setting.grid_power,
                     "evaluations": setting.evaluations,
                     "mean": statistics.fmean(per_seed[name]),
                     "sd": statistics.stdev(per_seed[name]) if len(seeds) > 1 else math.nan,
@@ -275,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[0.0],
         help="DDIM warm starts to compare (sampling.warm_start; 0 = from noise)",
+    )
+    parser.add_argument(
+        "--grid_powers",
+        type=float,
+        nargs="+",
+        default=[3.0],
+        help="step spacings to compare (sampling.grid_power; 2 = quadratic, 1 = even)",
     )
     parser.add_argument("--no_ddpm", action="store_true", help="skip the T-step DDPM reference")
     parser.add_argument("--modes", nargs="+", choices=sorted(METRICS), default=sorted(METRICS))
@@ -350,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             warm_starts=args.warm_starts,
             with_ddpm=not args.no_ddpm,
             modes=args.modes,
+            grid_powers=tuple(args.grid_powers),
         )
     for row in rows:
         row["vs_ddpm_percent"] = _gap_percent(row, rows)

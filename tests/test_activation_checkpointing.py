@@ -77,3 +77,34 @@ def test_denoiser_checkpoints_only_large_batches_under_autograd(monkeypatch):
         with torch.set_grad_enabled(grad):
             net(expr, pos, t, t, mask, genes)
         assert calls == [expected] * 2, (limit, grad)
+
+
+@pytest.mark.parametrize("local_neighbors", [0, 4])
+def test_checkpointed_denoiser_has_the_same_outputs_and_gradients(monkeypatch, local_neighbors):
+    monkeypatch.setattr(transformer, "_CHUNK_BYTES", 300 * 64 * 4)  # chunks of a few hundred
+    monkeypatch.setattr(transformer, "_MIN_CHUNK_CELLS", 50)
+    torch.manual_seed(0)
+    net = Denoiser(
+        n_genes=7, n_dims=2, hidden_dim=16, n_layers=2, n_heads=2, local_neighbors=local_neighbors
+    )
+    gen = torch.Generator().manual_seed(1)
+    expr = torch.randn(2, 700, 7, generator=gen, requires_grad=True)
+    pos = torch.randn(2, 700, 2, generator=gen, requires_grad=True)
+    mask = torch.ones(2, 700, dtype=torch.bool)
+    mask[1, 600:] = False
+    genes = torch.ones(2, 7, dtype=torch.bool)
+    genes[0, 3] = False
+    t_e, t_p = torch.tensor([0.3, 0.0]), torch.tensor([0.7, 0.2])
+
+    def run():
+        out = net(expr, pos, t_e, t_p, mask, genes)
+        return torch.cat([out.expression, out.positions, out.hidden], dim=-1)
+
+    results = []
+    for limit in (None, 0):
+        net.checkpoint_min_cells = limit
+        results.append(_grads(net, [expr, pos], run))
+    (out_a, inputs_a, params_a), (out_b, inputs_b, params_b) = results
+    assert _close(out_a, out_b)
+    assert all(_close(a, b) for a, b in zip(inputs_a, inputs_b, strict=True))
+    assert all(_close(a, b) for a, b in zip(params_a, params_b, strict=True))

@@ -63,7 +63,7 @@ def _gaussian_denoiser(noise_model: NoiseModel, spread: float):
 @pytest.mark.parametrize("spread", [0.3, 1.0])
 def test_second_order_solver_tracks_the_probability_flow_better_than_ddim(spread):
     noise_model = NoiseModel(diffusion_steps=1000)
-    sampler = DiffusionSampler(_gaussian_denoiser(noise_model, spread), noise_model)
+    sampler = DiffusionSampler(_gaussian_denoiser(noise_model, spread), noise_model, grid_power=2.0)
     expr = torch.zeros(1, 400, 4)
     pos = torch.zeros(1, 400, 2)
     mask = torch.ones(1, 400, dtype=torch.bool)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from alphastomics.attn_model.layers import (
     AdaptiveLayerNorm,
@@ -21,7 +24,7 @@ from alphastomics.attn_model.local_attention import (
     gather_cells,
 )
 from alphastomics.attn_model.neighbors import NeighborGraph, knn_graph
-from alphastomics.attn_model.transformer import TransformerLayer
+from alphastomics.attn_model.transformer import TransformerLayer, chunk_cells
 from alphastomics.utils.dataholder import apply_mask, center
 
 # Smoothing of the radius in the position head, in position units. Coordinates are scaled to unit
@@ -223,31 +226,28 @@ class Denoiser(nn.Module):
         clean_pos = (t_position == 0).to(pos_t.dtype).view(-1, 1, 1)  # (B, 1, 1)
         pos_in = pos_t + clean_pos * apply_mask(positions_t - pos_t, mask)  # (B, N, D)
 
-        expr_emb = apply_mask(self.expression_encoder(expr_t, measured, premasked=True), mask)
-        pos_emb = apply_mask(self.position_encoder(pos_in), mask)  # (B, N, H)
         time_expr = self.expression_time(t_expression)  # (B, H)
         time_pos = self.position_time(t_position)  # (B, H)
         cond = time_expr + time_pos  # (B, H)
+        recompute = self._checkpoints(mask)
+        if recompute:  # per-cell stages a chunk at a time, recomputed in backward
+            size = chunk_cells(*mask.shape, max(self.n_genes, 2 * self.hidden_dim), 4)
+            expr_emb, pos_emb = _per_chunk(
+                functools.partial(self._embed, measured=measured), (expr_t, pos_in, mask), size
+            )
+        else:
+            expr_emb, pos_emb = self._embed(expr_t, pos_in, mask, measured=measured)
 
         # the neighbours of every cell in the positions of this evaluation (noisy or clean)
         graph = knn_graph(pos_in, mask, self.local_neighbors) if self.local_neighbors else None
         h = expr_emb + pos_emb  # (B, N, H)
-        recompute = self._checkpoints(mask)
         for layer in self.layers:
             h = layer(h, cond, mask, graph, recompute=recompute)
-        h = apply_mask(self.final_norm(h, cond), mask)  # (B, N, H)
-
-        # expression: per-gene skip of the noisy input + correction from the cell state
-        gate_expr = torch.sigmoid(self.expression_skip(F.silu(time_expr))).unsqueeze(1)  # (B, 1, G)
-        expr_hat = apply_mask(torch.addcmul(self.expression_head(h), gate_expr, expr_t), mask)
-
-        # positions: free update path, then a radial correction of the norm
-        gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)
-        pos_free = gate_pos * pos_t + self.position_head(h)  # (B, N, D)
-        radius = torch.sqrt(pos_free.square().sum(dim=-1, keepdim=True) + _RADIUS_EPS**2)
-        first, _, last = self.radius_head
-        delta_radius = activation_linear(first(torch.cat([h, radius], dim=-1)), "silu", last)
-        pos_free = pos_free + pos_free / radius * delta_radius
+        heads = functools.partial(self._heads, cond=cond, time_expr=time_expr, time_pos=time_pos)
+        if recompute:
+            h, expr_hat, pos_free = _per_chunk(heads, (h, expr_t, pos_t, mask), size)
+        else:
+            h, expr_hat, pos_free = heads(h, expr_t, pos_t, mask)
         if self.displacement is not None:
             assert graph is not None
             pos_free = pos_free + self.displacement(h, pos_in, graph)
@@ -260,6 +260,38 @@ class Denoiser(nn.Module):
             expression_embedding=expr_emb,
             position_embedding=pos_emb,
         )
+
+    def _embed(
+        self, expr_t: Tensor, pos_in: Tensor, mask: Tensor, *, measured: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per-cell embeddings (B, n, H) of expression and positions; padded rows 0."""
+        expr_emb = apply_mask(self.expression_encoder(expr_t, measured, premasked=True), mask)
+        return expr_emb, apply_mask(self.position_encoder(pos_in), mask)
+
+    def _heads(
+        self,
+        h: Tensor,
+        expr_t: Tensor,
+        pos_t: Tensor,
+        mask: Tensor,
+        *,
+        cond: Tensor,
+        time_expr: Tensor,
+        time_pos: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-cell read-out of states ``h`` (B, n, H): normalised states, expression (B, n, G)
+        and positions (B, n, D) before the neighbour displacement and centring."""
+        h = apply_mask(self.final_norm(h, cond), mask)  # (B, n, H)
+        # expression: per-gene skip of the noisy input + correction from the cell state
+        gate_expr = torch.sigmoid(self.expression_skip(F.silu(time_expr))).unsqueeze(1)  # (B, 1, G)
+        expr_hat = apply_mask(torch.addcmul(self.expression_head(h), gate_expr, expr_t), mask)
+        # positions: free update path, then a radial correction of the norm
+        gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)
+        pos_free = gate_pos * pos_t + self.position_head(h)  # (B, n, D)
+        radius = torch.sqrt(pos_free.square().sum(dim=-1, keepdim=True) + _RADIUS_EPS**2)
+        first, _, last = self.radius_head
+        delta_radius = activation_linear(first(torch.cat([h, radius], dim=-1)), "silu", last)
+        return h, expr_hat, pos_free + pos_free / radius * delta_radius
 
     def _checkpoints(self, mask: Tensor) -> bool:
         """Whether this forward pass recomputes layer activations in backward."""
@@ -320,3 +352,13 @@ class NeighborDisplacement(nn.Module):
         gate = (self.source(h).unsqueeze(2) * target * self.distance(rbf)).sum(-1)  # (B, N, k)
         gate = gate * graph.valid
         return (gate.unsqueeze(-1) * offset).sum(dim=2) / max(graph.k, 1)  # (B, N, D)
+
+
+def _per_chunk(
+    fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...], size: int
+) -> tuple[Tensor, ...]:
+    """``fn`` of per-cell ``tensors`` (each (B, N, ...)) a chunk of ``size`` cells at a time,
+    each chunk checkpointed (recomputed in backward); the outputs concatenated along N."""
+    parts = zip(*(t.split(size, dim=1) for t in tensors), strict=True)
+    outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in parts]
+    return tuple(torch.cat(column, dim=1) for column in zip(*outputs, strict=True))

@@ -33,15 +33,14 @@ SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "impute", "joint"
 LOOP_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
 
 
-def step_grid(diffusion_steps: int, n_steps: int, power: float = 2.0) -> list[int]:
+def step_grid(diffusion_steps: int, n_steps: int, power: float = 3.0) -> list[int]:
     """Descending integer steps ``[T, ..., 0]`` with ``n_steps`` transitions.
 
-    Step ``i`` of ``n`` sits at ``T * (1 - i / n) ** power``: ``power = 2`` (the default; the
-    "quadratic" spacing of Song et al. 2021) spends more of the steps at low noise, where the
-    local structure of a layout is refined; ``power = 1`` spaces them evenly. On the demo
-    tissue quadratic spacing brought 50-step DDIM from 4.7 % below the 1000-step ancestral
-    sampler to within 1 % (``bench/sampler_quality.py``, ``docs/benchmarks.md``). Steps that
-    rounding would merge are pushed apart from the bottom up, so there are exactly
+    Step ``i`` of ``n`` sits at ``T * (1 - i / n) ** power``: ``power > 1`` spends more of the
+    steps at low noise, where the local structure of a layout is refined (``power = 2`` is the
+    "quadratic" spacing of Song et al. 2021, ``power = 1`` spaces them evenly; the default
+    ``sampling.grid_power`` and its measurement are in docs/benchmarks.md, "Sampler quality").
+    Steps that rounding would merge are pushed apart from the bottom up, so there are exactly
     ``min(n_steps, T)`` distinct transitions.
     """
     fractions = np.linspace(1.0, 0.0, n_steps + 1) ** power  # (n + 1,) descending to 0
@@ -66,6 +65,8 @@ class DiffusionSampler:
     sampler, steps, eta, warm_start
         Defaults for :meth:`sample`: ``"ddim"`` or ``"dpm"`` with ``steps`` network evaluations,
         or ``"ddpm"`` (ancestral, every one of the ``T`` steps); ``warm_start`` see :meth:`sample`.
+    grid_power
+        Spacing of the few-step samplers' steps (:func:`step_grid`).
     show_progress
         Show a tqdm bar over the reverse steps.
 
@@ -84,6 +85,7 @@ class DiffusionSampler:
         steps: int = 50,
         eta: float = 0.0,
         warm_start: float = 0.0,
+        grid_power: float = 3.0,
         show_progress: bool = False,
     ) -> None:
         self.model = model
@@ -92,6 +94,7 @@ class DiffusionSampler:
         self.steps = steps
         self.eta = eta
         self.warm_start = warm_start
+        self.grid_power = grid_power
         self.show_progress = show_progress
 
     @torch.inference_mode()
@@ -173,7 +176,7 @@ class DiffusionSampler:
                 raise ValueError(
                     f"steps must be in [1, {T}] (the model's diffusion_steps), got {n_steps}"
                 )
-            grid = step_grid(top, min(n_steps, top))
+            grid = step_grid(top, min(n_steps, top), self.grid_power)
         else:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
 

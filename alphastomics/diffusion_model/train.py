@@ -340,6 +340,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             steps=steps,
             eta=self.cfg.sampling.eta,
             warm_start=self.cfg.sampling.warm_start,
+            grid_power=self.cfg.sampling.grid_power,
         )
         metrics: dict[str, float] = {}
         mask = batch.node_mask[0]
@@ -480,6 +481,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             steps=steps or self.cfg.sampling.steps,
             eta=self.cfg.sampling.eta,
             warm_start=self.cfg.sampling.warm_start,
+            grid_power=self.cfg.sampling.grid_power,
             show_progress=show_progress,
         )
 
