@@ -115,7 +115,7 @@ class TrainingConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
     eta: float = 1.0
     expression_estimate: Literal["mean", "sample"] = "mean"

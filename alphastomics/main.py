@@ -50,8 +50,8 @@ _CHECKPOINT_HELP = (
     "a .ckpt written by `alphastomics train` (RUN/checkpoints/best.ckpt or last.ckpt)"
 )
 _SAMPLER_HELP = (
-    "ddim: few steps (default, sampling.sampler of the checkpoint); dpm: DPM-Solver++(2M), "
-    "second order for few steps; ddpm: ancestral, all diffusion steps"
+    "ddim: few steps (default, sampling.sampler of the checkpoint); ddpm: ancestral, all "
+    "diffusion steps"
 )
 
 
@@ -145,9 +145,9 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)",
+        help="DDIM network evaluations (default: the checkpoint's sampling.steps)",
     )
-    p.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), help=_SAMPLER_HELP)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), help=_SAMPLER_HELP)
     p.add_argument(
         "--seed", type=_seed, default=0, help="seed of the sampling noise (0 to 2**32-1)"
     )
@@ -168,9 +168,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        help="network evaluations of ddim or dpm (default: the checkpoint's sampling.steps)",
+        help="DDIM network evaluations (default: the checkpoint's sampling.steps)",
     )
-    p.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), help=_SAMPLER_HELP)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), help=_SAMPLER_HELP)
     p.add_argument(
         "--num_samples",
         type=int,

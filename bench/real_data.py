@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_seeds", type=int, default=1, help="sampling seeds for the model")
     run.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
     run.add_argument(
-        "--sampler", default=None, choices=("ddim", "dpm", "ddpm"), help="sampler (default: config)"
+        "--sampler", default=None, choices=("ddim", "ddpm"), help="sampler (default: config)"
     )
     run.add_argument(
         "--device",

@@ -1,5 +1,4 @@
-"""Held-out quality and wall time of the samplers: ancestral DDPM (all T steps) vs few-step
-DDIM and DPM-Solver++(2M).
+"""Held-out quality and wall time of the samplers: ancestral DDPM (all T steps) vs few-step DDIM.
 
 For every held-out slice and every seed, each sampler configuration samples
 
@@ -11,8 +10,7 @@ For every held-out slice and every seed, each sampler configuration samples
   one-step conditional mean and is reported as a separate reference row), scored by the mean
   per-gene Pearson correlation (``expression_metrics(...)["pcc_gene_mean"]``).
 
-Settings: DDPM over all T steps, then each of ``--samplers`` (``ddim``, ``dpm``) for every
-``--grid_powers`` spacing (``sampling.grid_power``), ``--etas`` value (0 = deterministic,
+Settings: DDPM over all T steps, then DDIM for every ``--grid_powers`` spacing (``sampling.grid_power``), ``--etas`` value (0 = deterministic,
 1 = ancestral-like noise), ``--warm_starts`` value (``sampling.warm_start``) and
 ``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
 gives, per setting, the mean over seeds (each seed's value is the cell-weighted mean over
@@ -89,7 +87,7 @@ def train_model(store: Path, run_dir: Path, overrides: list[str]) -> AlphaSTomic
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One sampler configuration: ``sampler`` in {ddpm, ddim, dpm, mean}, steps, eta, warm start."""
+    """One sampler configuration: ``sampler`` in {ddpm, ddim, mean}, steps, eta, warm start."""
 
     sampler: str
     steps: int
@@ -121,7 +119,6 @@ class Setting:
 
 
 def configurations(
-    samplers: list[str],
     ddim_steps: list[int],
     etas: list[float],
     warm_starts: list[float],
@@ -129,18 +126,17 @@ def configurations(
     T: int,
     grid_powers: tuple[float, ...] = (3.0,),
 ) -> list[Setting]:
-    """Settings to compare: DDPM over all T steps, then each few-step sampler per warm start,
-    grid spacing, eta and step count."""
+    """Settings to compare: DDPM over all T steps, then DDIM per warm start, grid spacing, eta
+    and step count."""
     configs = [Setting("ddpm", T, steps_total=T)] if with_ddpm else []
     for warm in warm_starts:
-        for sampler in samplers:
-            for power in grid_powers:
-                for eta in etas:
-                    configs += [
-                        Setting(sampler, s, eta, warm, power, steps_total=T)
-                        for s in ddim_steps
-                        if 1 <= s <= T
-                    ]
+        for power in grid_powers:
+            for eta in etas:
+                configs += [
+                    Setting("ddim", s, eta, warm, power, steps_total=T)
+                    for s in ddim_steps
+                    if 1 <= s <= T
+                ]
     return configs
 
 
@@ -181,7 +177,6 @@ def run_benchmark(
     *,
     split: str,
     seeds: list[int],
-    samplers: list[str],
     ddim_steps: list[int],
     etas: list[float],
     warm_starts: list[float],
@@ -205,9 +200,7 @@ def run_benchmark(
     T = module.noise_model.T
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        runs = configurations(
-            samplers, ddim_steps, etas, warm_starts, with_ddpm, T, tuple(grid_powers)
-        )
+        runs = configurations(ddim_steps, etas, warm_starts, with_ddpm, T, tuple(grid_powers))
         if mode == "pos_to_expr":
             runs.append(Setting("mean", 4, steps_total=T))  # one-step mean, 4 prior draws
         for setting in runs:
@@ -276,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained model to use")
     parser.add_argument("--split", default="test")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--samplers", nargs="+", choices=("ddim", "dpm"), default=["ddim", "dpm"])
     parser.add_argument(
         "--ddim_steps", type=int, nargs="+", default=[10, 20, 50, 100], help="few-step counts"
     )
@@ -365,7 +357,6 @@ def main(argv: list[str] | None = None) -> int:
             Path(store_dir),
             split=args.split,
             seeds=args.seeds,
-            samplers=args.samplers,
             ddim_steps=args.ddim_steps,
             etas=args.etas,
             warm_starts=args.warm_starts,

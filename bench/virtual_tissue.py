@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_seeds", type=int, default=1, help="generation seeds of the model")
     run.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
     run.add_argument(
-        "--sampler", default=None, choices=("ddim", "dpm", "ddpm"), help="sampler (default: config)"
+        "--sampler", default=None, choices=("ddim", "ddpm"), help="sampler (default: config)"
     )
     run.add_argument("--device", default="auto", help="sampling device: auto, cpu, cuda")
 

@@ -179,46 +179,6 @@ class NoiseSchedule(nn.Module):
         c_noise = eta * (r * p["sigma_s_sq"]).sqrt()
         return c_z, c_x0, c_noise
 
-    def dpm_coefficients(self, step_t: Tensor, step_s: Tensor, eta: float) -> tuple[Tensor, ...]:
-        """Coefficients of the first-order part of a DPM-Solver++ step from t to s <= t.
-
-        Lu et al. 2022 (DPM-Solver++, https://arxiv.org/abs/2211.01095), data-prediction form,
-        with the SDE variant's noise (their eq. 9 / k-diffusion's ``dpmpp_2m_sde``): with
-        ``lambda = log(alpha / sigma)`` and ``h = lambda_s - lambda_t``,
-        ``z_s = c_z z_t + c_x0 x0_hat + c_noise noise``, ``c_z = sigma_s / sigma_t e^{-eta h}``,
-        ``c_x0 = alpha_s (1 - e^{-(1 + eta) h})``, ``c_noise = sigma_s sqrt(1 - e^{-2 eta h})``.
-        eta = 0 is DDIM's deterministic step and eta = 1 the ancestral posterior; at s = 0 the
-        step returns ``x0_hat``; items with s = t are the identity.
-
-        Returns
-        -------
-        tuple of Tensor
-            ``(c_z, c_x0, c_noise, h)``, each (B,) float32; ``h`` is ``inf`` where s = 0 and 0
-            where s = t.
-        """
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if bool((step_s > step_t).any()):
-            raise ValueError("step_s must be <= step_t for every item (s is the earlier step)")
-        log_ab = self.log_alpha_bar.double()
-        sigma = (-torch.expm1(log_ab)).clamp(min=0.0).sqrt()  # (T + 1,), sigma[0] = 0
-        lam = 0.5 * log_ab - torch.log(sigma)  # log SNR / 2; inf at step 0
-        final = step_s == 0
-        same = step_t == step_s
-        h = torch.where(same, 0.0, lam[step_s] - lam[step_t])  # (B,) >= 0, inf at s = 0
-        h_step = torch.where(final | same, 0.0, h)  # finite stand-in where the branch is unused
-        sigma_t = torch.where(same, 1.0, sigma[step_t])
-        sigma_ratio = sigma[step_s] / sigma_t
-        c_z = torch.where(final, 0.0, sigma_ratio * torch.exp(-eta * h_step))
-        c_x0 = torch.where(
-            final, 1.0, torch.exp(0.5 * log_ab[step_s]) * -torch.expm1(-(1.0 + eta) * h_step)
-        )
-        c_noise = sigma[step_s] * (-torch.expm1(-2.0 * eta * h_step)).clamp(min=0.0).sqrt()
-        c_z = torch.where(same, 1.0, c_z)
-        c_x0 = torch.where(same, 0.0, c_x0)
-        c_noise = torch.where(same | final, 0.0, c_noise)
-        return c_z.float(), c_x0.float(), c_noise.float(), h.float()
-
 
 # ----------------------------------------------------------------------------------------------
 
@@ -500,53 +460,6 @@ class NoiseModel(nn.Module):
         if noise is not None:
             z_s = z_s + _per_item(c_noise, z_t) * noise.to(z_t.dtype)
         return z_s
-
-    def dpm_solver_step(
-        self,
-        modality: Modality,
-        x0_hat: Tensor,
-        z_t: Tensor,
-        step_t: Tensor,
-        step_s: Tensor,
-        eta: float,
-        noise: Tensor | None = None,
-        *,
-        previous: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """One DPM-Solver++(2M) step from t to s (Lu et al. 2022, Algorithm 2; SDE form for eta > 0).
-
-        The first-order part is :meth:`NoiseSchedule.dpm_coefficients` (DDIM at eta = 0). With
-        the previous step's ``(x0_hat, h)`` the midpoint correction
-        ``0.5 c_x0 (h / h_prev) (x0_hat - x0_prev)`` extrapolates the data prediction to second
-        order; the first step, the last (s = 0) and items with a zero step stay first order.
-
-        Parameters
-        ----------
-        x0_hat, z_t
-            (B, N, F); ``noise`` (B, N, F) standard normal, required when eta > 0.
-        step_t, step_s
-            (B,) long with ``0 <= step_s <= step_t <= T``.
-        previous
-            ``(x0_hat, h)`` returned with the previous step's result, or None.
-
-        Returns
-        -------
-        (z_s, h)
-            (B, N, F) not masked or centred, and (B,) the log-SNR step to pass on as ``previous``.
-        """
-        if eta > 0 and noise is None:
-            raise ValueError("dpm_solver_step needs `noise` when eta > 0")
-        c_z, c_x0, c_noise, h = self.schedule(modality).dpm_coefficients(step_t, step_s, eta)
-        x0_hat = x0_hat.to(z_t.dtype)
-        z_s = _per_item(c_z, z_t) * z_t + _per_item(c_x0, z_t) * x0_hat
-        if noise is not None:
-            z_s = z_s + _per_item(c_noise, z_t) * noise.to(z_t.dtype)
-        if previous is not None:
-            x0_prev, h_prev = previous
-            usable = torch.isfinite(h) & (h > 0) & (h_prev > 0) & torch.isfinite(h_prev)
-            weight = torch.where(usable, 0.5 * c_x0 * h / h_prev.clamp(min=1e-12), 0.0)
-            z_s = z_s + _per_item(weight, z_t) * (x0_hat - x0_prev.to(z_t.dtype))
-        return z_s, h
 
     def sample_prior(
         self,

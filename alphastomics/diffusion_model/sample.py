@@ -1,9 +1,8 @@
 """Reverse diffusion: `DiffusionSampler` for the modes expr_to_pos, pos_to_expr and joint.
 
-Three samplers share one loop: ancestral DDPM over every step of the schedule; DDIM (Song et
-al. 2021) over any number of steps (``eta`` = 0 deterministic, 1 ancestral-like noise); and
-DPM-Solver++(2M) (Lu et al. 2022), DDIM's second-order multistep counterpart for few steps, with
-the same ``eta``. The sampler works in model space (standardised expression, scaled positions); mapping back to the
+Two samplers share one loop: ancestral DDPM over every step of the schedule, and DDIM (Song et
+al. 2021) over any number of steps (``eta`` = 0 deterministic, 1 ancestral-like noise). The
+sampler works in model space (standardised expression, scaled positions); mapping back to the
 user's units is done by :func:`positions_to_user_units` and the module's expression scaler.
 """
 
@@ -25,8 +24,8 @@ from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.utils.dataholder import apply_mask, center
 
 SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
-SamplerKind = Literal["ddim", "dpm", "ddpm"]
-SAMPLERS: tuple[str, ...] = ("ddim", "dpm", "ddpm")
+SamplerKind = Literal["ddim", "ddpm"]
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 # what `alphastomics sample` serves; `impute` is `DiffusionSampler.impute_mean` or
 # `DiffusionSampler.sample` with `known_genes` (see `AlphaSTomicsModule.impute`)
 SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "impute", "joint")
@@ -63,10 +62,10 @@ class DiffusionSampler:
     noise_model
         The ``NoiseModel`` the denoiser was trained with.
     sampler, steps, eta, warm_start
-        Defaults for :meth:`sample`: ``"ddim"`` or ``"dpm"`` with ``steps`` network evaluations,
-        or ``"ddpm"`` (ancestral, every one of the ``T`` steps); ``warm_start`` see :meth:`sample`.
+        Defaults for :meth:`sample`: ``"ddim"`` with ``steps`` network evaluations, or ``"ddpm"``
+        (ancestral, every one of the ``T`` steps); ``warm_start`` see :meth:`sample`.
     grid_power
-        Spacing of the few-step samplers' steps (:func:`step_grid`).
+        Spacing of DDIM's steps (:func:`step_grid`).
     show_progress
         Show a tqdm bar over the reverse steps.
 
@@ -170,7 +169,7 @@ class DiffusionSampler:
         top = max(1, round(warm_start * T)) if warm_start > 0 else T
         if sampler == "ddpm":
             grid = list(range(top, -1, -1))
-        elif sampler in ("ddim", "dpm"):
+        elif sampler == "ddim":
             n_steps = steps or self.steps
             if not 1 <= n_steps <= T:
                 raise ValueError(
@@ -212,7 +211,6 @@ class DiffusionSampler:
             given = known_genes.bool().unsqueeze(1)
         true_expr, true_pos = apply_mask(expression, mask), positions
         expr_hat, pos_hat = expr, pos
-        history: dict[str, tuple[Tensor, Tensor]] = {}  # dpm: modality -> (x0_hat, h) of step t
         pairs = list(itertools.pairwise(grid))
         for t, s in tqdm(pairs, desc=f"sampling {mode}", disable=not self.show_progress):
             step_t = torch.full((b,), t, dtype=torch.long, device=device)
@@ -227,7 +225,7 @@ class DiffusionSampler:
                 if given is not None:
                     expr_hat = apply_mask(torch.where(given, true_expr, expr_hat), mask)
                 expr = self._step(
-                    "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator, history
+                    "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator
                 )
                 if known is not None:
                     expr = self._replace_known(
@@ -242,9 +240,7 @@ class DiffusionSampler:
                 pos_hat = center(out.positions, mask)
                 if known is not None:
                     pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
-                pos = self._step(
-                    "position", pos_hat, pos, step_t, step_s, sampler, eta, generator, history
-                )
+                pos = self._step("position", pos_hat, pos, step_t, step_s, sampler, eta, generator)
                 if known is not None:
                     pos = self._replace_known("position", pos, pos_hat, known, step_s, generator)
                 pos = center(pos, mask)
@@ -407,21 +403,12 @@ class DiffusionSampler:
         sampler: SamplerKind,
         eta: float,
         generator: torch.Generator | None,
-        history: dict[str, tuple[Tensor, Tensor]],
     ) -> Tensor:
-        """``z_s`` from ``z_t`` and the current ``x0_hat``; ``history`` carries dpm's last step."""
         noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
         if sampler == "ddpm":
             mean, std = self.noise_model.posterior(modality, x0_hat, z_t, step_t, step_s)
             last = (step_s == 0).view(-1, *([1] * (z_t.dim() - 1)))
             return torch.where(last, x0_hat, mean + std * noise)
-        if sampler == "dpm":
-            previous = history.get(modality)
-            z_s, h = self.noise_model.dpm_solver_step(
-                modality, x0_hat, z_t, step_t, step_s, eta, noise, previous=previous
-            )
-            history[modality] = (x0_hat, h)
-            return z_s
         return self.noise_model.ddim_step(modality, x0_hat, z_t, step_t, step_s, eta, noise)
 
 
