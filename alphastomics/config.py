@@ -372,7 +372,8 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     predates the read-out, so it has ``n_neighbors: 0``; one without ``model.local_neighbors``
     predates local attention, so it has 0; one without ``loss.align_rotation`` was trained
     without alignment; one without ``training.p_hide_genes`` was never trained to impute
-    genes, so it has 0.
+    genes, so it has 0; one without ``sampling.grid_power`` sampled with quadratic spacing, so
+    it keeps 2 (the same seed gives the same sample as before).
     """
     upgraded = dict(saved)
     loss = dict(upgraded.get("loss") or {})
@@ -385,6 +386,9 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     training = dict(upgraded.get("training") or {})
     training.setdefault("p_hide_genes", 0.0)  # written before gene hiding existed
     upgraded["training"] = training
+    sampling = dict(upgraded.get("sampling") or {})
+    sampling.setdefault("grid_power", 2.0)  # sampled with quadratic spacing before grid_power
+    upgraded["sampling"] = sampling
     return upgraded
 
 
