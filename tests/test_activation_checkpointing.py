@@ -108,3 +108,15 @@ def test_checkpointed_denoiser_has_the_same_outputs_and_gradients(monkeypatch, l
     assert _close(out_a, out_b)
     assert all(_close(a, b) for a, b in zip(inputs_a, inputs_b, strict=True))
     assert all(_close(a, b) for a, b in zip(params_a, params_b, strict=True))
+
+
+def test_partial_projections_match_the_full_heads():
+    from alphastomics.attn_model.self_attention import LinearSelfAttention
+
+    torch.manual_seed(0)
+    attention = LinearSelfAttention(32, 4, 0.0)
+    x = torch.randn(2, 9, 32)
+    q, k, v = attention.heads(x)
+    k2, v2 = attention.keys_values(x)
+    assert torch.allclose(attention.queries(x), q) and torch.allclose(k2, k)
+    assert torch.allclose(v2, v)

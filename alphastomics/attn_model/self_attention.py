@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -168,6 +169,24 @@ class LinearSelfAttention(nn.Module):
         heads = self.qkv(x).view(b, n, 3, self.n_heads, h // self.n_heads)  # (B, n, 3, K, d)
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, K, n, d)
         return q, k, v
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Queries alone (B, K, n, d), one third of :meth:`heads`' projection."""
+        return self._project(x, 0, 1)[0]
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values alone (B, K, n, d), two thirds of :meth:`heads`' projection."""
+        k, v = self._project(x, 1, 3)
+        return k, v
+
+    def _project(self, x: Tensor, first: int, stop: int) -> tuple[Tensor, ...]:
+        # rows [first * H, stop * H) of the qkv projection, split per head like `heads`
+        b, n, h = x.shape
+        rows = slice(first * h, stop * h)
+        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+        out = F.linear(x, self.qkv.weight[rows], bias)  # (B, n, parts * H)
+        out = out.view(b, n, stop - first, self.n_heads, h // self.n_heads)
+        return tuple(out.permute(2, 0, 3, 1, 4).unbind(0))  # each (B, K, n, d)
 
     def project_out(self, out: Tensor) -> Tensor:
         """Merge the heads of ``out`` (B, K, n, d) and project -> (B, n, H)."""

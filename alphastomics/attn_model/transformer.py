@@ -123,11 +123,11 @@ class TransformerLayer(nn.Module):
         return torch.cat(out, dim=1)  # (B, N, H)
 
     def _chunk_context(self, x: Tensor, cond: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        _, k, v = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+        k, v = self.attention.keys_values(self.attention_norm(x, cond))  # (B, K, n_c, d)
         return context_part(k, v, m)
 
     def _chunk_output(self, x: Tensor, cond: Tensor, m: Tensor, context: Tensor) -> Tensor:
-        q, _, _ = self.attention.heads(self.attention_norm(x, cond))  # (B, K, n_c, d)
+        q = self.attention.queries(self.attention_norm(x, cond))  # (B, K, n_c, d)
         x = x + self.attention.project_out(attention_readout(q, context))
         x = x + self.ff(self.ff_norm(x, cond))
         return apply_mask(x, m)
