@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", nargs="+", default=["expr_to_pos", "pos_to_expr"], help="sample modes"
     )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)"
+    )
     parser.add_argument("--workdir", type=Path, required=True, help="tiled input and outputs")
     parser.add_argument("--keep", action="store_true", help="keep the tiled input and outputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         output = args.workdir / f"{mode}.h5ad"
         command = [cli, "sample", "--checkpoint", str(args.checkpoint), "--input_data", str(data)]
         command += ["--sample_mode", mode, "--output", str(output), "--overwrite"]
+        command += [] if args.steps is None else ["--steps", str(args.steps)]
         row = {"mode": mode, "n_cells": args.n_cells, **run_timed(command)}
         check_output(output, mode, args.n_cells, n_dims)
         rows.append(row)
