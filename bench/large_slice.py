@@ -2,7 +2,8 @@
 
 A real slice of ``--h5ad`` (``--slice``) is tiled on a grid, side by side with a gap, until the
 tiled slice holds ``--n_cells`` cells (the last tile is cut short); it is written as one .h5ad
-with the source's expression matrix format (sparse stays sparse) and its own ``obs[slice_key]``.
+with the source's expression matrix format (sparse stays sparse), the source's ``obs`` columns
+and its own ``obs[slice_key]``.
 Each ``--modes`` entry is then run as a user runs it, in a fresh process::
 
     alphastomics sample --checkpoint CKPT --input_data tiled.h5ad --sample_mode MODE
@@ -59,7 +60,9 @@ def tile_slice(
         matrix = sp.vstack([sp.csr_matrix(x)] * copies, format="csr")[:n_cells]
     else:
         matrix = np.tile(np.asarray(x), (copies, 1))[:n_cells]
-    obs = {slice_key: np.full(n_cells, f"{name}_tiled")}
+    rows = np.tile(np.arange(piece.n_obs), copies)[:n_cells]
+    obs = piece.obs.iloc[rows].reset_index(drop=True)  # every column, e.g. the cell types
+    obs[slice_key] = f"{name}_tiled"
     out = ad.AnnData(X=matrix, obs=obs, var=piece.var[[]].copy())
     out.obs_names = [f"cell_{i}" for i in range(n_cells)]
     out.obsm[position_key] = tiled.astype(np.float32)

@@ -46,6 +46,8 @@ def test_tiled_slice_keeps_the_expression_and_spreads_the_copies():
     assert np.allclose(tiled.X[n : 2 * n].toarray(), piece.X.toarray())
     first, second = tiled.obsm["ccf"][:n], tiled.obsm["ccf"][n : 2 * n]
     assert first[:, 0].max() < second[:, 0].min()  # copies side by side, not overlapping
+    assert list(tiled.obs["cell_type"][n : 2 * n]) == list(piece.obs["cell_type"])
+    assert set(tiled.obs["slice"]) == {"slice_1_tiled"}
 
 
 @pytest.mark.slow
