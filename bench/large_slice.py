@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.n_cells:,} cells tiled from {args.h5ad.name}:{args.slice}; {args.checkpoint}")
     print(f"{'mode':<12} {'cells':>10} {'seconds':>9} {'peak GiB':>9}")
     for mode in args.modes:
-        output = args.workdir / f"{mode}.h5ad"
+        folder = args.workdir / mode  # the output and the figure `sample` writes beside it
+        folder.mkdir(exist_ok=True)
+        output = folder / f"{mode}.h5ad"
         command = [cli, "sample", "--checkpoint", str(args.checkpoint), "--input_data", str(data)]
         command += ["--sample_mode", mode, "--output", str(output), "--overwrite"]
         command += [] if args.steps is None else ["--steps", str(args.steps)]
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{mode:<12} {args.n_cells:>10,} {row['seconds']:>9.1f} {row['peak_gib']:>9.2f}")
         if not args.keep:
-            output.unlink()
+            shutil.rmtree(folder)
     if not args.keep:
         data.unlink()
     if args.json is not None:
