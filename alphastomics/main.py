@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from alphastomics import __version__
-from alphastomics.errors import TrainingStopped, UserInputError
+from alphastomics import __version__, keys
+from alphastomics.errors import ConfigKeyError, TrainingStopped, UserInputError
 
 log = logging.getLogger("alphastomics")
+_CONFIG_KEY_HINT = ". See `alphastomics train --print_config` for every key and its type"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,9 +89,13 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_dir", type=Path, required=True, help="where the store is written")
     p.add_argument("--gene_list_file", type=Path, help="one gene per line: the model's genes")
     p.add_argument(
-        "--position_key", default="ccf", help="adata.obsm key of coordinates (default ccf)"
+        "--position_key",
+        default=keys.POSITION_KEY,
+        help="adata.obsm key of coordinates (default ccf)",
     )
-    p.add_argument("--slice_key", default="slice", help="adata.obs column naming each cell's slice")
+    p.add_argument(
+        "--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming each cell's slice"
+    )
     p.add_argument("--cell_type_key", help="adata.obs column with cell-type labels (optional)")
     p.add_argument("--layer", help="use adata.layers[LAYER] instead of X")
     p.add_argument(
@@ -272,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _commands()[args.command](args)
     except UserInputError as err:
-        print(f"alphastomics {args.command}: error: {err}", file=sys.stderr)
+        hint = _CONFIG_KEY_HINT if isinstance(err, ConfigKeyError) else ""
+        print(f"alphastomics {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"alphastomics {args.command}: {err}", file=sys.stderr)

@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alphastomics import keys
 from alphastomics.baselines import BaselineResult, evaluate_baselines, score_expression
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and split")
     data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
     data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default="slice", help="adata.obs column naming slices")
+    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
     data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument("--layer", default=None, help="read adata.layers[LAYER] instead of X")
     data.add_argument(
@@ -480,9 +481,9 @@ def evaluate_model(
     modes = [m for m in ("expr_to_pos", "pos_to_expr") if m in runs[0]["overall"]]
     summary: dict[str, Any] = {}
     for mode in modes:
-        keys = [k for k, v in runs[0]["overall"][mode].items() if isinstance(v, int | float)]
+        names = [k for k, v in runs[0]["overall"][mode].items() if isinstance(v, int | float)]
         summary[mode] = {
-            key: _mean_std([float(r["overall"][mode][key]) for r in runs]) for key in keys
+            key: _mean_std([float(r["overall"][mode][key]) for r in runs]) for key in names
         }
     sampling_seconds = [
         sum(m.get(mode, {}).get("seconds", 0.0) for m in r["slices"].values() for mode in modes)

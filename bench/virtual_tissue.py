@@ -80,6 +80,7 @@ import anndata as ad
 import numpy as np
 from scipy.spatial import Delaunay
 
+from alphastomics import keys
 from alphastomics.errors import UserInputError
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.figures import TissuePanel, plot_tissues
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and split")
     data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
     data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default="slice", help="adata.obs column naming slices")
+    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
     data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument(
         "--test_slices",
@@ -431,7 +432,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             source=str(args.h5ad),
         )
         sampling_seconds.append(time.perf_counter() - start)
-        tissue.uns["alphastomics"]["checkpoint"] = str(checkpoint)
+        tissue.uns[keys.UNS]["checkpoint"] = str(checkpoint)
         write_h5ad(tissue, output_dir / f"generated_seed{s}.h5ad")
         generated.append(tissue)
 
@@ -464,8 +465,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         entry = meta["slices"][index]
         candidates: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {MODEL: []}
         for tissue in generated:
-            cells = (tissue.obs["slice"] == source).to_numpy()
-            pos = to_model_units(tissue.obsm["spatial"][cells], entry["center"], entry["scale"])
+            cells = (tissue.obs[keys.SLICE_KEY] == source).to_numpy()
+            pos = to_model_units(
+                tissue.obsm[keys.GENERATED_POSITIONS][cells], entry["center"], entry["scale"]
+            )
             candidates[MODEL].append((np.asarray(tissue.X[cells])[:, genes], pos))
         if other is not None and args.other_slice != name:
             candidates[f"real other slice ({args.other_slice})"] = [other]

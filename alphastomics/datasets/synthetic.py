@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from alphastomics import keys
 from alphastomics.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def synthetic_tissue(
     gradient_strength: float = 1.0,
     mean_counts: float = 5.0,
     dispersion: float | None = 10.0,
-    position_key: str = "ccf",
+    position_key: str = keys.POSITION_KEY,
 ) -> ad.AnnData:
     """Generate a 3D tissue block, cut into slices, with counts that encode position.
 
@@ -119,8 +120,8 @@ def synthetic_tissue(
     type_names = [f"type_{k}" for k in range(n_cell_types)]
     obs = pd.DataFrame(
         {
-            "slice": pd.Categorical.from_codes(slice_codes, categories=slice_names),
-            "cell_type": pd.Categorical.from_codes(cell_type, categories=type_names),
+            keys.SLICE_KEY: pd.Categorical.from_codes(slice_codes, categories=slice_names),
+            keys.CELL_TYPE_KEY: pd.Categorical.from_codes(cell_type, categories=type_names),
         },
         index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
     )

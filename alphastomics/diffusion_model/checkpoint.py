@@ -71,9 +71,8 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> Config:
     try:
         return load_config(base=upgrade_saved_config(hp["cfg"]))
     except UserInputError as err:
-        reason = str(err).split(". See `alphastomics", 1)[0]
         raise UserInputError(
-            f"{path}: its config does not fit alphastomics {__version__} ({reason}); it was "
+            f"{path}: its config does not fit alphastomics {__version__} ({err}); it was "
             f"written by alphastomics {saved}: use that version to load it, or train again"
         ) from err
 

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 import alphastomics
+from alphastomics import keys
 from alphastomics.errors import UserInputError
 from alphastomics.utils.io import (
     check_output_dir,
@@ -48,7 +49,6 @@ AppliedNormalization = Literal["log1p", "none"]
 FORMAT_VERSION = 1
 TARGET_SUM = 1e4  # library size after normalisation (scanpy's normalize_total target_sum)
 GENE_STD_FLOOR = 1e-2  # gene_std floor: flatter genes carry no signal; keeps z-scores bounded
-DEFAULT_SLICE_KEY = "slice"
 DEFAULT_VAL_FRACTION = 0.1
 MIN_TRAIN_SLICES_WITH_VAL = 5  # the default holds out validation slices only above this
 MAX_DIMS = 3  # coordinates have 2 or 3 columns; a store of 2D files keeps 2
@@ -393,14 +393,14 @@ def _slice_groups(
     adata: ad.AnnData, slice_key: str | None, source: str, default_slice_name: str
 ) -> list[tuple[str, np.ndarray]]:
     """(slice name, rows) pairs sorted by name; categories without cells are ignored."""
-    if slice_key is None or (slice_key not in adata.obs and slice_key == DEFAULT_SLICE_KEY):
+    if slice_key is None or (slice_key not in adata.obs and slice_key == keys.SLICE_KEY):
         groups = [(default_slice_name, np.arange(adata.n_obs, dtype=np.int64))]
     else:
         if slice_key not in adata.obs:
             raise UserInputError(
                 f"{source} has no obs column '{slice_key}' (columns: "
                 f"{_quote(list(adata.obs.columns))}); pass --slice_key with one of them, or "
-                f"leave the default '{DEFAULT_SLICE_KEY}' to treat each file as one slice"
+                f"leave the default '{keys.SLICE_KEY}' to treat each file as one slice"
             )
         column = adata.obs[slice_key]
         n_missing = int(column.isna().sum())
@@ -619,8 +619,8 @@ def prepare_anndata(
     adata: ad.AnnData,
     *,
     genes: Sequence[str],
-    position_key: str = "ccf",
-    slice_key: str | None = DEFAULT_SLICE_KEY,
+    position_key: str = keys.POSITION_KEY,
+    slice_key: str | None = keys.SLICE_KEY,
     cell_type_key: str | None = None,
     layer: str | None = None,
     normalize: NormalizeMode = "auto",
@@ -781,8 +781,8 @@ class SpatialDataPreprocessor:
     def __init__(
         self,
         gene_list: Sequence[str] | None = None,
-        position_key: str = "ccf",
-        slice_key: str | None = DEFAULT_SLICE_KEY,
+        position_key: str = keys.POSITION_KEY,
+        slice_key: str | None = keys.SLICE_KEY,
         cell_type_key: str | None = None,
         layer: str | None = None,
         normalize: NormalizeMode = "auto",

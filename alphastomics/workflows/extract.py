@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
@@ -14,8 +15,6 @@ from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
 from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
 from alphastomics.workflows.evaluate import check_store_genes
 from alphastomics.workflows.inputs import prepare_input
-
-EMBEDDING_KEY = "X_alphastomics"
 
 
 def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:
@@ -99,8 +98,8 @@ def extract_h5ad(
         "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
     )
     out = adata.copy()
-    out.obsm[EMBEDDING_KEY] = stacked[main_key]
-    out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}
+    out.obsm[EMBEDDING] = stacked[main_key]
+    out.uns[EMBEDDING_INFO] = {"mode": mode, "source_key": main_key}
     with staged_outputs() as stage:  # both files, or neither
         stage.write(output, lambda tmp: _write_npz(tmp, stacked))
         stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))

@@ -16,8 +16,8 @@ import anndata as ad
 
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
+from alphastomics.keys import POSITION_KEY, SLICE_KEY
 from alphastomics.utils.preprocess import (
-    DEFAULT_SLICE_KEY,
     TARGET_SUM,
     NormalizeMode,
     PreparedSlice,
@@ -102,8 +102,8 @@ def prepare_input(
         name: wanted.get(name) or saved.get(name)
         for name in ("position_key", "slice_key", "cell_type_key", "layer")
     }
-    resolved["position_key"] = resolved["position_key"] or "ccf"
-    resolved["slice_key"] = resolved["slice_key"] or DEFAULT_SLICE_KEY
+    resolved["position_key"] = resolved["position_key"] or POSITION_KEY
+    resolved["slice_key"] = resolved["slice_key"] or SLICE_KEY
     missing = list(module.hparams["gene_names"])
     if adata.n_vars:
         missing = check_gene_overlap(

@@ -18,6 +18,18 @@ from alphastomics import __version__
 from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
 from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
+from alphastomics.keys import (
+    EXPRESSION,
+    EXPRESSION_STD,
+    GENERATED_POSITIONS,
+    IMPUTED,
+    POSITION_SPREAD,
+    POSITIONS,
+    PREDICTED_CELL_TYPE,
+    REFERENCE_SLICE,
+    SLICE_KEY,
+    UNS,
+)
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.figures import (
     MODE_TITLES,
@@ -38,8 +50,6 @@ from alphastomics.workflows.inputs import prepare_input
 
 log = logging.getLogger(__name__)
 
-PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
-REFERENCE_SLICE = "alphastomics_reference_slice"
 NCells = int | dict[str, int] | None  # joint: cells per generated slice, for all or by name
 _N_CELLS_EXAMPLE = "e.g. --n_cells 2000, or per slice --n_cells embryo3_z2=2483,embryo3_z5=2124"
 _MAX_FIGURE_ROWS = 6  # generated slices drawn in the joint figure
@@ -209,9 +219,9 @@ def sample_h5ad(
             normalize=normalize,
             min_gene_overlap=min_gene_overlap,
         )
-        tissue.uns["alphastomics"].update(checkpoint=checkpoint, input=str(input_path))
+        tissue.uns[UNS].update(checkpoint=checkpoint, input=str(input_path))
         title = MODE_TITLES["joint"]
-        if len(rows) < tissue.obs["slice"].nunique():
+        if len(rows) < tissue.obs[SLICE_KEY].nunique():
             title += f" (the first {len(rows)} of {tissue.obs['slice'].nunique()} slices)"
         with staged_outputs() as stage:
             stage.write(output_path, lambda tmp: write_h5ad(tissue, tmp))
@@ -303,7 +313,7 @@ def sample_h5ad(
         meta["imputed_by"] = "neighbour read-out" if module.imputes_from_neighbors else "inpainting"
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     meta["expression_key"] = _expression_key(result, mode)
-    result.uns["alphastomics"] = meta
+    result.uns[UNS] = meta
     with staged_outputs() as stage:
         stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
         figure = output_path.with_suffix(".png")
@@ -437,16 +447,16 @@ def _impute(
             source,
             len(genes),
         )
-    var = pd.DataFrame({"alphastomics_imputed": [g in missing for g in genes]}, index=genes)
+    var = pd.DataFrame({IMPUTED: [g in missing for g in genes]}, index=genes)
     result = ad.AnnData(X=out, obs=adata.obs.copy(), var=var, uns=deepcopy(dict(adata.uns)))
     for key, value in adata.obsm.items():
         result.obsm[key] = value
     for key, value in adata.obsp.items():
         result.obsp[key] = value
-    result.layers["alphastomics_expression"] = out
+    result.layers[EXPRESSION] = out
     if spread is not None:
-        result.layers["alphastomics_expression_std"] = spread
-    result.uns["alphastomics"] = {
+        result.layers[EXPRESSION_STD] = spread
+    result.uns[UNS] = {
         "mode": "impute",
         "sampler": sampler or module.cfg.sampling.sampler,
         "steps": steps or module.cfg.sampling.steps,
@@ -463,21 +473,18 @@ def _impute(
         else f"none (no adata.obsm[{position_key!r}]): imputed from expression alone",
         "normalization": prepared.normalization or "not read",
         "expression_estimate": estimate,
-        "expression_key": "layers/alphastomics_expression",
+        "expression_key": f"layers/{EXPRESSION}",
     }
     return result, slices[0] if has_positions else None
 
 
 def _impute_figure(result: ad.AnnData, piece: PreparedSlice, path: Path) -> None:
     """Imputed genes of the first slice, drawn at its positions."""
-    imputed = result.var["alphastomics_imputed"].to_numpy(dtype=bool)
+    imputed = result.var[IMPUTED].to_numpy(dtype=bool)
     names = [str(g) for g in result.var_names[imputed]]
-    expr = result.layers["alphastomics_expression"][piece.obs_indices][:, imputed]
+    expr = result.layers[EXPRESSION][piece.obs_indices][:, imputed]
     title = f"{piece.name}: {MODE_TITLES['impute']}"
     plot_genes(piece.positions, None, expr, names, path, title=title)
-
-
-PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
 
 
 def parse_n_cells(text: str) -> int | dict[str, int]:
@@ -697,7 +704,7 @@ def _generate(
                 rows.append(_figure_row(piece, given, type_names, name, pos, types))
     obs = pd.DataFrame(
         {
-            "slice": pd.Categorical(slice_of, categories=list(per_slice)),
+            SLICE_KEY: pd.Categorical(slice_of, categories=list(per_slice)),
             REFERENCE_SLICE: pd.Categorical(
                 reference_of, categories=[p.name for p in prepared.slices]
             ),
@@ -712,8 +719,8 @@ def _generate(
     tissue = ad.AnnData(
         X=np.concatenate(exprs), obs=obs, var=var, uns=deepcopy(dict(reference.uns))
     )
-    tissue.obsm["spatial"] = np.concatenate(poss)
-    tissue.uns["alphastomics"] = {
+    tissue.obsm[GENERATED_POSITIONS] = np.concatenate(poss)
+    tissue.uns[UNS] = {
         "mode": "joint",
         "sampler": sampler or module.cfg.sampling.sampler,
         "steps": steps or module.cfg.sampling.steps,
@@ -758,11 +765,7 @@ def _figure_row(
 
 def _expression_key(result: ad.AnnData, mode: str) -> str | None:
     if mode == "pos_to_expr":
-        return (
-            "layers/alphastomics_expression"
-            if "alphastomics_expression" in result.layers
-            else "obsm/alphastomics_expression"
-        )
+        return f"layers/{EXPRESSION}" if EXPRESSION in result.layers else f"obsm/{EXPRESSION}"
     return None
 
 
@@ -779,13 +782,13 @@ def _result_anndata(
     """The input with our results beside its own X, obs, var, uns, obsm and layers."""
     out = adata.copy()
     if mode == "expr_to_pos":
-        out.obsm["alphastomics_positions"] = pos
+        out.obsm[POSITIONS] = pos
         if num_samples > 1:
-            out.obs["alphastomics_position_spread"] = spread
+            out.obs[POSITION_SPREAD] = spread
         return out
-    results = {"alphastomics_expression": expr}
+    results = {EXPRESSION: expr}
     if num_samples > 1:
-        results["alphastomics_expression_std"] = expr_std
+        results[EXPRESSION_STD] = expr_std
     same_genes = list(map(str, adata.var_names)) == genes
     for key, values in results.items():
         if same_genes:
