@@ -379,7 +379,7 @@ def model_predictor(
     checkpoint: Path, query: ad.AnnData, device: str, seed: int
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """A method (see above) that imputes each fold as ``sample --sample_mode impute`` does."""
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import impute_anndata
 
     module = load_module(checkpoint, map_location=device)

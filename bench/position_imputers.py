@@ -70,7 +70,7 @@ def _model_rows(
     checkpoint: str, train: Entries, test: Entries
 ) -> dict[str, tuple[np.ndarray, float]]:
     """The checkpoint's two point estimates on the concatenated test entries, with seconds."""
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
 
     module = load_module(checkpoint).eval()
     (train_pos, train_expr, _), (test_pos, test_expr, gene_mask) = train, test

@@ -838,7 +838,7 @@ def _run(
             checkpoint, training_seconds = train_model(
                 args, overrides, data_dir, output_dir / "run"
             )
-        from alphastomics.diffusion_model.checkpoint import load_module
+        from alphastomics.training.checkpoint import load_module
 
         module = load_module(checkpoint, map_location=_device(args.device))
         model = evaluate_model(args, module, checkpoint, data_dir, output_dir / "model_eval")

@@ -45,8 +45,8 @@ import torch
 
 from alphastomics.config import load_config
 from alphastomics.datasets import synthetic_tissue
-from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.training.checkpoint import load_module
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import expression_metrics, position_metrics

@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.diffusion_model.sample import DiffusionSampler
+from alphastomics.training.checkpoint import load_module
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import expression_metrics, position_metrics
@@ -45,7 +45,7 @@ def main() -> None:
                 f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
             )
         gen = torch.Generator().manual_seed(args.seed)
-        expr = module.standardize(holder.expression, holder.node_mask, holder.gene_mask)
+        expr = module.scaler.standardize(holder.expression, holder.node_mask, holder.gene_mask)
         sampler = DiffusionSampler(module.model, module.noise_model)
         _, pos = sampler.predict_mean(
             expr, holder.positions, holder.node_mask, "expr_to_pos", generator=gen

@@ -82,7 +82,7 @@ def _worker(
             tuned = tune_malloc()
 
     from alphastomics.config import load_config
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
+    from alphastomics.training.module import AlphaSTomicsModule
     from alphastomics.utils.dataholder import DataHolder
 
     torch.manual_seed(seed)

@@ -396,7 +396,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint = train(args, overrides, data_dir, output_dir / "run")
         training_seconds = time.perf_counter() - start
 
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import generate_tissue
 
     module = load_module(checkpoint, map_location=_device(args.device))

@@ -328,7 +328,7 @@ def test_joint_n_cells_sets_the_count_of_each_generated_slice(trained, tmp_path,
 
 
 def test_joint_cli_and_python_api_generate_the_same_tissue(trained, tmp_path):
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import generate_tissue
 
     out = tmp_path / "joint.h5ad"

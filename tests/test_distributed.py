@@ -20,8 +20,9 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.config import load_config
 from alphastomics.diffusion_model import trainer as trainer_module
-from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.diffusion_model.trainer import (
+from alphastomics.errors import UserInputError
+from alphastomics.training.checkpoint import load_module
+from alphastomics.training.trainer import (
     FSDPGradientClipping,
     HolderDeepSpeedPrecision,
     HolderFSDPPrecision,
@@ -29,7 +30,6 @@ from alphastomics.diffusion_model.trainer import (
     build_trainer,
     resolve_devices,
 )
-from alphastomics.errors import UserInputError
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 from alphastomics.utils.preprocess import SpatialDataPreprocessor

@@ -17,9 +17,9 @@ from alphastomics.config import load_config, upgrade_saved_config
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.main import main
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder, collate_holders
 from alphastomics.workflows.sampling import impute_anndata
 
@@ -288,7 +288,7 @@ def test_sample_impute_writes_the_model_genes(checkpoint: Path, tmp_path: Path) 
 
 
 def test_impute_without_positions_says_so(checkpoint: Path, tmp_path: Path) -> None:
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
 
     module = load_module(checkpoint)
     panel = _panel(positions=False)

@@ -10,9 +10,9 @@ from alphastomics.attn_model.neighbor_readout import (
     readout_split,
 )
 from alphastomics.config import load_config
-from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
+from alphastomics.training.checkpoint import load_module
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder, collate_holders
 
 SMALL = ["model.hidden_dim=32", "model.n_layers=1", "diffusion.diffusion_steps=50"]

@@ -24,8 +24,8 @@ import pytorch_lightning as pl
 import torch
 
 import alphastomics.workflows.train as train_workflow
-from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.main import main
+from alphastomics.training.checkpoint import load_module
 
 TINY = [
     "model.hidden_dim=16",

@@ -8,10 +8,10 @@ from conftest import small_slice
 from torch.utils.data import DataLoader
 
 from alphastomics.config import load_config
-from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.diffusion_model.trainer import build_trainer
 from alphastomics.errors import UserInputError
+from alphastomics.training.checkpoint import load_module
+from alphastomics.training.module import AlphaSTomicsModule
+from alphastomics.training.trainer import build_trainer
 from alphastomics.utils.dataholder import DataHolder, collate_holders
 from alphastomics.utils.metrics import position_metrics
 from alphastomics.workflows.train import data_info_from_metadata
@@ -182,7 +182,7 @@ def test_last_checkpoint_is_early_throttled_and_final(tmp_path, monkeypatch):
 def test_validation_cadence_is_sized_to_the_budget():
     from datetime import timedelta
 
-    from alphastomics.diffusion_model.trainer import validation_schedule
+    from alphastomics.training.trainer import validation_schedule
 
     budget = load_config(overrides=["training.max_time_minutes=15"])
     assert validation_schedule(budget) == (1, timedelta(minutes=1.5))

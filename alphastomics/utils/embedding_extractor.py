@@ -11,7 +11,7 @@ import torch
 from alphastomics.utils.dataholder import DataHolder
 
 if TYPE_CHECKING:
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
+    from alphastomics.training.module import AlphaSTomicsModule
 
 ExtractMode = Literal["transformer", "expression", "position", "all"]
 
@@ -41,7 +41,7 @@ class EmbeddingExtractor:
         """Embeddings of one batch: each key maps to a list of (n_cells_i, H) arrays, one per item."""
         module = self.module
         batch = batch.to(module.device)
-        expr = module.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        expr = module.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         zeros = torch.zeros(batch.batch_size, device=module.device)
         out = module.model(expr, batch.positions, zeros, zeros, batch.node_mask, batch.gene_mask)
         fields = {

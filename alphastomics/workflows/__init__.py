@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.utils.io import check_output_dir
     from alphastomics.workflows.evaluate import run_evaluation, summary_lines
 
@@ -108,7 +108,7 @@ def _min_gene_overlap(args: argparse.Namespace, *, impute: bool = False) -> floa
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import (
         check_sample_request,
         default_output,
@@ -187,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.utils.io import check_output_file
     from alphastomics.workflows.extract import extract_h5ad, extract_store
 

@@ -12,8 +12,8 @@ from typing import Any
 from alphastomics import keys
 from alphastomics.config import load_config
 from alphastomics.datasets import synthetic_tissue
-from alphastomics.diffusion_model.checkpoint import load_module
 from alphastomics.errors import UserInputError
+from alphastomics.training.checkpoint import load_module
 from alphastomics.utils.io import atomic_write, check_output_dir, write_h5ad
 from alphastomics.utils.preprocess import SpatialDataPreprocessor
 from alphastomics.workflows.evaluate import run_evaluation

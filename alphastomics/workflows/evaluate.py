@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layouts
@@ -97,7 +97,7 @@ def evaluate_slice(
         scores["seconds"] = time.perf_counter() - start
         scores["estimate"] = estimate
         metrics["pos_to_expr"] = scores
-        mean_expr = np.broadcast_to(module.gene_mean.cpu().numpy(), expr_true.shape)
+        mean_expr = np.broadcast_to(module.scaler.mean.cpu().numpy(), expr_true.shape)
         metrics["baseline_mean_expression"] = expression_metrics(
             expr_true, mean_expr, gene_mask=gene_mask
         )

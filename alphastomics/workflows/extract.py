@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode

@@ -14,9 +14,9 @@ from typing import Any
 
 import anndata as ad
 
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.keys import POSITION_KEY, SLICE_KEY
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.preprocess import (
     TARGET_SUM,
     NormalizeMode,

@@ -16,7 +16,6 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from alphastomics import __version__
 from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
 from alphastomics.errors import UserInputError
 from alphastomics.keys import (
     EXPRESSION,
@@ -30,6 +29,7 @@ from alphastomics.keys import (
     SLICE_KEY,
     UNS,
 )
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.figures import (
     MODE_TITLES,

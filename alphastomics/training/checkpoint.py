@@ -14,7 +14,7 @@ from alphastomics.config import Config, load_config, upgrade_saved_config
 from alphastomics.errors import UserInputError
 
 if TYPE_CHECKING:
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
+    from alphastomics.training.module import AlphaSTomicsModule
 
 _REQUIRED_HPARAMS = ("cfg", "num_genes", "gene_names")
 
@@ -79,7 +79,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> Config:
 
 def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModule:
     """Rebuild an :class:`AlphaSTomicsModule` (EMA weights when training used them), in eval mode."""
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
+    from alphastomics.training.module import AlphaSTomicsModule
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]

@@ -12,7 +12,6 @@ import logging
 import math
 from typing import Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
@@ -29,6 +28,7 @@ from alphastomics.config import (
     resolve_auto,
     upgrade_saved_config,
 )
+from alphastomics.data.units import ExpressionScaler
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
@@ -103,10 +103,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             nu_expression=cfg.diffusion.nu_expression,
             nu_position=cfg.diffusion.nu_position,
         )
-        mean = torch.zeros(num_genes) if gene_mean is None else torch.tensor(gene_mean)
-        std = torch.ones(num_genes) if gene_std is None else torch.tensor(gene_std)
-        self.register_buffer("gene_mean", mean.float(), persistent=False)
-        self.register_buffer("gene_std", std.float().clamp(min=1e-6), persistent=False)
+        self.scaler = ExpressionScaler(num_genes, gene_mean, gene_std)
         self._nonfinite_in_a_row = 0
         self._loss_was_finite = True
         self.n_skipped_steps = 0
@@ -114,18 +111,9 @@ class AlphaSTomicsModule(pl.LightningModule):
         self._neighbor_cache = NeighborCache(cfg.loss.n_neighbor_pairs)
 
     # ------------------------------------------------------------------ expression units
-    def standardize(self, expression: Tensor, node_mask: Tensor, gene_mask: Tensor) -> Tensor:
-        """Log-normalised (B, N, G) -> model space; unmeasured genes and padded cells are 0."""
-        z = (expression - self.gene_mean) / self.gene_std
-        return apply_mask(z, node_mask) * gene_mask.unsqueeze(1).to(z.dtype)
-
-    def unstandardize(self, expression: Tensor) -> Tensor:
-        """Model space (..., G) -> log-normalised expression."""
-        return expression * self.gene_std + self.gene_mean
-
     def on_after_batch_transfer(self, batch: DataHolder, dataloader_idx: int) -> DataHolder:
         """Standardise expression once per batch, on the device."""
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        expr = self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         return batch.replace(expression=expr)
 
     # ------------------------------------------------------------------ training
@@ -427,7 +415,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             known=None if known is None else known.to(self.device),
             warm_start=warm_start,
         )
-        expr_out = apply_mask(self.unstandardize(expr_out), batch.node_mask)
+        expr_out = apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out
 
     def predict_mean(
@@ -455,12 +443,12 @@ class AlphaSTomicsModule(pl.LightningModule):
             gene_mask=batch.gene_mask,
             generator=generator,
         )
-        return apply_mask(self.unstandardize(expr_out), batch.node_mask), pos_out
+        return apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask), pos_out
 
     def _standardized_on_device(self, batch: DataHolder) -> tuple[DataHolder, Tensor]:
         """``batch`` on the module's device and its standardised (B, N, G) expression."""
         batch = batch.to(self.device)
-        return batch, self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        return batch, self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
 
     @property
     def imputes_from_neighbors(self) -> bool:
@@ -516,7 +504,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         batch = batch.to(self.device)
         mask = batch.node_mask.bool()
         known = known.to(self.device).bool() & mask
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        expr = self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         out = expr.clone()
         for b in range(batch.batch_size):
             references, queries = known[b], mask[b] & ~known[b]
@@ -528,7 +516,9 @@ class AlphaSTomicsModule(pl.LightningModule):
             out[b, queries] = readout(
                 positions[queries], positions[references], expr[b, references]
             )
-        expr_out = torch.where(known.unsqueeze(-1), batch.expression, self.unstandardize(out))
+        expr_out = torch.where(
+            known.unsqueeze(-1), batch.expression, self.scaler.unstandardize(out)
+        )
         unmeasured = ~batch.gene_mask.bool()  # (B, G)
         if bool(unmeasured.any()):
             mean, _ = self._sampler(None, None, False).predict_mean(
@@ -539,7 +529,9 @@ class AlphaSTomicsModule(pl.LightningModule):
                 gene_mask=batch.gene_mask,
                 generator=generator,
             )
-            expr_out = torch.where(unmeasured.unsqueeze(1), self.unstandardize(mean), expr_out)
+            expr_out = torch.where(
+                unmeasured.unsqueeze(1), self.scaler.unstandardize(mean), expr_out
+            )
         return apply_mask(expr_out, mask), center(batch.positions, mask)
 
     @torch.inference_mode()
@@ -582,7 +574,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             raise ValueError(
                 f"item {item} measures no gene: nothing to impute from; use pos_to_expr"
             )
-        expr = self.standardize(batch.expression, batch.node_mask, batch.gene_mask)
+        expr = self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
         diffusion_sampler = self._sampler(sampler, steps, False)
         if expression_estimate == "mean":
             out = diffusion_sampler.impute_mean(
@@ -603,7 +595,9 @@ class AlphaSTomicsModule(pl.LightningModule):
                 generator=generator,
                 known_genes=measured,
             )
-        imputed = torch.where(measured.unsqueeze(1), batch.expression, self.unstandardize(out))
+        imputed = torch.where(
+            measured.unsqueeze(1), batch.expression, self.scaler.unstandardize(out)
+        )
         return apply_mask(imputed, batch.node_mask)
 
     # ------------------------------------------------------------------ optimiser
@@ -663,10 +657,3 @@ class AlphaSTomicsModule(pl.LightningModule):
         counts = checkpoint.get("alphastomics_nonfinite") or {}
         self.n_skipped_steps = int(counts.get("skipped_steps", 0))
         self._nonfinite_in_a_row = int(counts.get("in_a_row", 0))
-
-
-def gene_stats_from_metadata(metadata: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Per-gene mean and std of training expression recorded by ``preprocess``."""
-    mean = np.asarray(metadata["gene_mean"], dtype=np.float64)
-    std = np.asarray(metadata["gene_std"], dtype=np.float64)
-    return mean.tolist(), std.tolist()

@@ -25,8 +25,8 @@ from pytorch_lightning.plugins.precision import DeepSpeedPrecision, FSDPPrecisio
 from pytorch_lightning.strategies import FSDPStrategy
 
 from alphastomics.config import Config
-from alphastomics.diffusion_model.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.errors import UserInputError
+from alphastomics.training.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.io import reserve_temporary, writing
 
