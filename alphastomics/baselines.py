@@ -51,8 +51,8 @@ from sklearn.neighbors import KNeighborsRegressor, NearestNeighbors
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from alphastomics.data.store import ProcessedStore
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import (
     expression_metrics,
     position_metrics,

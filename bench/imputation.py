@@ -71,9 +71,9 @@ from sklearn.model_selection import KFold
 from sklearn.neighbors import NearestNeighbors
 
 from alphastomics import keys
+from alphastomics.data.anndata import prepare_anndata, read_h5ad
 from alphastomics.errors import UserInputError
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
-from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
 
 log = logging.getLogger("bench.imputation")
 

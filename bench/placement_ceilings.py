@@ -32,7 +32,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from alphastomics.baselines import score_expression
-from alphastomics.utils.dataloader import ProcessedStore
+from alphastomics.data.store import ProcessedStore
 from alphastomics.utils.metrics import position_metrics
 
 JITTERS = (0.05, 0.1, 0.2)

@@ -22,8 +22,8 @@ from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.neighbors import KNeighborsRegressor
 
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.utils.metrics import expression_metrics
 
 Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]

@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -75,12 +73,19 @@ import torch
 
 from alphastomics import keys
 from alphastomics.baselines import BaselineResult, evaluate_baselines, score_expression
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
+from alphastomics.data.store import (
+    ENTRY_ARRAYS,
+    ProcessedStore,
+    building_store,
+    write_entry,
+    write_metadata,
+)
+from alphastomics.data.units import to_user_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
 from alphastomics.utils.metrics import position_metrics, summarize
-from alphastomics.utils.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
 
 log = logging.getLogger("bench.real_data")
 
@@ -279,17 +284,6 @@ def holdout_rows(
     }
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is removed only after success."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def split_single_slice_store(
     source: Path,
     target: Path,
@@ -316,8 +310,9 @@ def split_single_slice_store(
             "--test_slices instead"
         )
     entry = metadata["slices"][0]
-    folder = source / entry["path"]
-    positions = np.load(folder / "positions.npy")
+    whole = store.load_slice(0, mmap=False)  # shapes checked against metadata.json
+    arrays = {name: getattr(whole, name) for name in ENTRY_ARRAYS}
+    positions = whole.positions
     parts = holdout_rows(
         positions,
         fraction,
@@ -327,27 +322,18 @@ def split_single_slice_store(
         seed=seed,
     )
     slice_name = entry["slice"]
-    arrays = {path.stem: np.load(path) for path in sorted(folder.glob("*.npy"))}
-    n_cells = len(positions)
-    if any(len(a) != n_cells for a in arrays.values()):
-        raise RuntimeError(f"{folder}: per-cell arrays of different lengths; run preprocess again")
 
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     new = copy.deepcopy(metadata)
     new["slices"] = []
-    try:
+    with building_store(target) as tmp:
         for split in ("train", "val", "test"):
             rows = parts[split]
             if not len(rows):
                 continue
             k = len(new["slices"])
-            (tmp / "slices" / str(k)).mkdir(parents=True)
-            for name, values in arrays.items():
-                np.save(tmp / "slices" / str(k) / f"{name}.npy", np.ascontiguousarray(values[rows]))
+            path = write_entry(tmp, k, {name: values[rows] for name, values in arrays.items()})
             info = copy.deepcopy(entry)
-            info.update(
-                name=f"{slice_name}/{split}", split=split, n_cells=len(rows), path=f"slices/{k}"
-            )
+            info.update(name=f"{slice_name}/{split}", split=split, n_cells=len(rows), path=path)
             new["slices"].append(info)
         mask = np.asarray(entry["gene_mask"], dtype=bool)
         train_expr = arrays["expression"][parts["train"]].astype(np.float64)
@@ -360,14 +346,12 @@ def split_single_slice_store(
         holdout: dict[str, Any] = {"fraction": fraction, "axis": axis, "val_fraction": val_fraction}
         if axis != "random":
             column = positions[parts["test"], AXES[axis]]
-            scale, center = float(entry["scale"]), float(entry["center"][AXES[axis]])
+            ends = np.array([[column.min()], [column.max()]])  # (2, 1) scaled
+            user = to_user_units(ends, [entry["center"][AXES[axis]]], float(entry["scale"]))
             holdout.update(
                 slab_center=slab_center,
                 slab_range_scaled=[float(column.min()), float(column.max())],
-                slab_range_input_units=[
-                    float(column.min()) * scale + center,
-                    float(column.max()) * scale + center,
-                ],
+                slab_range_input_units=[float(v) for v in user[:, 0]],
             )
         new["split"] = {
             "by": "cells",
@@ -379,11 +363,7 @@ def split_single_slice_store(
                 for s in ("train", "val", "test")
             },
         }
-        (tmp / "metadata.json").write_text(json.dumps(new, indent=1))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_metadata(tmp, new)
     return new
 
 

@@ -14,10 +14,10 @@ import argparse
 
 import torch
 
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model.sample import DiffusionSampler
 from alphastomics.training.checkpoint import load_module
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import expression_metrics, position_metrics
 
 

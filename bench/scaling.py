@@ -82,8 +82,8 @@ def _worker(
             tuned = tune_malloc()
 
     from alphastomics.config import load_config
+    from alphastomics.data.batch import DataHolder
     from alphastomics.training.module import AlphaSTomicsModule
-    from alphastomics.utils.dataholder import DataHolder
 
     torch.manual_seed(seed)
     overrides = []

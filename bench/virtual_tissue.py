@@ -81,11 +81,11 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from alphastomics import keys
+from alphastomics.data.store import ProcessedStore
+from alphastomics.data.units import to_model_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.figures import TissuePanel, plot_tissues
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
-from alphastomics.utils.preprocess import to_model_units
 from alphastomics.utils.tissue_metrics import (
     CellTypeClassifier,
     compare_tissues,

@@ -16,8 +16,8 @@ from alphastomics.baselines import (
     evaluate_baselines,
     infer_n_dims,
 )
+from alphastomics.data.store import ProcessedStore
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.metrics import position_metrics
 
 
@@ -178,7 +178,7 @@ def test_evaluate_baselines_needs_test_entries(tmp_path: Path, tiny_store: Path)
 def test_baselines_place_cells_with_the_columns_of_a_2d_store(tmp_path: Path):
     from conftest import make_tiny_adata, write_h5ad
 
-    from alphastomics.utils.preprocess import SpatialDataPreprocessor
+    from alphastomics.data.preprocess import SpatialDataPreprocessor
 
     source = write_h5ad(make_tiny_adata(n_slices=3, n_cells=40, n_dims=2), tmp_path / "flat.h5ad")
     pre = SpatialDataPreprocessor(test_slices=["slice_2"], progress=False)

@@ -380,7 +380,7 @@ def test_input_of_another_kind_than_the_training_data(trained, tmp_path, capsys)
 
 
 def test_sample_pt_round_trip(trained, tmp_path):
-    from alphastomics.utils.dataloader import ProcessedStore
+    from alphastomics.data.store import ProcessedStore
 
     store = ProcessedStore(trained["store"])
     arrays = store.load_slice(store.slice_indices("test")[0])

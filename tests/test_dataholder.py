@@ -2,12 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from alphastomics.utils.dataholder import (
-    DataHolder,
-    center,
-    collate_holders,
-    masked_mean,
-)
+from alphastomics.data.batch import DataHolder, center, collate_holders, masked_mean
 
 
 def test_masked_mean_ignores_padding():

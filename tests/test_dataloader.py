@@ -14,17 +14,12 @@ import pytest
 import torch
 from conftest import make_tiny_adata, write_h5ad
 
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.batch import DataHolder, masked_mean
+from alphastomics.data.loader import CellSampler, ItemKey, SpatialDataset, create_dataloaders
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.store import ProcessedStore
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder, masked_mean
-from alphastomics.utils.dataloader import (
-    CellSampler,
-    ItemKey,
-    ProcessedStore,
-    SpatialDataset,
-    create_dataloaders,
-)
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
 
 
 def _signature(batches: list[DataHolder]) -> list[tuple]:
@@ -270,7 +265,8 @@ _MEASURE = textwrap.dedent(
     """
     import json, sys, tracemalloc
     import numpy as np
-    from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
+    from alphastomics.data.loader import create_dataloaders
+    from alphastomics.data.store import ProcessedStore
 
     store_dir = sys.argv[1]
     train, _, _, _ = create_dataloaders(

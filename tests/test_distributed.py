@@ -19,6 +19,10 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.config import load_config
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.loader import create_dataloaders
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model import trainer as trainer_module
 from alphastomics.errors import UserInputError
 from alphastomics.training.checkpoint import load_module
@@ -30,9 +34,6 @@ from alphastomics.training.trainer import (
     build_trainer,
     resolve_devices,
 )
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
 
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "scripts" / "run_distributed.sh"

@@ -14,13 +14,13 @@ from conftest import make_tiny_adata
 
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import load_config, upgrade_saved_config
+from alphastomics.data.batch import DataHolder, collate_holders
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
 from alphastomics.errors import UserInputError
 from alphastomics.main import main
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder, collate_holders
 from alphastomics.workflows.sampling import impute_anndata
 
 TINY = [

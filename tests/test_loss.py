@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from alphastomics.config import LossConfig
+from alphastomics.data.batch import DataHolder
 from alphastomics.diffusion_model import loss as loss_mod
 from alphastomics.diffusion_model.loss import (
     DiffusionLoss,
@@ -21,7 +22,6 @@ from alphastomics.diffusion_model.loss import (
     expression_loss,
     nearest_neighbors,
 )
-from alphastomics.utils.dataholder import DataHolder
 
 # the distance loss, as the tests below were written for it (the default is the coordinate loss)
 LOSS_KWARGS = dataclasses.asdict(LossConfig(use_distance_matrix=True, align_rotation=False))

@@ -10,7 +10,7 @@ import torch
 from alphastomics.attn_model.model import Denoiser, DenoiserOutput
 from alphastomics.attn_model.self_attention import masked_linear_attention
 from alphastomics.config import ModelConfig
-from alphastomics.utils.dataholder import masked_mean
+from alphastomics.data.batch import masked_mean
 
 N_GENES = 12
 FIELDS = ("expression", "positions", "hidden", "expression_embedding", "position_embedding")

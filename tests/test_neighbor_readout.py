@@ -10,10 +10,10 @@ from alphastomics.attn_model.neighbor_readout import (
     readout_split,
 )
 from alphastomics.config import load_config
+from alphastomics.data.batch import DataHolder, collate_holders
 from alphastomics.errors import UserInputError
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder, collate_holders
 
 SMALL = ["model.hidden_dim=32", "model.n_layers=1", "diffusion.diffusion_steps=50"]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alphastomics.config import DiffusionConfig
+from alphastomics.data.batch import DataHolder, apply_mask, center, masked_mean
 from alphastomics.diffusion_model.diffusion_utils import (
     MAX_BETA,
     cosine_alpha_bar,
@@ -16,7 +17,6 @@ from alphastomics.diffusion_model.diffusion_utils import (
     sample_masked_gaussian,
 )
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.utils.dataholder import DataHolder, apply_mask, center, masked_mean
 
 T = 100
 

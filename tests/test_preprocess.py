@@ -17,16 +17,10 @@ import pytest
 from conftest import assert_nothing_written, make_tiny_adata, write_h5ad
 
 import alphastomics
+from alphastomics.data.anndata import TARGET_SUM, prepare_anndata, read_gene_list
+from alphastomics.data.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
+from alphastomics.data.units import to_model_units, to_user_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.preprocess import (
-    GENE_STD_FLOOR,
-    TARGET_SUM,
-    SpatialDataPreprocessor,
-    prepare_anndata,
-    read_gene_list,
-    to_model_units,
-    to_user_units,
-)
 
 
 def _run(files: list[Path], out: Path, overwrite: bool = False, **kwargs: object) -> dict:
@@ -205,7 +199,7 @@ def test_gene_intersection_is_reported(tmp_path: Path, caplog: pytest.LogCapture
     b.obs["slice"] = b.obs["slice"].cat.rename_categories(["b0", "b1"])
     a = a[:, a.var_names[2:]].copy()
     b = b[:, b.var_names[:-3]].copy()
-    with caplog.at_level(logging.INFO, logger="alphastomics.utils.preprocess"):
+    with caplog.at_level(logging.INFO, logger="alphastomics.data.preprocess"):
         meta = _run(
             [write_h5ad(a, tmp_path / "a.h5ad"), write_h5ad(b, tmp_path / "b.h5ad")],
             tmp_path / "out",

@@ -11,10 +11,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.store import ProcessedStore
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
 
 BENCH = Path(__file__).parents[1] / "bench" / "real_data.py"
 IMPUTERS = BENCH.with_name("position_imputers.py")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from alphastomics.attn_model.model import Denoiser
+from alphastomics.data.batch import center, masked_mean
+from alphastomics.data.units import to_user_units
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.diffusion_model.sample import DiffusionSampler, positions_to_user_units, step_grid
-from alphastomics.utils.dataholder import center, masked_mean
+from alphastomics.diffusion_model.sample import DiffusionSampler, step_grid
 
 
 def _setup(n_dims=3, T=50):
@@ -160,7 +161,7 @@ def test_warm_start_uses_fewer_steps_from_the_mean_estimate():
 def test_user_units_keep_the_precision_of_a_large_offset():
     # 300 cells within one unit of a 1e9 offset: float32 keeps about 10 distinct x values
     scaled = np.random.default_rng(0).uniform(-1, 1, size=(300, 3)).astype(np.float32)
-    user = positions_to_user_units(scaled, np.array([1e9, 2e9, 0.0]), 0.5, 2)
+    user = to_user_units(scaled, np.array([1e9, 2e9, 0.0]), 0.5, 2)
     assert user.dtype == np.float64 and user.shape == (300, 2)  # z of a 2D slice dropped
     assert len(np.unique(user[:, 0])) == 300
     np.testing.assert_allclose(user[:, 0] - 1e9, scaled[:, 0] * 0.5, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
 
 

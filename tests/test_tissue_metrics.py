@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.utils.tissue_metrics import (
     CellTypeClassifier,
     compare_tissues,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial import Delaunay
 
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.synthetic import synthetic_tissue
 
 BENCH = Path(__file__).parents[1] / "bench" / "virtual_tissue.py"
 TINY = [

@@ -10,10 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from alphastomics.utils.dataholder import apply_mask
+from alphastomics.data.batch import apply_mask
+
+
+def to_model_units(positions: np.ndarray, center: Sequence[float], scale: float) -> np.ndarray:
+    """The user's coordinates (N, D) -> centred, scaled float32 (N, D): ``(positions - center) / scale``."""
+    centred = np.asarray(positions, dtype=np.float64) - np.asarray(center, dtype=np.float64)
+    return (centred / scale).astype(np.float32)
+
+
+def to_user_units(
+    positions: np.ndarray, center: Sequence[float], scale: float, input_dims: int | None = None
+) -> np.ndarray:
+    """Scaled, centred positions (N, D) -> the user's coordinates (N, input_dims), float64.
+
+    ``positions * scale + center``. A generated layout is only defined up to rotation,
+    reflection and translation; this restores the slice's scale and centroid, not an
+    orientation. float64, so coordinates with a large offset keep their precision. Columns
+    beyond ``input_dims`` (z of a 2D slice in a 3D model) are dropped; ``None`` keeps all.
+    """
+    user = np.asarray(positions, dtype=np.float64) * scale + np.asarray(center, dtype=np.float64)
+    return user if input_dims is None else user[:, :input_dims]
 
 
 class ExpressionScaler(nn.Module):

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from alphastomics.data.batch import apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
     sample_centered_gaussian,
     sample_masked_gaussian,
 )
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.utils.dataholder import apply_mask, center
 
 SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
 SamplerKind = Literal["ddim", "ddpm"]

@@ -7,7 +7,7 @@
   checkpoint and come back on resume (Lightning restores optimizer, scheduler, loops and callbacks
   such as EMA, not RNGs), and the training loader's place in the epoch is restored.
 
-With the resumable training loader of :mod:`alphastomics.utils.dataloader` (which skips the
+With the resumable training loader of :mod:`alphastomics.data.loader` (which skips the
 batches of the current epoch already trained on), ``train --resume`` continues mid-epoch exactly
 where the interrupted run stopped: same batches, same noise, same weights.
 """
@@ -179,7 +179,7 @@ class ResumeState(pl.Callback):
       single-process run continues exactly; in a multi-process run rank 0 continues exactly and
       every other rank gets a fresh stream seeded from (its rank, the global step).
     - Data: Lightning saves the state of a resumable training loader
-      (:class:`~alphastomics.utils.dataloader.ResumableDataLoader`) but does not load it back
+      (:class:`~alphastomics.data.loader.ResumableDataLoader`) but does not load it back
       when ``configure_optimizers`` asked for ``estimated_stepping_batches`` (the loader was set
       up before the checkpoint was read); it is loaded here, before the first batch is drawn.
     """

@@ -28,12 +28,12 @@ from alphastomics.config import (
     resolve_auto,
     upgrade_saved_config,
 )
+from alphastomics.data.batch import DataHolder, apply_mask, center
 from alphastomics.data.units import ExpressionScaler
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode
-from alphastomics.utils.dataholder import DataHolder, apply_mask, center
 from alphastomics.utils.memory import tune_malloc
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from pytorch_lightning.plugins.precision import DeepSpeedPrecision, FSDPPrecisio
 from pytorch_lightning.strategies import FSDPStrategy
 
 from alphastomics.config import Config
+from alphastomics.data.batch import DataHolder
 from alphastomics.errors import UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt, ResumeState
-from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.io import reserve_temporary, writing
 
 log = logging.getLogger(__name__)
@@ -490,6 +490,6 @@ def build_trainer(
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         deterministic=False,
-        # our samplers shard items per rank themselves (see utils/dataloader.py)
+        # our samplers shard items per rank themselves (see data/loader.py)
         use_distributed_sampler=False,
     )

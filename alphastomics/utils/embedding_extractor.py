@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from alphastomics.utils.dataholder import DataHolder
+from alphastomics.data.batch import DataHolder
 
 if TYPE_CHECKING:
     from alphastomics.training.module import AlphaSTomicsModule

@@ -23,7 +23,8 @@ def _h5ad_files(args: argparse.Namespace) -> list[Path]:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from alphastomics.utils.preprocess import SpatialDataPreprocessor, read_gene_list
+    from alphastomics.data.anndata import read_gene_list
+    from alphastomics.data.preprocess import SpatialDataPreprocessor
 
     genes = read_gene_list(args.gene_list_file) if args.gene_list_file else None
     pre = SpatialDataPreprocessor(

@@ -11,11 +11,11 @@ from typing import Any
 
 from alphastomics import keys
 from alphastomics.config import load_config
-from alphastomics.datasets import synthetic_tissue
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
 from alphastomics.training.checkpoint import load_module
 from alphastomics.utils.io import atomic_write, check_output_dir, write_h5ad
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
 from alphastomics.workflows.evaluate import run_evaluation
 from alphastomics.workflows.sampling import sample_h5ad
 from alphastomics.workflows.train import run_training

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
 from alphastomics.errors import UserInputError
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layouts
 from alphastomics.utils.io import json_text, staged_outputs
 from alphastomics.utils.metrics import (

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from alphastomics.data.anndata import NormalizeMode, read_h5ad
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
 from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
-from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
 from alphastomics.workflows.evaluate import check_store_genes
 from alphastomics.workflows.inputs import prepare_input
 

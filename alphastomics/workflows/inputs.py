@@ -14,15 +14,10 @@ from typing import Any
 
 import anndata as ad
 
+from alphastomics.data.anndata import TARGET_SUM, NormalizeMode, PreparedSlice, prepare_anndata
 from alphastomics.errors import UserInputError
 from alphastomics.keys import POSITION_KEY, SLICE_KEY
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.preprocess import (
-    TARGET_SUM,
-    NormalizeMode,
-    PreparedSlice,
-    prepare_anndata,
-)
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,10 @@ from scipy.spatial import procrustes
 from sklearn.neighbors import KNeighborsClassifier
 
 from alphastomics import __version__
-from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
+from alphastomics.data.anndata import MIN_SLICE_CELLS, NormalizeMode, PreparedSlice, read_h5ad
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.units import to_user_units
+from alphastomics.diffusion_model.sample import SAMPLE_MODES
 from alphastomics.errors import UserInputError
 from alphastomics.keys import (
     EXPRESSION,
@@ -30,7 +33,6 @@ from alphastomics.keys import (
     UNS,
 )
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder
 from alphastomics.utils.figures import (
     MODE_TITLES,
     TissuePanel,
@@ -40,12 +42,6 @@ from alphastomics.utils.figures import (
     plot_tissues,
 )
 from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
-from alphastomics.utils.preprocess import (
-    MIN_SLICE_CELLS,
-    NormalizeMode,
-    PreparedSlice,
-    read_h5ad,
-)
 from alphastomics.workflows.inputs import prepare_input
 
 log = logging.getLogger(__name__)
@@ -289,7 +285,7 @@ def sample_h5ad(
         rows = piece.obs_indices
         out_expr[rows] = expr_point
         out_std[rows] = expr_spread
-        out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, out_dims)
+        out_pos[rows] = to_user_units(pos_k[0], center, scale, out_dims)
         spread[rows] = _aligned_spread(pos_k) * scale
         figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 
@@ -685,7 +681,7 @@ def _generate(
                 holder, "joint", sampler=sampler, steps=steps, generator=generator
             )
             expr = expr[0].cpu().numpy()
-            pos = positions_to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
+            pos = to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
             name = piece.name if num_samples == 1 else f"{piece.name}_sample{k}"
             types = predict_cell_types(piece, expr, type_names)
             exprs.append(expr)

@@ -13,6 +13,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
+from alphastomics.data.loader import create_dataloaders
+from alphastomics.data.store import ProcessedStore
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt
 from alphastomics.training.checkpoint import checkpoint_config, read_checkpoint
@@ -22,7 +24,6 @@ from alphastomics.training.trainer import (
     quiet_lightning,
     validation_minutes,
 )
-from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 from alphastomics.utils.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)

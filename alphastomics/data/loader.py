@@ -15,11 +15,10 @@ them from ``torch.distributed`` when iterating; with Lightning, set
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,163 +27,15 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from alphastomics.data.batch import DataHolder, collate_holders
+from alphastomics.data.store import ProcessedStore, StoreSlice
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder, collate_holders
-from alphastomics.utils.preprocess import FORMAT_VERSION, check_store
 
 logger = logging.getLogger(__name__)
 
 DataMode = Literal["slice", "cell"]
-Split = Literal["train", "val", "test"]
 ItemKind = Literal["slice", "random", "neighborhood"]
 _MAX_SEED = 2**63 - 1
-
-
-# --------------------------------------------------------------------------------------------
-# The store
-
-
-@dataclass(frozen=True)
-class StoreSlice(Mapping[str, Any]):
-    """Arrays of one store entry (memory-mapped when loaded with ``mmap=True``).
-
-    Fields are attributes and also mapping keys (``data.expression`` or ``data["expression"]``).
-
-    Attributes
-    ----------
-    index
-        Position of the entry in ``metadata["slices"]``.
-    name
-        Entry name (``metadata["slices"][index]["name"]``).
-    expression
-        (N, G) float32 normalised expression; unmeasured genes are 0.
-    positions
-        (N, 3) float32 centred and scaled coordinates.
-    cell_type
-        (N,) int64 codes into ``metadata["cell_types"]``, -1 = unknown.
-    obs_names
-        (N,) str obs_names of the input cells.
-    gene_mask
-        (G,) bool, True for a gene the slice measured.
-    """
-
-    index: int
-    name: str
-    expression: np.ndarray
-    positions: np.ndarray
-    cell_type: np.ndarray
-    obs_names: np.ndarray
-    gene_mask: np.ndarray
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells N."""
-        return self.expression.shape[0]
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in _STORE_SLICE_FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_STORE_SLICE_FIELDS)
-
-    def __len__(self) -> int:
-        return len(_STORE_SLICE_FIELDS)
-
-
-_STORE_SLICE_FIELDS = tuple(f.name for f in fields(StoreSlice))
-
-
-class ProcessedStore:
-    """Read-only view of a store written by :class:`SpatialDataPreprocessor`.
-
-    Parameters
-    ----------
-    data_dir
-        Folder holding ``metadata.json`` and ``slices/``.
-
-    Examples
-    --------
-    >>> store = ProcessedStore("processed")  # doctest: +SKIP
-    >>> first = store.load_slice(store.slice_indices("train")[0])  # doctest: +SKIP
-    """
-
-    def __init__(self, data_dir: str | Path) -> None:
-        self.data_dir = Path(data_dir)
-        path = self.data_dir / "metadata.json"
-        if not path.is_file():
-            raise UserInputError(
-                f"{self.data_dir} is not a processed store (no metadata.json); run "
-                "`alphastomics preprocess --output_dir DIR` and pass that DIR as --data_dir"
-            )
-        try:
-            self.metadata: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{path} is not valid JSON; run preprocess again") from err
-        check_store(self.data_dir, self.metadata)
-        version = self.metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise UserInputError(
-                f"{self.data_dir} has store format {version}, this alphastomics reads format "
-                f"{FORMAT_VERSION}; run preprocess again with this version"
-            )
-
-    @property
-    def n_genes(self) -> int:
-        """Number of genes G."""
-        return int(self.metadata["n_genes"])
-
-    @property
-    def gene_names(self) -> list[str]:
-        """The model's genes, in order."""
-        return list(self.metadata["genes"])
-
-    @property
-    def n_slices(self) -> int:
-        """Number of store entries."""
-        return len(self.metadata["slices"])
-
-    def slice_indices(self, split: Split | None = None) -> list[int]:
-        """Indices of the entries of ``split`` (all entries when None)."""
-        return [
-            k
-            for k, info in enumerate(self.metadata["slices"])
-            if split is None or info["split"] == split
-        ]
-
-    def slice_names(self, split: Split | None = None) -> list[str]:
-        """Names of the entries of ``split`` (all entries when None)."""
-        return [self.metadata["slices"][k]["name"] for k in self.slice_indices(split)]
-
-    def n_cells(self, index: int) -> int:
-        """Number of cells of entry ``index``."""
-        return int(self.metadata["slices"][index]["n_cells"])
-
-    def load_slice(self, index: int, mmap: bool = True) -> StoreSlice:
-        """Arrays of entry ``index``; with ``mmap`` nothing is read until indexed."""
-        info = self.metadata["slices"][index]
-        folder = self.data_dir / info["path"]
-        mode = "r" if mmap else None
-
-        def load(name: str) -> np.ndarray:
-            try:
-                return np.load(folder / f"{name}.npy", mmap_mode=mode)
-            except (OSError, ValueError) as err:
-                raise UserInputError(
-                    f"cannot read {folder / name}.npy ({err}); the store is damaged, run "
-                    "preprocess again"
-                ) from err
-
-        return StoreSlice(
-            index=index,
-            name=info["name"],
-            expression=load("expression"),
-            positions=load("positions"),
-            cell_type=load("cell_type"),
-            obs_names=load("obs_names"),
-            gene_mask=np.asarray(info["gene_mask"], dtype=bool),
-        )
 
 
 # --------------------------------------------------------------------------------------------
