@@ -31,9 +31,9 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from alphastomics.baselines import score_expression
 from alphastomics.data.store import ProcessedStore
-from alphastomics.utils.metrics import position_metrics
+from alphastomics.evaluation.evaluate import score_slice
+from alphastomics.evaluation.metrics import position_metrics
 
 JITTERS = (0.05, 0.1, 0.2)
 K = 10
@@ -67,7 +67,9 @@ def references(
     placed("same-slice expression kNN", positions[near[:, 1:]].mean(axis=1))
     _, near = NearestNeighbors(n_neighbors=K + 1).fit(positions).kneighbors(positions)
     predicted = expression[near[:, 1:]].mean(axis=1)
-    score = score_expression(expression, predicted, positions, gene_mask)
+    score = score_slice(expression, positions, gene_mask, predicted_expression=predicted)[
+        "pos_to_expr"
+    ]
     out["same-slice spatial kNN average"] = (score["pcc_gene_mean"],)
     return out
 

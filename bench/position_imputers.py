@@ -24,7 +24,7 @@ from sklearn.neighbors import KNeighborsRegressor
 
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
-from alphastomics.utils.metrics import expression_metrics
+from alphastomics.evaluation.metrics import expression_metrics
 
 Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # positions, expression, gene mask

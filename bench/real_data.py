@@ -39,9 +39,9 @@ split where placing cells in unseen tissue matters (kNN regression about 0.83).
 
 The model and every baseline are scored on the same arrays: the test entries of the store,
 loaded by ``ProcessedStore.load_slice``; only held-out cells enter a metric. The model is
-scored by ``alphastomics.workflows.evaluate.run_evaluation`` (it samples each test entry
+scored by ``alphastomics.workflows.test.run_evaluation`` (it samples each test entry
 from its expression alone for ``expr_to_pos`` and from its positions alone for
-``pos_to_expr``); the baselines by :func:`alphastomics.baselines.evaluate_baselines`, fitted on
+``pos_to_expr``); the baselines by :func:`alphastomics.evaluation.baselines.evaluate_baselines`, fitted on
 the training entries. When a single slice was split by cells, a second model row generates the
 test cells among the training cells of their slice (``known`` = training cells): it places
 them from their expression (inpainting) and imputes their expression at their positions (with
@@ -72,7 +72,6 @@ import numpy as np
 import torch
 
 from alphastomics import keys
-from alphastomics.baselines import BaselineResult, evaluate_baselines, score_expression
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
 from alphastomics.data.store import (
@@ -84,8 +83,10 @@ from alphastomics.data.store import (
 )
 from alphastomics.data.units import to_user_units
 from alphastomics.errors import UserInputError
+from alphastomics.evaluation.baselines import BaselineResult, evaluate_baselines
+from alphastomics.evaluation.evaluate import score_slice
+from alphastomics.evaluation.metrics import summarize
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
-from alphastomics.utils.metrics import position_metrics, summarize
 
 log = logging.getLogger("bench.real_data")
 
@@ -441,7 +442,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score ``module`` (loaded from ``checkpoint``) on the test entries with
     ``run_evaluation``, once per seed."""
-    from alphastomics.workflows.evaluate import run_evaluation
+    from alphastomics.workflows.test import run_evaluation
 
     runs = []
     for s in range(args.num_seeds):
@@ -504,7 +505,11 @@ def evaluate_one_step_mean(
         )
         generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
         _, placed = module.predict_mean(holder, "expr_to_pos", generator=generator)
-        scores.append(position_metrics(positions, placed[0].cpu().numpy()))
+        scores.append(
+            score_slice(arrays.expression, positions, predicted_positions=placed[0].cpu().numpy())[
+                "expr_to_pos"
+            ]
+        )
         weights.append(len(positions))
     summary = summarize(scores, weights=weights)
     return {
@@ -570,17 +575,16 @@ def evaluate_placement(
             }
             placed, imputed = generated["expr_to_pos"][1], generated["pos_to_expr"][0]
             seconds += time.perf_counter() - start
-            scores["expr_to_pos"].append(
-                position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy())
+            scored = score_slice(
+                expression,
+                positions,
+                gene_mask,
+                predicted_positions=placed[0].cpu().numpy(),
+                predicted_expression=imputed[0].cpu().numpy(),
+                known=known[0].numpy(),
             )
-            scores["pos_to_expr"].append(
-                score_expression(
-                    expression[n_ref:],
-                    imputed[0, n_ref:].cpu().numpy(),
-                    positions[n_ref:],
-                    gene_mask,
-                )
-            )
+            for mode, values in scored.items():
+                scores[mode].append(values)
             weights.append(len(positions) - n_ref)
     overall = {}
     for mode, mode_scores in scores.items():

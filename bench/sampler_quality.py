@@ -48,9 +48,9 @@ from alphastomics.data.batch import DataHolder
 from alphastomics.data.preprocess import SpatialDataPreprocessor
 from alphastomics.data.store import ProcessedStore
 from alphastomics.data.synthetic import synthetic_tissue
+from alphastomics.evaluation.metrics import expression_metrics, position_metrics
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.metrics import expression_metrics, position_metrics
 from alphastomics.workflows.train import run_training
 
 MAIN_METRIC = {

@@ -17,8 +17,8 @@ import torch
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model.sample import DiffusionSampler
+from alphastomics.evaluation.metrics import expression_metrics, position_metrics
 from alphastomics.training.checkpoint import load_module
-from alphastomics.utils.metrics import expression_metrics, position_metrics
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ Usage (from the repository root, virtual environment active)::
 
 ``KEY=VALUE`` words are passed to ``alphastomics train`` as config overrides.
 
-Scores (:mod:`alphastomics.utils.tissue_metrics`), each of a candidate tissue against the real
+Scores (:mod:`alphastomics.evaluation.tissue_metrics`), each of a candidate tissue against the real
 held-out slice:
 
 - composition: 1 − total-variation distance of cell-type shares;
@@ -35,11 +35,11 @@ held-out slice:
   spatialdata among them; ``tests/test_tissue_metrics.py`` compares it with squidpy where
   squidpy is installed);
 - spatial autocorrelation: Spearman correlation across genes of Moran's I on a 10-nearest-
-  neighbour graph (``alphastomics.utils.metrics.morans_i``, equal to squidpy's
+  neighbour graph (``alphastomics.evaluation.metrics.morans_i``, equal to squidpy's
   ``gr.spatial_autocorr`` on that graph);
 - expression realism: 5-fold cross-validated ROC AUC of a random forest telling real from
   candidate cells (0.5: indistinguishable), on one half of the real cells (see
-  :func:`~alphastomics.utils.tissue_metrics.realism_auc`).
+  :func:`~alphastomics.evaluation.tissue_metrics.realism_auc`).
 
 Cell types of the real and every candidate tissue come from one classifier fitted on the
 training cells' expression: a logistic regression on their cell types with
@@ -84,13 +84,13 @@ from alphastomics import keys
 from alphastomics.data.store import ProcessedStore
 from alphastomics.data.units import to_model_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.figures import TissuePanel, plot_tissues
-from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
-from alphastomics.utils.tissue_metrics import (
+from alphastomics.evaluation.figures import TissuePanel, plot_tissues
+from alphastomics.evaluation.tissue_metrics import (
     CellTypeClassifier,
     compare_tissues,
     tissue_statistics,
 )
+from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
 
 log = logging.getLogger("bench.virtual_tissue")
 

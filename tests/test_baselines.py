@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alphastomics.baselines import (
+from alphastomics.data.store import ProcessedStore
+from alphastomics.errors import UserInputError
+from alphastomics.evaluation.baselines import (
     ExpressionPCAPositions,
     KNNExpression,
     KNNPositions,
@@ -16,9 +18,7 @@ from alphastomics.baselines import (
     evaluate_baselines,
     infer_n_dims,
 )
-from alphastomics.data.store import ProcessedStore
-from alphastomics.errors import UserInputError
-from alphastomics.utils.metrics import position_metrics
+from alphastomics.evaluation.metrics import position_metrics
 
 
 def _smooth_tissue(n_cells: int = 1000, n_genes: int = 40, n_dims: int = 3, seed: int = 0):

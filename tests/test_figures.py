@@ -1,4 +1,4 @@
-"""Tests for alphastomics.utils.figures: valid PNGs, written atomically."""
+"""Tests for alphastomics.evaluation.figures: valid PNGs, written atomically."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from scipy.spatial.distance import pdist
 
-from alphastomics.utils import figures
-from alphastomics.utils.figures import (
+from alphastomics.evaluation.figures import (
     TissuePanel,
     plot_genes,
     plot_layout,
     plot_layouts,
     plot_tissues,
 )
+from alphastomics.utils import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

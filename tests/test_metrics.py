@@ -1,4 +1,4 @@
-"""Known-answer tests for alphastomics.utils.metrics."""
+"""Known-answer tests for alphastomics.evaluation.metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy.spatial.distance import cdist
 from scipy.spatial.transform import Rotation
 from scipy.stats import spearmanr
 
-from alphastomics.utils.metrics import (
+from alphastomics.evaluation.metrics import (
     clustering_metrics,
     expression_metrics,
     morans_i,
@@ -351,7 +351,7 @@ def test_summarize_adds_up_cell_counts_only() -> None:
 
 
 def test_summary_lines_show_every_metric_beside_its_baseline() -> None:
-    from alphastomics.workflows.evaluate import summary_lines
+    from alphastomics.workflows.test import summary_lines
 
     overall = {
         "expr_to_pos": {"distance_spearman_median": 0.41, "knn_preservation": 0.2},

@@ -257,7 +257,7 @@ def test_bench_rejects_bad_arguments(bench: ModuleType, tissue_h5ad: Path, tmp_p
 @pytest.mark.realdata
 def test_bdtnp_slab_split_and_knn_baseline(bench: ModuleType, bdtnp_path: Path, tmp_path: Path):
     """BDTNP: a central slab along z keeps the embryo's frame; kNN regression places it well."""
-    from alphastomics.baselines import KNNPositions
+    from alphastomics.evaluation.baselines import KNNPositions
 
     flags = ["--position_key", "spatial", "--holdout_cells", "0.2", "--split_axis", "z"]
     args = bench.build_parser().parse_args(

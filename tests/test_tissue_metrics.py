@@ -1,4 +1,4 @@
-"""alphastomics.utils.tissue_metrics: hand-computed cases, and tissues whose answer is known."""
+"""alphastomics.evaluation.tissue_metrics: hand-computed cases, and tissues whose answer is known."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alphastomics.data.synthetic import synthetic_tissue
-from alphastomics.utils.tissue_metrics import (
+from alphastomics.evaluation.tissue_metrics import (
     CellTypeClassifier,
     compare_tissues,
     composition_similarity,

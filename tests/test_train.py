@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader
 from alphastomics.config import load_config
 from alphastomics.data.batch import DataHolder, collate_holders
 from alphastomics.errors import UserInputError
+from alphastomics.evaluation.metrics import position_metrics
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.training.trainer import build_trainer
-from alphastomics.utils.metrics import position_metrics
 from alphastomics.workflows.train import data_info_from_metadata
 
 SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]

@@ -318,7 +318,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         self, batch: DataHolder, generator: torch.Generator
     ) -> dict[str, float]:
         """Cheap few-step samples of both directions (as `test` makes them), scored on item 0."""
-        from alphastomics.utils.metrics import expression_metrics, position_metrics
+        from alphastomics.evaluation.metrics import expression_metrics, position_metrics
 
         steps = min(self.cfg.training.val_sample_steps, self.noise_model.T)
         sampler = DiffusionSampler(

@@ -16,8 +16,8 @@ from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
 from alphastomics.training.checkpoint import load_module
 from alphastomics.utils.io import atomic_write, check_output_dir, write_h5ad
-from alphastomics.workflows.evaluate import run_evaluation
 from alphastomics.workflows.sampling import sample_h5ad
+from alphastomics.workflows.test import run_evaluation
 from alphastomics.workflows.train import run_training
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
 from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
-from alphastomics.workflows.evaluate import check_store_genes
 from alphastomics.workflows.inputs import prepare_input
+from alphastomics.workflows.test import check_store_genes
 
 
 def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:

@@ -20,6 +20,14 @@ from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
 from alphastomics.diffusion_model.sample import SAMPLE_MODES
 from alphastomics.errors import UserInputError
+from alphastomics.evaluation.figures import (
+    MODE_TITLES,
+    TissuePanel,
+    plot_genes,
+    plot_layout,
+    plot_layouts,
+    plot_tissues,
+)
 from alphastomics.keys import (
     EXPRESSION,
     EXPRESSION_STD,
@@ -33,14 +41,6 @@ from alphastomics.keys import (
     UNS,
 )
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.figures import (
-    MODE_TITLES,
-    TissuePanel,
-    plot_genes,
-    plot_layout,
-    plot_layouts,
-    plot_tissues,
-)
 from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
 from alphastomics.workflows.inputs import prepare_input
 

@@ -53,12 +53,8 @@ from sklearn.preprocessing import StandardScaler
 
 from alphastomics.data.store import ProcessedStore
 from alphastomics.errors import UserInputError
-from alphastomics.utils.metrics import (
-    expression_metrics,
-    position_metrics,
-    spatial_metrics,
-    summarize,
-)
+from alphastomics.evaluation.evaluate import score_positions, score_slice
+from alphastomics.evaluation.metrics import expression_metrics, summarize
 
 __all__ = [
     "DEFAULT_K",
@@ -71,8 +67,6 @@ __all__ = [
     "RandomPositions",
     "evaluate_baselines",
     "infer_n_dims",
-    "score_expression",
-    "score_positions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -393,7 +387,7 @@ class BaselineResult:
     slices
         Entry name -> metrics of that entry (``n_cells`` included).
     overall
-        Cell-weighted summary over the entries (:func:`alphastomics.utils.metrics.summarize`).
+        Cell-weighted summary over the entries (:func:`alphastomics.evaluation.metrics.summarize`).
     fit_seconds, predict_seconds
         Wall time of fitting on the training cells, and of predicting every test entry
         (metric computation excluded).
@@ -453,20 +447,6 @@ def _load(store: ProcessedStore, split: Literal["train", "val", "test"]) -> _Ent
         entries.positions.append(np.asarray(data.positions, dtype=np.float32))
         entries.gene_masks.append(np.asarray(data.gene_mask, dtype=bool))
     return entries
-
-
-def score_positions(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
-    """``expr_to_pos`` metrics, as ``alphastomics test`` computes them."""
-    return dict(position_metrics(true, pred))
-
-
-def score_expression(
-    true: np.ndarray, pred: np.ndarray, positions: np.ndarray, gene_mask: np.ndarray
-) -> dict[str, Any]:
-    """``pos_to_expr`` metrics, as ``alphastomics test`` computes them (clustering left out)."""
-    scores: dict[str, Any] = dict(expression_metrics(true, pred, gene_mask=gene_mask))
-    scores.update(spatial_metrics(true, pred, positions, gene_mask=gene_mask))
-    return scores
 
 
 def _choose_k(
@@ -612,7 +592,7 @@ def evaluate_baselines(
             start = time.perf_counter()
             pred = method.predict(x[:, features])
             predict_seconds += time.perf_counter() - start
-            per_slice[name] = score_positions(p, pred)
+            per_slice[name] = score_slice(x, p, predicted_positions=pred)["expr_to_pos"]
         results.append(_result(method, per_slice, fit_seconds, predict_seconds, selection))
     for method, selection in expression_methods:
         start = time.perf_counter()
@@ -626,7 +606,7 @@ def evaluate_baselines(
             start = time.perf_counter()
             pred = method.predict(p)
             predict_seconds += time.perf_counter() - start
-            per_slice[name] = score_expression(x, pred, p, m)
+            per_slice[name] = score_slice(x, p, m, predicted_expression=pred)["pos_to_expr"]
         results.append(_result(method, per_slice, fit_seconds, predict_seconds, selection))
     return results
 

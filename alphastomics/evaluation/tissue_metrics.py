@@ -6,7 +6,7 @@ right together, compared between a real tissue and a candidate (generated, or a 
   the spatial neighbour graph (:func:`nhood_enrichment`, squidpy's ``gr.nhood_enrichment``
   statistic on its default generic graph, ``gr.spatial_neighbors`` with 6 neighbours);
 - spatial autocorrelation: Spearman correlation across genes of Moran's I
-  (:func:`alphastomics.utils.metrics.morans_i`);
+  (:func:`alphastomics.evaluation.metrics.morans_i`);
 - expression realism: cross-validated ROC AUC of a random forest telling real from candidate
   cells (0.5: indistinguishable).
 
@@ -30,7 +30,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from alphastomics.utils.metrics import morans_i
+from alphastomics.evaluation.metrics import morans_i
 
 __all__ = [
     "CellTypeClassifier",

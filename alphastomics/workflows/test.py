@@ -15,16 +15,14 @@ from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
 from alphastomics.errors import UserInputError
-from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.figures import MODE_TITLES, plot_genes, plot_layouts
-from alphastomics.utils.io import json_text, staged_outputs
-from alphastomics.utils.metrics import (
-    clustering_metrics,
+from alphastomics.evaluation.evaluate import score_positions, score_slice
+from alphastomics.evaluation.figures import MODE_TITLES, plot_genes, plot_layouts
+from alphastomics.evaluation.metrics import (
     expression_metrics,
-    position_metrics,
-    spatial_metrics,
     summarize,
 )
+from alphastomics.training.module import AlphaSTomicsModule
+from alphastomics.utils.io import json_text, staged_outputs
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +61,12 @@ def evaluate_slice(
         )
         pos_pred = pos[0].cpu().numpy()
         predictions["positions"] = pos_pred
-        metrics["expr_to_pos"] = position_metrics(pos_true, pos_pred)
+        metrics |= score_slice(expr_true, pos_true, gene_mask, predicted_positions=pos_pred)
         metrics["expr_to_pos"]["seconds"] = time.perf_counter() - start
         random_pos = sample_centered_gaussian(
             holder.positions.shape, holder.node_mask, generator=generator
         )
-        metrics["baseline_random_positions"] = position_metrics(pos_true, random_pos[0].numpy())
+        metrics["baseline_random_positions"] = score_positions(pos_true, random_pos[0].numpy())
     if mode in ("joint", "pos_to_expr"):
         start = time.perf_counter()
         estimate = module.cfg.sampling.expression_estimate
@@ -82,18 +80,9 @@ def evaluate_slice(
         )
         expr_pred = expr[0].cpu().numpy()
         predictions["expression"] = expr_pred
-        scores = expression_metrics(expr_true, expr_pred, gene_mask=gene_mask)
-        scores.update(spatial_metrics(expr_true, expr_pred, pos_true, gene_mask=gene_mask))
-        if labels is not None and (np.asarray(labels) >= 0).any():
-            known = np.asarray(labels) >= 0
-            scores.update(
-                {
-                    f"cluster_{k}": v
-                    for k, v in clustering_metrics(
-                        expr_pred[known], np.asarray(labels)[known]
-                    ).items()
-                }
-            )
+        scores = score_slice(
+            expr_true, pos_true, gene_mask, predicted_expression=expr_pred, cell_types=labels
+        )["pos_to_expr"]
         scores["seconds"] = time.perf_counter() - start
         scores["estimate"] = estimate
         metrics["pos_to_expr"] = scores

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 
+from alphastomics.evaluation.metrics import procrustes_align
 from alphastomics.utils.io import atomic_write
-from alphastomics.utils.metrics import procrustes_align
 
 __all__ = [
     "MODE_TITLES",
