@@ -89,12 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, weights, names = [], [], []
     for i in indices:
         arrays = store.load_slice(i)
-        positions = np.asarray(arrays["positions"], dtype=np.float64)
-        cell_type = arrays.get("cell_type")
+        positions = np.asarray(arrays.positions, dtype=np.float64)
+        cell_type = arrays.cell_type
         if cell_type is not None:
             cell_type = np.asarray(cell_type)
-        expression = np.asarray(arrays["expression"], dtype=np.float64)
-        gene_mask = np.asarray(arrays["gene_mask"], dtype=bool)
+        expression = np.asarray(arrays.expression, dtype=np.float64)
+        gene_mask = np.asarray(arrays.gene_mask, dtype=bool)
         distance, _ = NearestNeighbors(n_neighbors=2).fit(positions).kneighbors(positions)
         print(
             f"{store.metadata['slices'][i]['name']}: {len(positions)} cells, median nearest-"

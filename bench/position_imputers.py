@@ -60,9 +60,9 @@ IMPUTERS: dict[str, Imputer] = {
 def _concat(store: ProcessedStore, split: str) -> Entries:
     parts = [store.load_slice(i) for i in store.slice_indices(split)]  # type: ignore[arg-type]
     return (
-        np.concatenate([np.asarray(p["positions"]) for p in parts]),
-        np.concatenate([np.asarray(p["expression"]) for p in parts]),
-        np.asarray(parts[0]["gene_mask"]),
+        np.concatenate([np.asarray(p.positions) for p in parts]),
+        np.concatenate([np.asarray(p.expression) for p in parts]),
+        np.asarray(parts[0].gene_mask),
     )
 
 

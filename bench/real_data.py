@@ -499,9 +499,9 @@ def evaluate_one_step_mean(
     start = time.perf_counter()
     for i in store.slice_indices("test"):
         arrays = store.load_slice(i)
-        positions = np.asarray(arrays["positions"])
+        positions = np.asarray(arrays.positions)
         holder = DataHolder.from_arrays(
-            np.asarray(arrays["expression"]), positions, gene_mask=np.asarray(arrays["gene_mask"])
+            np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
         )
         generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
         _, placed = module.predict_mean(holder, "expr_to_pos", generator=generator)
@@ -552,10 +552,10 @@ def evaluate_placement(
                 j for j in store.slice_indices("train") if meta["slices"][j].get("slice") == source
             ]
             parts = [store.load_slice(j) for j in refs] + [store.load_slice(i)]
-            n_ref = sum(len(p["positions"]) for p in parts[:-1])
-            positions = np.concatenate([np.asarray(p["positions"]) for p in parts])
-            expression = np.concatenate([np.asarray(p["expression"]) for p in parts])
-            gene_mask = np.asarray(parts[-1]["gene_mask"])
+            n_ref = sum(len(p.positions) for p in parts[:-1])
+            positions = np.concatenate([np.asarray(p.positions) for p in parts])
+            expression = np.concatenate([np.asarray(p.expression) for p in parts])
+            gene_mask = np.asarray(parts[-1].gene_mask)
             holder = DataHolder.from_arrays(expression, positions, gene_mask=gene_mask)
             known = torch.zeros(1, len(positions), dtype=torch.bool)
             known[0, :n_ref] = True

@@ -33,14 +33,14 @@ def main() -> None:
     store = ProcessedStore(args.data_dir)
     for index in store.slice_indices("test"):
         a = store.load_slice(index)
-        holder = DataHolder.from_arrays(a["expression"], a["positions"], gene_mask=a["gene_mask"])
+        holder = DataHolder.from_arrays(a.expression, a.positions, gene_mask=a.gene_mask)
         row: dict[str, str] = {}
         for warm in args.warm_starts:
             gen = torch.Generator().manual_seed(args.seed)
             _, pos = module.sample(
                 holder, "expr_to_pos", steps=args.steps, generator=gen, warm_start=warm
             )
-            pm = position_metrics(a["positions"], pos[0].numpy())
+            pm = position_metrics(a.positions, pos[0].numpy())
             row[f"warm {warm}"] = (
                 f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
             )
@@ -50,7 +50,7 @@ def main() -> None:
         _, pos = sampler.predict_mean(
             expr, holder.positions, holder.node_mask, "expr_to_pos", generator=gen
         )
-        pm = position_metrics(a["positions"], pos[0].numpy())
+        pm = position_metrics(a.positions, pos[0].numpy())
         row["mean"] = f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
         for estimate in ("sample", "mean"):
             gen = torch.Generator().manual_seed(args.seed)
@@ -61,7 +61,7 @@ def main() -> None:
                 generator=gen,
                 expression_estimate=estimate,
             )
-            em = expression_metrics(a["expression"], e[0].numpy(), gene_mask=a["gene_mask"])
+            em = expression_metrics(a.expression, e[0].numpy(), gene_mask=a.gene_mask)
             row[f"pos_to_expr {estimate} PCC"] = f"{em['pcc_gene_mean']:.3f}"
         name = store.metadata["slices"][index]["name"]
         print(f"{name} (expr_to_pos: distance Spearman / kNN preservation): {row}")

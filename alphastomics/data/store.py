@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,10 +234,8 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
 
 
 @dataclass(frozen=True)
-class StoreSlice(Mapping[str, Any]):
+class StoreSlice:
     """Arrays of one store entry (memory-mapped when loaded with ``mmap=True``).
-
-    Fields are attributes and also mapping keys (``data.expression`` or ``data["expression"]``).
 
     Attributes
     ----------
@@ -269,20 +267,6 @@ class StoreSlice(Mapping[str, Any]):
     def n_cells(self) -> int:
         """Number of cells N."""
         return self.expression.shape[0]
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in _STORE_SLICE_FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_STORE_SLICE_FIELDS)
-
-    def __len__(self) -> int:
-        return len(_STORE_SLICE_FIELDS)
-
-
-_STORE_SLICE_FIELDS = tuple(f.name for f in fields(StoreSlice))
 
 
 class ProcessedStore:

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
     from alphastomics.data.batch import DataHolder
     from alphastomics.data.loader import create_dataloaders
     from alphastomics.data.preprocess import SpatialDataPreprocessor
-    from alphastomics.utils.embedding_extractor import EmbeddingExtractor
+    from alphastomics.embedding import EmbeddingExtractor
 
 _LOCATIONS = {
     "DataHolder": "alphastomics.data.batch",
     "create_dataloaders": "alphastomics.data.loader",
-    "EmbeddingExtractor": "alphastomics.utils.embedding_extractor",
+    "EmbeddingExtractor": "alphastomics.embedding",
     "SpatialDataPreprocessor": "alphastomics.data.preprocess",
 }
 

@@ -9,9 +9,9 @@ import numpy as np
 from alphastomics.data.anndata import NormalizeMode, read_h5ad
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
+from alphastomics.embedding import EmbeddingExtractor, ExtractMode
 from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
 from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
 from alphastomics.workflows.inputs import prepare_input
 from alphastomics.workflows.test import check_store_genes
@@ -36,13 +36,13 @@ def extract_store(
     holders, obs_names = [], []
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)
-        obs_names.append(np.asarray(arrays["obs_names"], dtype=str))
+        obs_names.append(np.asarray(arrays.obs_names, dtype=str))
         holders.append(
             DataHolder.from_arrays(
-                arrays["expression"],
-                arrays["positions"],
-                gene_mask=arrays["gene_mask"],
-                cell_type=arrays["cell_type"],
+                arrays.expression,
+                arrays.positions,
+                gene_mask=arrays.gene_mask,
+                cell_type=arrays.cell_type,
                 slice_index=index,
             )
         )

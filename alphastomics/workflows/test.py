@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from alphastomics.data.batch import DataHolder
-from alphastomics.data.store import ProcessedStore
+from alphastomics.data.store import ProcessedStore, StoreSlice
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.evaluate import score_positions, score_slice
@@ -35,7 +35,7 @@ def _cell_type_names(codes: np.ndarray, names: list[str]) -> np.ndarray | None:
 
 def evaluate_slice(
     module: AlphaSTomicsModule,
-    arrays: dict[str, np.ndarray],
+    arrays: StoreSlice,
     *,
     sampler: str | None,
     steps: int | None,
@@ -46,14 +46,14 @@ def evaluate_slice(
 
     Returns the metrics and the predictions (``positions`` (N, 3), ``expression`` (N, G)).
     """
-    expr_true = np.asarray(arrays["expression"], dtype=np.float32)
-    pos_true = np.asarray(arrays["positions"], dtype=np.float32)
-    gene_mask = np.asarray(arrays["gene_mask"], dtype=bool)
+    expr_true = np.asarray(arrays.expression, dtype=np.float32)
+    pos_true = np.asarray(arrays.positions, dtype=np.float32)
+    gene_mask = np.asarray(arrays.gene_mask, dtype=bool)
     holder = DataHolder.from_arrays(expr_true, pos_true, gene_mask=gene_mask)
     mode = module.cfg.training_mode
     metrics: dict[str, Any] = {"n_cells": int(expr_true.shape[0])}
     predictions: dict[str, np.ndarray] = {}
-    labels = arrays.get("cell_type")
+    labels = arrays.cell_type
     if mode in ("joint", "expr_to_pos"):
         start = time.perf_counter()
         _, pos = module.sample(
@@ -132,8 +132,8 @@ def run_evaluation(
             )
             per_slice[name] = metrics
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            labels = _cell_type_names(np.asarray(arrays["cell_type"]), names)
-            positions = np.asarray(arrays["positions"])
+            labels = _cell_type_names(np.asarray(arrays.cell_type), names)
+            positions = np.asarray(arrays.positions)
             if "positions" in pred:  # each figure: a function of the path it is written to
                 layout = partial(
                     plot_layouts,
@@ -147,10 +147,10 @@ def run_evaluation(
                 panels = partial(
                     plot_genes,
                     positions,
-                    np.asarray(arrays["expression"]),
+                    np.asarray(arrays.expression),
                     pred["expression"],
                     genes,
-                    gene_mask=np.asarray(arrays["gene_mask"], dtype=bool),
+                    gene_mask=np.asarray(arrays.gene_mask, dtype=bool),
                     title=f"{name}: {MODE_TITLES['pos_to_expr']}",
                 )
                 stage.write(output_dir / f"genes_{safe}.png", panels)

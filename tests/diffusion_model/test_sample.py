@@ -1,10 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.data.batch import center, masked_mean
-from alphastomics.data.units import to_user_units
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, step_grid
 
@@ -156,13 +154,3 @@ def test_warm_start_uses_fewer_steps_from_the_mean_estimate():
     assert seen[1] == pytest.approx(0.2) and len(seen) == 6
     with pytest.raises(ValueError, match="warm_start"):
         sampler.sample(expr, pos, mask, "expr_to_pos", steps=5, warm_start=1.5)
-
-
-def test_user_units_keep_the_precision_of_a_large_offset():
-    # 300 cells within one unit of a 1e9 offset: float32 keeps about 10 distinct x values
-    scaled = np.random.default_rng(0).uniform(-1, 1, size=(300, 3)).astype(np.float32)
-    user = to_user_units(scaled, np.array([1e9, 2e9, 0.0]), 0.5, 2)
-    assert user.dtype == np.float64 and user.shape == (300, 2)  # z of a 2D slice dropped
-    assert len(np.unique(user[:, 0])) == 300
-    np.testing.assert_allclose(user[:, 0] - 1e9, scaled[:, 0] * 0.5, atol=1e-6)
-    assert len(np.unique(user[:, 0].astype(np.float32))) < 30

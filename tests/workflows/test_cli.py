@@ -387,16 +387,16 @@ def test_sample_pt_round_trip(trained, tmp_path):
     src = tmp_path / "in.pt"
     torch.save(
         {
-            "expression": torch.tensor(np.array(arrays["expression"])),
-            "positions": torch.tensor(np.array(arrays["positions"])),
-            "node_mask": torch.ones(len(arrays["positions"]), dtype=torch.bool),
+            "expression": torch.tensor(np.array(arrays.expression)),
+            "positions": torch.tensor(np.array(arrays.positions)),
+            "node_mask": torch.ones(len(arrays.positions), dtype=torch.bool),
         },
         src,
     )
     out = tmp_path / "out.pt"
     assert main(_sample_argv(trained, src, out, "expr_to_pos")) == 0
     result = torch.load(out, weights_only=False)
-    assert result["positions"].shape == (1, len(arrays["positions"]), 3)
+    assert result["positions"].shape == (1, len(arrays.positions), 3)
     assert result["mode"] == "expr_to_pos"
 
 

@@ -156,7 +156,7 @@ def test_seed_everything_gives_identical_training(tmp_path):
 
 
 def test_last_checkpoint_is_early_throttled_and_final(tmp_path, monkeypatch):
-    from alphastomics.diffusion_model import trainer as trainer_module
+    from alphastomics.training import trainer as trainer_module
 
     writes = []
     save = trainer_module.AtomicCheckpointIO.save_checkpoint

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from scipy.spatial.distance import pdist
 
+from alphastomics.evaluation import figures
 from alphastomics.evaluation.figures import (
     TissuePanel,
     plot_genes,
@@ -18,7 +19,6 @@ from alphastomics.evaluation.figures import (
     plot_layouts,
     plot_tissues,
 )
-from alphastomics.utils import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

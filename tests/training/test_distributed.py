@@ -23,8 +23,8 @@ from alphastomics.data.batch import DataHolder
 from alphastomics.data.loader import create_dataloaders
 from alphastomics.data.preprocess import SpatialDataPreprocessor
 from alphastomics.data.store import ProcessedStore
-from alphastomics.diffusion_model import trainer as trainer_module
 from alphastomics.errors import UserInputError
+from alphastomics.training import trainer as trainer_module
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.trainer import (
     FSDPGradientClipping,
@@ -35,7 +35,7 @@ from alphastomics.training.trainer import (
     resolve_devices,
 )
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 SCRIPT = REPO / "scripts" / "run_distributed.sh"
 TINY_MODEL = [
     "model.hidden_dim=16",

@@ -345,7 +345,7 @@ def test_train_that_writes_no_checkpoint_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Weights that turn NaN are never saved; the run must then fail, not report success."""
-    from alphastomics.diffusion_model import trainer
+    from alphastomics.training import trainer
 
     monkeypatch.setattr(trainer, "_nonfinite_weights", lambda checkpoint: ["model.w"])
     out = tmp_path / "run"

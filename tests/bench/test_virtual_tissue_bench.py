@@ -15,7 +15,7 @@ from scipy.spatial import Delaunay
 
 from alphastomics.data.synthetic import synthetic_tissue
 
-BENCH = Path(__file__).parents[1] / "bench" / "virtual_tissue.py"
+BENCH = Path(__file__).parents[2] / "bench" / "virtual_tissue.py"
 TINY = [
     "model.hidden_dim=16",
     "model.n_layers=1",

@@ -16,7 +16,7 @@ from conftest import make_tiny_adata
 from alphastomics.main import main
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_imputation", Path(__file__).parents[1] / "bench" / "imputation.py"
+    "bench_imputation", Path(__file__).parents[2] / "bench" / "imputation.py"
 )
 assert _spec is not None and _spec.loader is not None
 bench = importlib.util.module_from_spec(_spec)

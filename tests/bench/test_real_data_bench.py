@@ -16,7 +16,7 @@ from alphastomics.data.store import ProcessedStore
 from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
 
-BENCH = Path(__file__).parents[1] / "bench" / "real_data.py"
+BENCH = Path(__file__).parents[2] / "bench" / "real_data.py"
 IMPUTERS = BENCH.with_name("position_imputers.py")
 MODEL_IMPUTERS = [
     "model: conditional mean from positions alone",

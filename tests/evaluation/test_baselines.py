@@ -183,7 +183,7 @@ def test_baselines_place_cells_with_the_columns_of_a_2d_store(tmp_path: Path):
     source = write_h5ad(make_tiny_adata(n_slices=3, n_cells=40, n_dims=2), tmp_path / "flat.h5ad")
     pre = SpatialDataPreprocessor(test_slices=["slice_2"], progress=False)
     pre.preprocess_and_save([source], tmp_path / "store")
-    assert np.asarray(ProcessedStore(tmp_path / "store").load_slice(0)["positions"]).shape[1] == 2
+    assert np.asarray(ProcessedStore(tmp_path / "store").load_slice(0).positions).shape[1] == 2
     for method in (RandomPositions(), ExpressionPCAPositions()):
         expression, positions = np.ones((40, 5)), np.random.default_rng(0).normal(size=(40, 2))
         expression[:, 0] = positions[:, 0]
