@@ -314,16 +314,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     from alphastomics.training.checkpoint import load_module
     from alphastomics.utils.io import check_output_dir
+    from alphastomics.workflows.inputs import check_steps
     from alphastomics.workflows.test import run_evaluation, summary_lines
 
     output_dir = args.output_dir or args.checkpoint.parent.parent / f"test_{args.split}"
     if (output_dir / "metrics.json").exists():
         check_output_dir(output_dir, overwrite=args.overwrite)
     module = load_module(args.checkpoint)
-    if args.steps is not None and not 1 <= args.steps <= module.noise_model.T:
-        raise UserInputError(
-            f"--steps {args.steps} must be between 1 and the model's diffusion_steps ({module.noise_model.T})"
-        )
+    check_steps(module, args.steps)
     result = run_evaluation(
         module,
         args.data_dir,

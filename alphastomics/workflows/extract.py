@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 
 from alphastomics.data.anndata import NormalizeMode, read_h5ad
@@ -71,11 +72,42 @@ def extract_h5ad(
     :func:`~alphastomics.workflows.inputs.prepare_input`).
     """
     adata = read_h5ad(input_path)
+    out, stacked = embed_anndata(
+        module,
+        adata,
+        mode,
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+        source=str(input_path),
+    )
+    with staged_outputs() as stage:  # both files, or neither
+        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
+        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
+    return stacked
+
+
+def embed_anndata(
+    module: AlphaSTomicsModule,
+    adata: ad.AnnData,
+    mode: ExtractMode,
+    *,
+    keys: dict[str, str | None] | None = None,
+    normalize: NormalizeMode | None = None,
+    min_gene_overlap: float = 0.5,
+    source: str = "input AnnData",
+) -> tuple[ad.AnnData, dict[str, np.ndarray]]:
+    """Embeddings of every cell of ``adata``, in memory.
+
+    Returns a copy of ``adata`` with ``obsm["X_alphastomics"]`` (the transformer's embeddings
+    when extracted, else the first kind) and ``uns["alphastomics_embedding"]``, and every kind
+    of embedding by name (plus ``cell_types`` and ``obs_names``), in ``adata``'s cell order.
+    """
     info = module.hparams.get("data_info", {})
     slices = prepare_input(
         module,
         adata,
-        str(input_path),
+        source,
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
@@ -100,7 +132,4 @@ def extract_h5ad(
     out = adata.copy()
     out.obsm[EMBEDDING] = stacked[main_key]
     out.uns[EMBEDDING_INFO] = {"mode": mode, "source_key": main_key}
-    with staged_outputs() as stage:  # both files, or neither
-        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
-        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
-    return stacked
+    return out, stacked

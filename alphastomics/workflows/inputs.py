@@ -144,3 +144,12 @@ def _refuse_other_kind(source: str, applied: str, trained: list[str]) -> None:
     raise UserInputError(
         f"{source} holds {_KIND[applied]}, but the model was trained on {_KIND[trained[0]]}; {fix}"
     )
+
+
+def check_steps(module: AlphaSTomicsModule, steps: int | None) -> None:
+    """``--steps``: None (the config's) or a sampler step count the checkpoint can run."""
+    T = module.noise_model.T
+    if steps is not None and not 1 <= steps <= T:
+        raise UserInputError(
+            f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})"
+        )

@@ -42,7 +42,7 @@ from alphastomics.keys import (
 )
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
-from alphastomics.workflows.inputs import prepare_input
+from alphastomics.workflows.inputs import check_steps, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,7 @@ def check_sample_request(
             "this checkpoint was trained without hiding genes (training.p_hide_genes=0), so it "
             "never learned to impute genes from the others; expect poor imputations"
         )
-    T = module.noise_model.T
-    if steps is not None and not 1 <= steps <= T:
-        raise UserInputError(
-            f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})"
-        )
+    check_steps(module, steps)
     if num_samples < 1:
         raise UserInputError(f"--num_samples {num_samples} must be >= 1")
 
@@ -230,11 +226,60 @@ def sample_h5ad(
             f"drop it for --sample_mode {mode}"
         )
     measured = None if measured_key is None else measured_cells(adata, measured_key, input_path)
+    result, figure_data = sample_anndata(
+        module,
+        adata,
+        mode=mode,
+        sampler=sampler,
+        steps=steps,
+        num_samples=num_samples,
+        seed=seed,
+        keys=keys,
+        min_gene_overlap=min_gene_overlap,
+        checkpoint=checkpoint,
+        measured=measured,
+        measured_key=measured_key,
+        normalize=normalize,
+        source=str(input_path),
+    )
+    genes = list(module.hparams["gene_names"])
+    with staged_outputs() as stage:
+        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
+        figure = output_path.with_suffix(".png")
+        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
+    return result
+
+
+def sample_anndata(
+    module: AlphaSTomicsModule,
+    adata: ad.AnnData,
+    *,
+    mode: str,
+    sampler: str | None = None,
+    steps: int | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    keys: dict[str, str | None] | None = None,
+    min_gene_overlap: float = 0.5,
+    checkpoint: str = "",
+    measured: np.ndarray | None = None,
+    measured_key: str | None = None,
+    normalize: NormalizeMode | None = None,
+    source: str = "input AnnData",
+) -> tuple[ad.AnnData, list]:
+    """``expr_to_pos`` or ``pos_to_expr`` on every slice of ``adata``, in memory.
+
+    The result is the input with the outputs of spec §3 beside its own slots (see
+    :func:`sample_h5ad`, which writes it); also returns what the figure draws. ``measured``
+    ((N,) bool, ``pos_to_expr`` only) marks cells that keep their expression (named
+    ``measured_key`` in messages); the others of their slice are imputed from them.
+    """
+    keys = keys or {}
     genes = list(module.hparams["gene_names"])
     prepared = prepare_input(
         module,
         adata,
-        str(input_path),
+        source,
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
@@ -267,7 +312,7 @@ def sample_h5ad(
             known = torch.from_numpy(measured[piece.obs_indices]).unsqueeze(0)
             if not bool(known.any()):
                 raise UserInputError(
-                    f"{input_path}: slice {piece.name!r} has no cell with obs[{measured_key!r}] "
+                    f"{source}: slice {piece.name!r} has no cell with obs[{measured_key!r}] "
                     "True; every slice needs measured cells to impute the others from"
                 )
         expr_point, expr_spread, pos_k = _draw(
@@ -297,7 +342,7 @@ def sample_h5ad(
         "num_samples": num_samples,
         "checkpoint": checkpoint,
         "version": __version__,
-        "input": str(input_path),
+        "input": source,
         "missing_genes": missing,
         "missing_gene_share": 1 - share,
         "normalization": prepared.normalization or "not read",
@@ -310,11 +355,7 @@ def sample_h5ad(
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     meta["expression_key"] = _expression_key(result, mode)
     result.uns[UNS] = meta
-    with staged_outputs() as stage:
-        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
-        figure = output_path.with_suffix(".png")
-        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
-    return result
+    return result, figure_data
 
 
 def impute_anndata(
