@@ -6,17 +6,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AlphaSTomicsModule", "DiffusionSampler", "__version__"]
+__all__ = ["AlphaSTomics", "AlphaSTomicsModule", "DiffusionSampler", "__version__"]
 
 if TYPE_CHECKING:
     from alphastomics.diffusion_model.sample import DiffusionSampler
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
+    from alphastomics.model import AlphaSTomics
+    from alphastomics.training.module import AlphaSTomicsModule
 
 
 def __getattr__(name: str) -> Any:
     # Lazy imports keep `alphastomics --help` and preprocessing free of torch start-up cost.
+    if name == "AlphaSTomics":
+        from alphastomics.model import AlphaSTomics
+
+        return AlphaSTomics
     if name == "AlphaSTomicsModule":
-        from alphastomics.diffusion_model.train import AlphaSTomicsModule
+        from alphastomics.training.module import AlphaSTomicsModule
 
         return AlphaSTomicsModule
     if name == "DiffusionSampler":

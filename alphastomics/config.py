@@ -16,7 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from alphastomics.errors import UserInputError
+from alphastomics import keys
+from alphastomics.errors import ConfigKeyError, UserInputError
 
 TrainingMode = Literal["joint", "expr_to_pos", "pos_to_expr"]
 SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
@@ -65,7 +66,7 @@ class NeighborReadoutConfig:
 @dataclass
 class PreprocessingConfig:
     gene_list_file: str | None = None
-    position_key: str = "ccf"
+    position_key: str = keys.POSITION_KEY
     position_is_3d: bool = True
 
 
@@ -337,10 +338,7 @@ def load_config(
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         reason = str(err).splitlines()[0]
-        raise UserInputError(
-            f"invalid config key {key!r}: {reason}. See `alphastomics train --print_config` "
-            "for every key and its type"
-        ) from err
+        raise ConfigKeyError(f"invalid config key {key!r}: {reason}") from err
 
 
 def _read_config_file(path: Path) -> Any:

@@ -10,6 +10,13 @@ class UserInputError(ValueError):
     """
 
 
+class ConfigKeyError(UserInputError):
+    """A config key that does not exist or a value of the wrong type; the message names the key.
+
+    Front ends add where the keys are listed (the CLI: ``alphastomics train --print_config``).
+    """
+
+
 class TrainingStopped(Exception):
     """Training stopped early (interrupted, or too many non-finite steps) in a known state.
 

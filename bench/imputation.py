@@ -70,9 +70,10 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 from sklearn.neighbors import NearestNeighbors
 
+from alphastomics import keys
+from alphastomics.data.anndata import prepare_anndata, read_h5ad
 from alphastomics.errors import UserInputError
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
-from alphastomics.utils.preprocess import prepare_anndata, read_h5ad
 
 log = logging.getLogger("bench.imputation")
 
@@ -378,7 +379,7 @@ def model_predictor(
     checkpoint: Path, query: ad.AnnData, device: str, seed: int
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """A method (see above) that imputes each fold as ``sample --sample_mode impute`` does."""
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import impute_anndata
 
     module = load_module(checkpoint, map_location=device)
@@ -417,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="a shared data set preset")
     parser.add_argument("--h5ad", type=Path, help="input AnnData (instead of --dataset)")
     parser.add_argument("--position_key", help="adata.obsm key of the coordinates")
-    parser.add_argument("--slice_key", default="slice", help="adata.obs column naming slices")
+    parser.add_argument(
+        "--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices"
+    )
     parser.add_argument("--query_slices", nargs="+", help="query slices; the rest is reference")
     parser.add_argument("--query_fraction", type=float, help="share of cells drawn as query")
     parser.add_argument("--n_folds", type=int, default=10, help="gene folds (the protocol: 10)")

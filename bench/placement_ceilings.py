@@ -31,9 +31,9 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from alphastomics.baselines import score_expression
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.metrics import position_metrics
+from alphastomics.data.store import ProcessedStore
+from alphastomics.evaluation.evaluate import score_slice
+from alphastomics.evaluation.metrics import position_metrics
 
 JITTERS = (0.05, 0.1, 0.2)
 K = 10
@@ -67,7 +67,9 @@ def references(
     placed("same-slice expression kNN", positions[near[:, 1:]].mean(axis=1))
     _, near = NearestNeighbors(n_neighbors=K + 1).fit(positions).kneighbors(positions)
     predicted = expression[near[:, 1:]].mean(axis=1)
-    score = score_expression(expression, predicted, positions, gene_mask)
+    score = score_slice(expression, positions, gene_mask, predicted_expression=predicted)[
+        "pos_to_expr"
+    ]
     out["same-slice spatial kNN average"] = (score["pcc_gene_mean"],)
     return out
 
@@ -87,12 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, weights, names = [], [], []
     for i in indices:
         arrays = store.load_slice(i)
-        positions = np.asarray(arrays["positions"], dtype=np.float64)
-        cell_type = arrays.get("cell_type")
+        positions = np.asarray(arrays.positions, dtype=np.float64)
+        cell_type = arrays.cell_type
         if cell_type is not None:
             cell_type = np.asarray(cell_type)
-        expression = np.asarray(arrays["expression"], dtype=np.float64)
-        gene_mask = np.asarray(arrays["gene_mask"], dtype=bool)
+        expression = np.asarray(arrays.expression, dtype=np.float64)
+        gene_mask = np.asarray(arrays.gene_mask, dtype=bool)
         distance, _ = NearestNeighbors(n_neighbors=2).fit(positions).kneighbors(positions)
         print(
             f"{store.metadata['slices'][i]['name']}: {len(positions)} cells, median nearest-"

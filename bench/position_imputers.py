@@ -22,9 +22,9 @@ from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.neighbors import KNeighborsRegressor
 
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.metrics import expression_metrics
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
+from alphastomics.evaluation.metrics import expression_metrics
 
 Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # positions, expression, gene mask
@@ -60,9 +60,9 @@ IMPUTERS: dict[str, Imputer] = {
 def _concat(store: ProcessedStore, split: str) -> Entries:
     parts = [store.load_slice(i) for i in store.slice_indices(split)]  # type: ignore[arg-type]
     return (
-        np.concatenate([np.asarray(p["positions"]) for p in parts]),
-        np.concatenate([np.asarray(p["expression"]) for p in parts]),
-        np.asarray(parts[0]["gene_mask"]),
+        np.concatenate([np.asarray(p.positions) for p in parts]),
+        np.concatenate([np.asarray(p.expression) for p in parts]),
+        np.asarray(parts[0].gene_mask),
     )
 
 
@@ -70,7 +70,7 @@ def _model_rows(
     checkpoint: str, train: Entries, test: Entries
 ) -> dict[str, tuple[np.ndarray, float]]:
     """The checkpoint's two point estimates on the concatenated test entries, with seconds."""
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
 
     module = load_module(checkpoint).eval()
     (train_pos, train_expr, _), (test_pos, test_expr, gene_mask) = train, test

@@ -39,9 +39,9 @@ split where placing cells in unseen tissue matters (kNN regression about 0.83).
 
 The model and every baseline are scored on the same arrays: the test entries of the store,
 loaded by ``ProcessedStore.load_slice``; only held-out cells enter a metric. The model is
-scored by ``alphastomics.workflows.evaluate.run_evaluation`` (it samples each test entry
+scored by ``alphastomics.workflows.test.run_evaluation`` (it samples each test entry
 from its expression alone for ``expr_to_pos`` and from its positions alone for
-``pos_to_expr``); the baselines by :func:`alphastomics.baselines.evaluate_baselines`, fitted on
+``pos_to_expr``); the baselines by :func:`alphastomics.evaluation.baselines.evaluate_baselines`, fitted on
 the training entries. When a single slice was split by cells, a second model row generates the
 test cells among the training cells of their slice (``known`` = training cells): it places
 them from their expression (inpainting) and imputes their expression at their positions (with
@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -73,13 +71,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from alphastomics.baselines import BaselineResult, evaluate_baselines, score_expression
+from alphastomics import keys
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
+from alphastomics.data.store import (
+    ENTRY_ARRAYS,
+    ProcessedStore,
+    building_store,
+    write_entry,
+    write_metadata,
+)
+from alphastomics.data.units import to_user_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
+from alphastomics.evaluation.baselines import BaselineResult, evaluate_baselines
+from alphastomics.evaluation.evaluate import score_slice
+from alphastomics.evaluation.metrics import summarize
 from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
-from alphastomics.utils.metrics import position_metrics, summarize
-from alphastomics.utils.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
 
 log = logging.getLogger("bench.real_data")
 
@@ -121,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and split")
     data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
     data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default="slice", help="adata.obs column naming slices")
+    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
     data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument("--layer", default=None, help="read adata.layers[LAYER] instead of X")
     data.add_argument(
@@ -278,17 +285,6 @@ def holdout_rows(
     }
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is removed only after success."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def split_single_slice_store(
     source: Path,
     target: Path,
@@ -315,8 +311,9 @@ def split_single_slice_store(
             "--test_slices instead"
         )
     entry = metadata["slices"][0]
-    folder = source / entry["path"]
-    positions = np.load(folder / "positions.npy")
+    whole = store.load_slice(0, mmap=False)  # shapes checked against metadata.json
+    arrays = {name: getattr(whole, name) for name in ENTRY_ARRAYS}
+    positions = whole.positions
     parts = holdout_rows(
         positions,
         fraction,
@@ -326,27 +323,18 @@ def split_single_slice_store(
         seed=seed,
     )
     slice_name = entry["slice"]
-    arrays = {path.stem: np.load(path) for path in sorted(folder.glob("*.npy"))}
-    n_cells = len(positions)
-    if any(len(a) != n_cells for a in arrays.values()):
-        raise RuntimeError(f"{folder}: per-cell arrays of different lengths; run preprocess again")
 
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     new = copy.deepcopy(metadata)
     new["slices"] = []
-    try:
+    with building_store(target) as tmp:
         for split in ("train", "val", "test"):
             rows = parts[split]
             if not len(rows):
                 continue
             k = len(new["slices"])
-            (tmp / "slices" / str(k)).mkdir(parents=True)
-            for name, values in arrays.items():
-                np.save(tmp / "slices" / str(k) / f"{name}.npy", np.ascontiguousarray(values[rows]))
+            path = write_entry(tmp, k, {name: values[rows] for name, values in arrays.items()})
             info = copy.deepcopy(entry)
-            info.update(
-                name=f"{slice_name}/{split}", split=split, n_cells=len(rows), path=f"slices/{k}"
-            )
+            info.update(name=f"{slice_name}/{split}", split=split, n_cells=len(rows), path=path)
             new["slices"].append(info)
         mask = np.asarray(entry["gene_mask"], dtype=bool)
         train_expr = arrays["expression"][parts["train"]].astype(np.float64)
@@ -359,14 +347,12 @@ def split_single_slice_store(
         holdout: dict[str, Any] = {"fraction": fraction, "axis": axis, "val_fraction": val_fraction}
         if axis != "random":
             column = positions[parts["test"], AXES[axis]]
-            scale, center = float(entry["scale"]), float(entry["center"][AXES[axis]])
+            ends = np.array([[column.min()], [column.max()]])  # (2, 1) scaled
+            user = to_user_units(ends, [entry["center"][AXES[axis]]], float(entry["scale"]))
             holdout.update(
                 slab_center=slab_center,
                 slab_range_scaled=[float(column.min()), float(column.max())],
-                slab_range_input_units=[
-                    float(column.min()) * scale + center,
-                    float(column.max()) * scale + center,
-                ],
+                slab_range_input_units=[float(v) for v in user[:, 0]],
             )
         new["split"] = {
             "by": "cells",
@@ -378,11 +364,7 @@ def split_single_slice_store(
                 for s in ("train", "val", "test")
             },
         }
-        (tmp / "metadata.json").write_text(json.dumps(new, indent=1))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_metadata(tmp, new)
     return new
 
 
@@ -460,7 +442,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score ``module`` (loaded from ``checkpoint``) on the test entries with
     ``run_evaluation``, once per seed."""
-    from alphastomics.workflows.evaluate import run_evaluation
+    from alphastomics.workflows.test import run_evaluation
 
     runs = []
     for s in range(args.num_seeds):
@@ -480,9 +462,9 @@ def evaluate_model(
     modes = [m for m in ("expr_to_pos", "pos_to_expr") if m in runs[0]["overall"]]
     summary: dict[str, Any] = {}
     for mode in modes:
-        keys = [k for k, v in runs[0]["overall"][mode].items() if isinstance(v, int | float)]
+        names = [k for k, v in runs[0]["overall"][mode].items() if isinstance(v, int | float)]
         summary[mode] = {
-            key: _mean_std([float(r["overall"][mode][key]) for r in runs]) for key in keys
+            key: _mean_std([float(r["overall"][mode][key]) for r in runs]) for key in names
         }
     sampling_seconds = [
         sum(m.get(mode, {}).get("seconds", 0.0) for m in r["slices"].values() for mode in modes)
@@ -517,13 +499,17 @@ def evaluate_one_step_mean(
     start = time.perf_counter()
     for i in store.slice_indices("test"):
         arrays = store.load_slice(i)
-        positions = np.asarray(arrays["positions"])
+        positions = np.asarray(arrays.positions)
         holder = DataHolder.from_arrays(
-            np.asarray(arrays["expression"]), positions, gene_mask=np.asarray(arrays["gene_mask"])
+            np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
         )
         generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
         _, placed = module.predict_mean(holder, "expr_to_pos", generator=generator)
-        scores.append(position_metrics(positions, placed[0].cpu().numpy()))
+        scores.append(
+            score_slice(arrays.expression, positions, predicted_positions=placed[0].cpu().numpy())[
+                "expr_to_pos"
+            ]
+        )
         weights.append(len(positions))
     summary = summarize(scores, weights=weights)
     return {
@@ -566,10 +552,10 @@ def evaluate_placement(
                 j for j in store.slice_indices("train") if meta["slices"][j].get("slice") == source
             ]
             parts = [store.load_slice(j) for j in refs] + [store.load_slice(i)]
-            n_ref = sum(len(p["positions"]) for p in parts[:-1])
-            positions = np.concatenate([np.asarray(p["positions"]) for p in parts])
-            expression = np.concatenate([np.asarray(p["expression"]) for p in parts])
-            gene_mask = np.asarray(parts[-1]["gene_mask"])
+            n_ref = sum(len(p.positions) for p in parts[:-1])
+            positions = np.concatenate([np.asarray(p.positions) for p in parts])
+            expression = np.concatenate([np.asarray(p.expression) for p in parts])
+            gene_mask = np.asarray(parts[-1].gene_mask)
             holder = DataHolder.from_arrays(expression, positions, gene_mask=gene_mask)
             known = torch.zeros(1, len(positions), dtype=torch.bool)
             known[0, :n_ref] = True
@@ -589,17 +575,16 @@ def evaluate_placement(
             }
             placed, imputed = generated["expr_to_pos"][1], generated["pos_to_expr"][0]
             seconds += time.perf_counter() - start
-            scores["expr_to_pos"].append(
-                position_metrics(positions[n_ref:], placed[0, n_ref:].cpu().numpy())
+            scored = score_slice(
+                expression,
+                positions,
+                gene_mask,
+                predicted_positions=placed[0].cpu().numpy(),
+                predicted_expression=imputed[0].cpu().numpy(),
+                known=known[0].numpy(),
             )
-            scores["pos_to_expr"].append(
-                score_expression(
-                    expression[n_ref:],
-                    imputed[0, n_ref:].cpu().numpy(),
-                    positions[n_ref:],
-                    gene_mask,
-                )
-            )
+            for mode, values in scored.items():
+                scores[mode].append(values)
             weights.append(len(positions) - n_ref)
     overall = {}
     for mode, mode_scores in scores.items():
@@ -837,7 +822,7 @@ def _run(
             checkpoint, training_seconds = train_model(
                 args, overrides, data_dir, output_dir / "run"
             )
-        from alphastomics.diffusion_model.checkpoint import load_module
+        from alphastomics.training.checkpoint import load_module
 
         module = load_module(checkpoint, map_location=_device(args.device))
         model = evaluate_model(args, module, checkpoint, data_dir, output_dir / "model_eval")

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 
 from alphastomics.config import load_config
-from alphastomics.datasets import synthetic_tissue
-from alphastomics.diffusion_model.checkpoint import load_module
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.metrics import expression_metrics, position_metrics
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.store import ProcessedStore
+from alphastomics.data.synthetic import synthetic_tissue
+from alphastomics.evaluation.metrics import expression_metrics, position_metrics
+from alphastomics.training.checkpoint import load_module
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.workflows.train import run_training
 
 METRICS = {

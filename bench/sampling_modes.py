@@ -14,11 +14,11 @@ import argparse
 
 import torch
 
-from alphastomics.diffusion_model.checkpoint import load_module
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.diffusion_model.sample import DiffusionSampler
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.metrics import expression_metrics, position_metrics
+from alphastomics.evaluation.metrics import expression_metrics, position_metrics
+from alphastomics.training.checkpoint import load_module
 
 
 def main() -> None:
@@ -33,24 +33,24 @@ def main() -> None:
     store = ProcessedStore(args.data_dir)
     for index in store.slice_indices("test"):
         a = store.load_slice(index)
-        holder = DataHolder.from_arrays(a["expression"], a["positions"], gene_mask=a["gene_mask"])
+        holder = DataHolder.from_arrays(a.expression, a.positions, gene_mask=a.gene_mask)
         row: dict[str, str] = {}
         for warm in args.warm_starts:
             gen = torch.Generator().manual_seed(args.seed)
             _, pos = module.sample(
                 holder, "expr_to_pos", steps=args.steps, generator=gen, warm_start=warm
             )
-            pm = position_metrics(a["positions"], pos[0].numpy())
+            pm = position_metrics(a.positions, pos[0].numpy())
             row[f"warm {warm}"] = (
                 f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
             )
         gen = torch.Generator().manual_seed(args.seed)
-        expr = module.standardize(holder.expression, holder.node_mask, holder.gene_mask)
+        expr = module.scaler.standardize(holder.expression, holder.node_mask, holder.gene_mask)
         sampler = DiffusionSampler(module.model, module.noise_model)
         _, pos = sampler.predict_mean(
             expr, holder.positions, holder.node_mask, "expr_to_pos", generator=gen
         )
-        pm = position_metrics(a["positions"], pos[0].numpy())
+        pm = position_metrics(a.positions, pos[0].numpy())
         row["mean"] = f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
         for estimate in ("sample", "mean"):
             gen = torch.Generator().manual_seed(args.seed)
@@ -61,7 +61,7 @@ def main() -> None:
                 generator=gen,
                 expression_estimate=estimate,
             )
-            em = expression_metrics(a["expression"], e[0].numpy(), gene_mask=a["gene_mask"])
+            em = expression_metrics(a.expression, e[0].numpy(), gene_mask=a.gene_mask)
             row[f"pos_to_expr {estimate} PCC"] = f"{em['pcc_gene_mean']:.3f}"
         name = store.metadata["slices"][index]["name"]
         print(f"{name} (expr_to_pos: distance Spearman / kNN preservation): {row}")

@@ -89,8 +89,8 @@ def _worker(
             tuned = tune_malloc()
 
     from alphastomics.config import load_config
-    from alphastomics.diffusion_model.train import AlphaSTomicsModule
-    from alphastomics.utils.dataholder import DataHolder
+    from alphastomics.data.batch import DataHolder
+    from alphastomics.training.module import AlphaSTomicsModule
 
     torch.manual_seed(seed)
     overrides = list(overrides)

@@ -25,7 +25,7 @@ Usage (from the repository root, virtual environment active)::
 
 ``KEY=VALUE`` words are passed to ``alphastomics train`` as config overrides.
 
-Scores (:mod:`alphastomics.utils.tissue_metrics`), each of a candidate tissue against the real
+Scores (:mod:`alphastomics.evaluation.tissue_metrics`), each of a candidate tissue against the real
 held-out slice:
 
 - composition: 1 − total-variation distance of cell-type shares;
@@ -35,11 +35,11 @@ held-out slice:
   spatialdata among them; ``tests/test_tissue_metrics.py`` compares it with squidpy where
   squidpy is installed);
 - spatial autocorrelation: Spearman correlation across genes of Moran's I on a 10-nearest-
-  neighbour graph (``alphastomics.utils.metrics.morans_i``, equal to squidpy's
+  neighbour graph (``alphastomics.evaluation.metrics.morans_i``, equal to squidpy's
   ``gr.spatial_autocorr`` on that graph);
 - expression realism: 5-fold cross-validated ROC AUC of a random forest telling real from
   candidate cells (0.5: indistinguishable), on one half of the real cells (see
-  :func:`~alphastomics.utils.tissue_metrics.realism_auc`).
+  :func:`~alphastomics.evaluation.tissue_metrics.realism_auc`).
 
 Cell types of the real and every candidate tissue come from one classifier fitted on the
 training cells' expression: a logistic regression on their cell types with
@@ -80,16 +80,17 @@ import anndata as ad
 import numpy as np
 from scipy.spatial import Delaunay
 
+from alphastomics import keys
+from alphastomics.data.store import ProcessedStore
+from alphastomics.data.units import to_model_units
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.figures import TissuePanel, plot_tissues
-from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
-from alphastomics.utils.preprocess import to_model_units
-from alphastomics.utils.tissue_metrics import (
+from alphastomics.evaluation.figures import TissuePanel, plot_tissues
+from alphastomics.evaluation.tissue_metrics import (
     CellTypeClassifier,
     compare_tissues,
     tissue_statistics,
 )
+from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
 
 log = logging.getLogger("bench.virtual_tissue")
 
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and split")
     data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
     data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default="slice", help="adata.obs column naming slices")
+    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
     data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument(
         "--test_slices",
@@ -395,7 +396,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint = train(args, overrides, data_dir, output_dir / "run")
         training_seconds = time.perf_counter() - start
 
-    from alphastomics.diffusion_model.checkpoint import load_module
+    from alphastomics.training.checkpoint import load_module
     from alphastomics.workflows.sampling import generate_tissue
 
     module = load_module(checkpoint, map_location=_device(args.device))
@@ -431,7 +432,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             source=str(args.h5ad),
         )
         sampling_seconds.append(time.perf_counter() - start)
-        tissue.uns["alphastomics"]["checkpoint"] = str(checkpoint)
+        tissue.uns[keys.UNS]["checkpoint"] = str(checkpoint)
         write_h5ad(tissue, output_dir / f"generated_seed{s}.h5ad")
         generated.append(tissue)
 
@@ -464,8 +465,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         entry = meta["slices"][index]
         candidates: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {MODEL: []}
         for tissue in generated:
-            cells = (tissue.obs["slice"] == source).to_numpy()
-            pos = to_model_units(tissue.obsm["spatial"][cells], entry["center"], entry["scale"])
+            cells = (tissue.obs[keys.SLICE_KEY] == source).to_numpy()
+            pos = to_model_units(
+                tissue.obsm[keys.GENERATED_POSITIONS][cells], entry["center"], entry["scale"]
+            )
             candidates[MODEL].append((np.asarray(tissue.X[cells])[:, genes], pos))
         if other is not None and args.other_slice != name:
             candidates[f"real other slice ({args.other_slice})"] = [other]

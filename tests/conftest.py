@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from alphastomics.datasets import synthetic_tissue
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.synthetic import synthetic_tissue
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SEQFISH = SHARED_DATA / "seqfish_embryo" / "seqfish_embryo.h5ad"

@@ -17,7 +17,7 @@ from alphastomics.attn_model import transformer
 from alphastomics.attn_model.layers import _ActivationLinear, _ModulatedLayerNorm
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.diffusion_model.loss import NeighborCache, distance_loss, nearest_neighbors
-from alphastomics.utils.metrics import _rank
+from alphastomics.evaluation.metrics import _rank
 
 
 def _inputs(b: int, n: int, n_genes: int, seed: int = 0) -> dict[str, torch.Tensor]:

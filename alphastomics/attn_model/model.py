@@ -25,7 +25,7 @@ from alphastomics.attn_model.local_attention import (
 )
 from alphastomics.attn_model.neighbors import NeighborGraph, knn_graph
 from alphastomics.attn_model.transformer import TransformerLayer, chunk_cells
-from alphastomics.utils.dataholder import apply_mask, center
+from alphastomics.data.batch import apply_mask, center
 
 # Smoothing of the radius in the position head, in position units. Coordinates are scaled to unit
 # RMS radius, so this is 1 % of a slice radius: nearer the centroid the unit direction fades

@@ -16,7 +16,7 @@ from alphastomics.attn_model.self_attention import (
     combine_context_parts,
     context_part,
 )
-from alphastomics.utils.dataholder import apply_mask
+from alphastomics.data.batch import apply_mask
 
 # On CPU a layer runs over chunks of cells so that no temporary it makes exceeds this many bytes.
 # glibc serves blocks above its mmap threshold (32 MiB at most) with a fresh mmap per call, which

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from alphastomics.utils.dataholder import apply_mask, center
+from alphastomics.data.batch import apply_mask, center
 
 # Largest per-step beta_t = 1 - alpha_bar[t] / alpha_bar[t - 1] (Nichol & Dhariwal 2021, sec. 3.2
 # clip beta_t <= 0.999 so that the last steps stay finite; MiDi clips alpha_t >= 0.001 likewise).

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from alphastomics.attn_model.neighbors import nearest_neighbors
-from alphastomics.utils.dataholder import DataHolder, center
+from alphastomics.data.batch import DataHolder, center
 
 # Added under the square root of every distance: keeps the gradient finite (and 0) at coincident
 # points; d/dx sqrt(|x|^2 + eps) has norm < 1 everywhere.

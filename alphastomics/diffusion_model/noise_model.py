@@ -11,13 +11,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from alphastomics.data.batch import DataHolder, apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
     cosine_alpha_bar,
     extract,
     sample_centered_gaussian,
     sample_masked_gaussian,
 )
-from alphastomics.utils.dataholder import DataHolder, apply_mask, center
 
 Modality = Literal["expression", "position"]
 

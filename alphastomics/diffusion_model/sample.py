@@ -3,7 +3,7 @@
 Two samplers share one loop: ancestral DDPM over every step of the schedule, and DDIM (Song et
 al. 2021) over any number of steps (``eta`` = 0 deterministic, 1 ancestral-like noise). The
 sampler works in model space (standardised expression, scaled positions); mapping back to the
-user's units is done by :func:`positions_to_user_units` and the module's expression scaler.
+user's units is done by :mod:`alphastomics.data.units`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from alphastomics.data.batch import apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
     sample_centered_gaussian,
     sample_masked_gaussian,
 )
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.utils.dataholder import apply_mask, center
 
 SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
 SamplerKind = Literal["ddim", "ddpm"]
@@ -423,17 +423,3 @@ def _paste_known(
     if to_input_frame:
         return torch.where(known.unsqueeze(-1), true_pos, pos_hat - shift.unsqueeze(1))
     return torch.where(known.unsqueeze(-1), true_pos + shift.unsqueeze(1), pos_hat)
-
-
-def positions_to_user_units(
-    positions: np.ndarray, center_: np.ndarray, scale: float, input_dims: int
-) -> np.ndarray:
-    """Map scaled, centred positions (N, D) back to the user's coordinates (N, input_dims).
-
-    A generated layout is only defined up to rotation, reflection and translation; this restores
-    the slice's scale and centroid, not an orientation. float64, so coordinates with a large
-    offset keep their precision; columns the model has beyond ``input_dims`` (z of a 2D slice
-    in a 3D model) are dropped.
-    """
-    user = positions.astype(np.float64) * scale + np.asarray(center_, dtype=np.float64)[None, :]
-    return user[:, :input_dims]

@@ -1,4 +1,8 @@
-"""Data containers, preprocessing, loading, metrics and embedding extraction."""
+"""Helpers (atomic file writes, allocator tuning), and the names of the Python API in spec.md §4.
+
+``from alphastomics.utils import create_dataloaders, SpatialDataPreprocessor, EmbeddingExtractor``
+is the documented API; those live in :mod:`alphastomics.data` and are looked up on first use.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from alphastomics.utils.dataholder import DataHolder
-    from alphastomics.utils.dataloader import create_dataloaders
-    from alphastomics.utils.embedding_extractor import EmbeddingExtractor
-    from alphastomics.utils.preprocess import SpatialDataPreprocessor
+    from alphastomics.data.batch import DataHolder
+    from alphastomics.data.loader import create_dataloaders
+    from alphastomics.data.preprocess import SpatialDataPreprocessor
+    from alphastomics.embedding import EmbeddingExtractor
 
 _LOCATIONS = {
-    "DataHolder": "alphastomics.utils.dataholder",
-    "create_dataloaders": "alphastomics.utils.dataloader",
-    "EmbeddingExtractor": "alphastomics.utils.embedding_extractor",
-    "SpatialDataPreprocessor": "alphastomics.utils.preprocess",
+    "DataHolder": "alphastomics.data.batch",
+    "create_dataloaders": "alphastomics.data.loader",
+    "EmbeddingExtractor": "alphastomics.embedding",
+    "SpatialDataPreprocessor": "alphastomics.data.preprocess",
 }
 
 

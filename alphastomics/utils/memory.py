@@ -77,7 +77,7 @@ def _skip_reason() -> str | None:
 def tune_malloc() -> bool:
     """Keep freed memory in glibc's heap for reuse instead of unmapping it (once per process).
 
-    Called by :class:`~alphastomics.diffusion_model.train.AlphaSTomicsModule` when training
+    Called by :class:`~alphastomics.training.module.AlphaSTomicsModule` when training
     starts and before sampling. Idempotent and cheap after the first call.
 
     Returns

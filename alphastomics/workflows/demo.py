@@ -9,14 +9,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alphastomics import keys
 from alphastomics.config import load_config
-from alphastomics.datasets import synthetic_tissue
-from alphastomics.diffusion_model.checkpoint import load_module
+from alphastomics.data.preprocess import SpatialDataPreprocessor
+from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
+from alphastomics.training.checkpoint import load_module
 from alphastomics.utils.io import atomic_write, check_output_dir, write_h5ad
-from alphastomics.utils.preprocess import SpatialDataPreprocessor
-from alphastomics.workflows.evaluate import run_evaluation
 from alphastomics.workflows.sampling import sample_h5ad
+from alphastomics.workflows.test import run_evaluation
 from alphastomics.workflows.train import run_training
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,19 @@ def run_demo(
     adata = synthetic_tissue(n_cells=3000, n_genes=60, n_slices=6, seed=seed)
     tissue = data_dir / "demo_tissue.h5ad"
     atomic_write(tissue, partial(write_h5ad, adata))
-    test_slice = sorted(adata.obs["slice"].unique())[-1]
+    test_slice = sorted(adata.obs[keys.SLICE_KEY].unique())[-1]
     test_h5ad = data_dir / "test_slice.h5ad"
-    atomic_write(test_h5ad, partial(write_h5ad, adata[adata.obs["slice"] == test_slice].copy()))
+    atomic_write(
+        test_h5ad, partial(write_h5ad, adata[adata.obs[keys.SLICE_KEY] == test_slice].copy())
+    )
 
     store = output_dir / "processed"
     SpatialDataPreprocessor(
-        position_key="ccf",
-        slice_key="slice",
-        cell_type_key="cell_type",
+        position_key=keys.POSITION_KEY,
+        slice_key=keys.SLICE_KEY,
+        cell_type_key=keys.CELL_TYPE_KEY,
         test_slices=[test_slice],
-        val_slices=[sorted(adata.obs["slice"].unique())[-2]],
+        val_slices=[sorted(adata.obs[keys.SLICE_KEY].unique())[-2]],
         seed=seed,
     ).preprocess_and_save([tissue], store, overwrite=True)
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.dataloader import ProcessedStore
-from alphastomics.utils.embedding_extractor import EmbeddingExtractor, ExtractMode
+from alphastomics.data.anndata import NormalizeMode, read_h5ad
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
+from alphastomics.embedding import EmbeddingExtractor, ExtractMode
+from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
+from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.io import atomic_write, staged_outputs, write_h5ad
-from alphastomics.utils.preprocess import NormalizeMode, read_h5ad
-from alphastomics.workflows.evaluate import check_store_genes
 from alphastomics.workflows.inputs import prepare_input
-
-EMBEDDING_KEY = "X_alphastomics"
+from alphastomics.workflows.test import check_store_genes
 
 
 def _names(codes: np.ndarray, names: list[str]) -> np.ndarray:
@@ -37,13 +37,13 @@ def extract_store(
     holders, obs_names = [], []
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)
-        obs_names.append(np.asarray(arrays["obs_names"], dtype=str))
+        obs_names.append(np.asarray(arrays.obs_names, dtype=str))
         holders.append(
             DataHolder.from_arrays(
-                arrays["expression"],
-                arrays["positions"],
-                gene_mask=arrays["gene_mask"],
-                cell_type=arrays["cell_type"],
+                arrays.expression,
+                arrays.positions,
+                gene_mask=arrays.gene_mask,
+                cell_type=arrays.cell_type,
                 slice_index=index,
             )
         )
@@ -72,11 +72,42 @@ def extract_h5ad(
     :func:`~alphastomics.workflows.inputs.prepare_input`).
     """
     adata = read_h5ad(input_path)
+    out, stacked = embed_anndata(
+        module,
+        adata,
+        mode,
+        keys=keys,
+        normalize=normalize,
+        min_gene_overlap=min_gene_overlap,
+        source=str(input_path),
+    )
+    with staged_outputs() as stage:  # both files, or neither
+        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
+        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
+    return stacked
+
+
+def embed_anndata(
+    module: AlphaSTomicsModule,
+    adata: ad.AnnData,
+    mode: ExtractMode,
+    *,
+    keys: dict[str, str | None] | None = None,
+    normalize: NormalizeMode | None = None,
+    min_gene_overlap: float = 0.5,
+    source: str = "input AnnData",
+) -> tuple[ad.AnnData, dict[str, np.ndarray]]:
+    """Embeddings of every cell of ``adata``, in memory.
+
+    Returns a copy of ``adata`` with ``obsm["X_alphastomics"]`` (the transformer's embeddings
+    when extracted, else the first kind) and ``uns["alphastomics_embedding"]``, and every kind
+    of embedding by name (plus ``cell_types`` and ``obs_names``), in ``adata``'s cell order.
+    """
     info = module.hparams.get("data_info", {})
     slices = prepare_input(
         module,
         adata,
-        str(input_path),
+        source,
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
@@ -99,9 +130,6 @@ def extract_h5ad(
         "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))
     )
     out = adata.copy()
-    out.obsm[EMBEDDING_KEY] = stacked[main_key]
-    out.uns["alphastomics_embedding"] = {"mode": mode, "source_key": main_key}
-    with staged_outputs() as stage:  # both files, or neither
-        stage.write(output, lambda tmp: _write_npz(tmp, stacked))
-        stage.write(output.with_suffix(".h5ad"), lambda tmp: write_h5ad(out, tmp))
-    return stacked
+    out.obsm[EMBEDDING] = stacked[main_key]
+    out.uns[EMBEDDING_INFO] = {"mode": mode, "source_key": main_key}
+    return out, stacked

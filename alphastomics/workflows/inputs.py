@@ -14,15 +14,10 @@ from typing import Any
 
 import anndata as ad
 
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.data.anndata import TARGET_SUM, NormalizeMode, PreparedSlice, prepare_anndata
 from alphastomics.errors import UserInputError
-from alphastomics.utils.preprocess import (
-    DEFAULT_SLICE_KEY,
-    TARGET_SUM,
-    NormalizeMode,
-    PreparedSlice,
-    prepare_anndata,
-)
+from alphastomics.keys import POSITION_KEY, SLICE_KEY
+from alphastomics.training.module import AlphaSTomicsModule
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +97,8 @@ def prepare_input(
         name: wanted.get(name) or saved.get(name)
         for name in ("position_key", "slice_key", "cell_type_key", "layer")
     }
-    resolved["position_key"] = resolved["position_key"] or "ccf"
-    resolved["slice_key"] = resolved["slice_key"] or DEFAULT_SLICE_KEY
+    resolved["position_key"] = resolved["position_key"] or POSITION_KEY
+    resolved["slice_key"] = resolved["slice_key"] or SLICE_KEY
     missing = list(module.hparams["gene_names"])
     if adata.n_vars:
         missing = check_gene_overlap(
@@ -149,3 +144,12 @@ def _refuse_other_kind(source: str, applied: str, trained: list[str]) -> None:
     raise UserInputError(
         f"{source} holds {_KIND[applied]}, but the model was trained on {_KIND[trained[0]]}; {fix}"
     )
+
+
+def check_steps(module: AlphaSTomicsModule, steps: int | None) -> None:
+    """``--steps``: None (the config's) or a sampler step count the checkpoint can run."""
+    T = module.noise_model.T
+    if steps is not None and not 1 <= steps <= T:
+        raise UserInputError(
+            f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})"
+        )

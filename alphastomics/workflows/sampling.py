@@ -15,11 +15,12 @@ from scipy.spatial import procrustes
 from sklearn.neighbors import KNeighborsClassifier
 
 from alphastomics import __version__
-from alphastomics.diffusion_model.sample import SAMPLE_MODES, positions_to_user_units
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
+from alphastomics.data.anndata import MIN_SLICE_CELLS, NormalizeMode, PreparedSlice, read_h5ad
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.units import to_user_units
+from alphastomics.diffusion_model.sample import SAMPLE_MODES
 from alphastomics.errors import UserInputError
-from alphastomics.utils.dataholder import DataHolder
-from alphastomics.utils.figures import (
+from alphastomics.evaluation.figures import (
     MODE_TITLES,
     TissuePanel,
     plot_genes,
@@ -27,19 +28,24 @@ from alphastomics.utils.figures import (
     plot_layouts,
     plot_tissues,
 )
-from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
-from alphastomics.utils.preprocess import (
-    MIN_SLICE_CELLS,
-    NormalizeMode,
-    PreparedSlice,
-    read_h5ad,
+from alphastomics.keys import (
+    EXPRESSION,
+    EXPRESSION_STD,
+    GENERATED_POSITIONS,
+    IMPUTED,
+    POSITION_SPREAD,
+    POSITIONS,
+    PREDICTED_CELL_TYPE,
+    REFERENCE_SLICE,
+    SLICE_KEY,
+    UNS,
 )
-from alphastomics.workflows.inputs import prepare_input
+from alphastomics.training.module import AlphaSTomicsModule
+from alphastomics.utils.io import atomic_write, check_output_file, staged_outputs, write_h5ad
+from alphastomics.workflows.inputs import check_steps, prepare_input
 
 log = logging.getLogger(__name__)
 
-PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
-REFERENCE_SLICE = "alphastomics_reference_slice"
 NCells = int | dict[str, int] | None  # joint: cells per generated slice, for all or by name
 _N_CELLS_EXAMPLE = "e.g. --n_cells 2000, or per slice --n_cells embryo3_z2=2483,embryo3_z5=2124"
 _MAX_FIGURE_ROWS = 6  # generated slices drawn in the joint figure
@@ -65,11 +71,7 @@ def check_sample_request(
             "this checkpoint was trained without hiding genes (training.p_hide_genes=0), so it "
             "never learned to impute genes from the others; expect poor imputations"
         )
-    T = module.noise_model.T
-    if steps is not None and not 1 <= steps <= T:
-        raise UserInputError(
-            f"--steps {steps} must be between 1 and the model's diffusion_steps ({T})"
-        )
+    check_steps(module, steps)
     if num_samples < 1:
         raise UserInputError(f"--num_samples {num_samples} must be >= 1")
 
@@ -209,9 +211,9 @@ def sample_h5ad(
             normalize=normalize,
             min_gene_overlap=min_gene_overlap,
         )
-        tissue.uns["alphastomics"].update(checkpoint=checkpoint, input=str(input_path))
+        tissue.uns[UNS].update(checkpoint=checkpoint, input=str(input_path))
         title = MODE_TITLES["joint"]
-        if len(rows) < tissue.obs["slice"].nunique():
+        if len(rows) < tissue.obs[SLICE_KEY].nunique():
             title += f" (the first {len(rows)} of {tissue.obs['slice'].nunique()} slices)"
         with staged_outputs() as stage:
             stage.write(output_path, lambda tmp: write_h5ad(tissue, tmp))
@@ -224,11 +226,60 @@ def sample_h5ad(
             f"drop it for --sample_mode {mode}"
         )
     measured = None if measured_key is None else measured_cells(adata, measured_key, input_path)
+    result, figure_data = sample_anndata(
+        module,
+        adata,
+        mode=mode,
+        sampler=sampler,
+        steps=steps,
+        num_samples=num_samples,
+        seed=seed,
+        keys=keys,
+        min_gene_overlap=min_gene_overlap,
+        checkpoint=checkpoint,
+        measured=measured,
+        measured_key=measured_key,
+        normalize=normalize,
+        source=str(input_path),
+    )
+    genes = list(module.hparams["gene_names"])
+    with staged_outputs() as stage:
+        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
+        figure = output_path.with_suffix(".png")
+        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
+    return result
+
+
+def sample_anndata(
+    module: AlphaSTomicsModule,
+    adata: ad.AnnData,
+    *,
+    mode: str,
+    sampler: str | None = None,
+    steps: int | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    keys: dict[str, str | None] | None = None,
+    min_gene_overlap: float = 0.5,
+    checkpoint: str = "",
+    measured: np.ndarray | None = None,
+    measured_key: str | None = None,
+    normalize: NormalizeMode | None = None,
+    source: str = "input AnnData",
+) -> tuple[ad.AnnData, list]:
+    """``expr_to_pos`` or ``pos_to_expr`` on every slice of ``adata``, in memory.
+
+    The result is the input with the outputs of spec §3 beside its own slots (see
+    :func:`sample_h5ad`, which writes it); also returns what the figure draws. ``measured``
+    ((N,) bool, ``pos_to_expr`` only) marks cells that keep their expression (named
+    ``measured_key`` in messages); the others of their slice are imputed from them.
+    """
+    keys = keys or {}
     genes = list(module.hparams["gene_names"])
     prepared = prepare_input(
         module,
         adata,
-        str(input_path),
+        source,
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
@@ -261,7 +312,7 @@ def sample_h5ad(
             known = torch.from_numpy(measured[piece.obs_indices]).unsqueeze(0)
             if not bool(known.any()):
                 raise UserInputError(
-                    f"{input_path}: slice {piece.name!r} has no cell with obs[{measured_key!r}] "
+                    f"{source}: slice {piece.name!r} has no cell with obs[{measured_key!r}] "
                     "True; every slice needs measured cells to impute the others from"
                 )
         expr_point, expr_spread, pos_k = _draw(
@@ -279,7 +330,7 @@ def sample_h5ad(
         rows = piece.obs_indices
         out_expr[rows] = expr_point
         out_std[rows] = expr_spread
-        out_pos[rows] = positions_to_user_units(pos_k[0], center, scale, out_dims)
+        out_pos[rows] = to_user_units(pos_k[0], center, scale, out_dims)
         spread[rows] = _aligned_spread(pos_k) * scale
         figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 
@@ -291,7 +342,7 @@ def sample_h5ad(
         "num_samples": num_samples,
         "checkpoint": checkpoint,
         "version": __version__,
-        "input": str(input_path),
+        "input": source,
         "missing_genes": missing,
         "missing_gene_share": 1 - share,
         "normalization": prepared.normalization or "not read",
@@ -303,12 +354,8 @@ def sample_h5ad(
         meta["imputed_by"] = "neighbour read-out" if module.imputes_from_neighbors else "inpainting"
     result = _result_anndata(adata, genes, mode, out_expr, out_std, out_pos, spread, num_samples)
     meta["expression_key"] = _expression_key(result, mode)
-    result.uns["alphastomics"] = meta
-    with staged_outputs() as stage:
-        stage.write(output_path, lambda tmp: write_h5ad(result, tmp))
-        figure = output_path.with_suffix(".png")
-        stage.write(figure, lambda tmp: _figure(figure_data, tmp, mode, genes, module))
-    return result
+    result.uns[UNS] = meta
+    return result, figure_data
 
 
 def impute_anndata(
@@ -437,16 +484,16 @@ def _impute(
             source,
             len(genes),
         )
-    var = pd.DataFrame({"alphastomics_imputed": [g in missing for g in genes]}, index=genes)
+    var = pd.DataFrame({IMPUTED: [g in missing for g in genes]}, index=genes)
     result = ad.AnnData(X=out, obs=adata.obs.copy(), var=var, uns=deepcopy(dict(adata.uns)))
     for key, value in adata.obsm.items():
         result.obsm[key] = value
     for key, value in adata.obsp.items():
         result.obsp[key] = value
-    result.layers["alphastomics_expression"] = out
+    result.layers[EXPRESSION] = out
     if spread is not None:
-        result.layers["alphastomics_expression_std"] = spread
-    result.uns["alphastomics"] = {
+        result.layers[EXPRESSION_STD] = spread
+    result.uns[UNS] = {
         "mode": "impute",
         "sampler": sampler or module.cfg.sampling.sampler,
         "steps": steps or module.cfg.sampling.steps,
@@ -463,21 +510,18 @@ def _impute(
         else f"none (no adata.obsm[{position_key!r}]): imputed from expression alone",
         "normalization": prepared.normalization or "not read",
         "expression_estimate": estimate,
-        "expression_key": "layers/alphastomics_expression",
+        "expression_key": f"layers/{EXPRESSION}",
     }
     return result, slices[0] if has_positions else None
 
 
 def _impute_figure(result: ad.AnnData, piece: PreparedSlice, path: Path) -> None:
     """Imputed genes of the first slice, drawn at its positions."""
-    imputed = result.var["alphastomics_imputed"].to_numpy(dtype=bool)
+    imputed = result.var[IMPUTED].to_numpy(dtype=bool)
     names = [str(g) for g in result.var_names[imputed]]
-    expr = result.layers["alphastomics_expression"][piece.obs_indices][:, imputed]
+    expr = result.layers[EXPRESSION][piece.obs_indices][:, imputed]
     title = f"{piece.name}: {MODE_TITLES['impute']}"
     plot_genes(piece.positions, None, expr, names, path, title=title)
-
-
-PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"
 
 
 def parse_n_cells(text: str) -> int | dict[str, int]:
@@ -678,7 +722,7 @@ def _generate(
                 holder, "joint", sampler=sampler, steps=steps, generator=generator
             )
             expr = expr[0].cpu().numpy()
-            pos = positions_to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
+            pos = to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
             name = piece.name if num_samples == 1 else f"{piece.name}_sample{k}"
             types = predict_cell_types(piece, expr, type_names)
             exprs.append(expr)
@@ -697,7 +741,7 @@ def _generate(
                 rows.append(_figure_row(piece, given, type_names, name, pos, types))
     obs = pd.DataFrame(
         {
-            "slice": pd.Categorical(slice_of, categories=list(per_slice)),
+            SLICE_KEY: pd.Categorical(slice_of, categories=list(per_slice)),
             REFERENCE_SLICE: pd.Categorical(
                 reference_of, categories=[p.name for p in prepared.slices]
             ),
@@ -712,8 +756,8 @@ def _generate(
     tissue = ad.AnnData(
         X=np.concatenate(exprs), obs=obs, var=var, uns=deepcopy(dict(reference.uns))
     )
-    tissue.obsm["spatial"] = np.concatenate(poss)
-    tissue.uns["alphastomics"] = {
+    tissue.obsm[GENERATED_POSITIONS] = np.concatenate(poss)
+    tissue.uns[UNS] = {
         "mode": "joint",
         "sampler": sampler or module.cfg.sampling.sampler,
         "steps": steps or module.cfg.sampling.steps,
@@ -758,11 +802,7 @@ def _figure_row(
 
 def _expression_key(result: ad.AnnData, mode: str) -> str | None:
     if mode == "pos_to_expr":
-        return (
-            "layers/alphastomics_expression"
-            if "alphastomics_expression" in result.layers
-            else "obsm/alphastomics_expression"
-        )
+        return f"layers/{EXPRESSION}" if EXPRESSION in result.layers else f"obsm/{EXPRESSION}"
     return None
 
 
@@ -779,13 +819,13 @@ def _result_anndata(
     """The input with our results beside its own X, obs, var, uns, obsm and layers."""
     out = adata.copy()
     if mode == "expr_to_pos":
-        out.obsm["alphastomics_positions"] = pos
+        out.obsm[POSITIONS] = pos
         if num_samples > 1:
-            out.obs["alphastomics_position_spread"] = spread
+            out.obs[POSITION_SPREAD] = spread
         return out
-    results = {"alphastomics_expression": expr}
+    results = {EXPRESSION: expr}
     if num_samples > 1:
-        results["alphastomics_expression_std"] = expr_std
+        results[EXPRESSION_STD] = expr_std
     same_genes = list(map(str, adata.var_names)) == genes
     for key, values in results.items():
         if same_genes:

@@ -13,16 +13,17 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
-from alphastomics.diffusion_model.callbacks import GracefulInterrupt
-from alphastomics.diffusion_model.checkpoint import checkpoint_config, read_checkpoint
-from alphastomics.diffusion_model.train import AlphaSTomicsModule
-from alphastomics.diffusion_model.trainer import (
+from alphastomics.data.loader import create_dataloaders
+from alphastomics.data.store import ProcessedStore
+from alphastomics.errors import TrainingStopped, UserInputError
+from alphastomics.training.callbacks import GracefulInterrupt
+from alphastomics.training.checkpoint import checkpoint_config, read_checkpoint
+from alphastomics.training.module import AlphaSTomicsModule
+from alphastomics.training.trainer import (
     build_trainer,
     quiet_lightning,
     validation_minutes,
 )
-from alphastomics.errors import TrainingStopped, UserInputError
-from alphastomics.utils.dataloader import ProcessedStore, create_dataloaders
 from alphastomics.utils.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)

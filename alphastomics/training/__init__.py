@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the Trainer builder, callbacks and checkpoint files."""

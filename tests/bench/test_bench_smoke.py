@@ -1,0 +1,74 @@
+"""The benchmark scripts still run end to end (tiny sizes; their numbers are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_runs(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    # `train_exact` (the exact pairwise-distance loss) and `sample`; `train` is cheaper still
+    args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
+    args += ["--kinds", "train_exact", "sample"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {r["kind"] for r in results} == {"train_exact", "sample"}
+    assert all("error" not in r and r["seconds"] > 0 for r in results), results
+
+
+def test_sampler_quality_runs(tmp_path: Path) -> None:
+    out = tmp_path / "sampler.json"
+    bench = _load("sampler_quality")
+    args = ["--n_cells", "240", "--n_genes", "12", "--n_slices", "4", "--minutes", "1"]
+    args += ["--seeds", "0", "1", "--ddim_steps", "5", "--workdir", str(tmp_path / "work")]
+    args += ["--json", str(out), "--override", "model.hidden_dim=16", "model.n_layers=1"]
+    args += ["model.n_heads=2", "diffusion.diffusion_steps=20", "sampling.steps=5"]
+    args += ["training.max_steps=2"]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = {(r["mode"], r["metric"], r["label"], r["evaluations"]) for r in rows}
+    few_step = [f"ddim eta={eta} p=3" for eta in (0, 1)]
+    expected = {("pos_to_expr", "pcc_gene_mean", "mean (1 step)", 4)}
+    for mode, metrics in (
+        ("expr_to_pos", ("distance_spearman_median", "knn_preservation")),
+        ("pos_to_expr", ("pcc_gene_mean",)),
+    ):
+        for metric in metrics:
+            expected |= {(mode, metric, "ddpm", 20)}
+            expected |= {(mode, metric, label, 5) for label in few_step}
+    assert names == expected
+    assert all(len(r["per_seed"]) == 2 for r in rows)
+
+
+def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:
+    assert _load("placement_ceilings").main(["--data_dir", str(tiny_store)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| reference | slice_3 |")
+    names = [line.split(" | ")[0][2:] for line in table[1:]]  # the rule line starts "|-"
+    assert names[0] == "cell types shuffled" and names[-1] == "same-slice spatial kNN average"
+    # the exact layout with little jitter keeps most neighbours; a shuffle keeps few
+    means = [line.rstrip(" |").split(" | ")[-1] for line in table[1:]]
+    spearman = {n: float(mean.split(" / ")[0]) for n, mean in zip(names, means, strict=True)}
+    assert spearman["jitter σ=0.05"] > spearman["cell types shuffled"]
