@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).parents[1] / "alphastomics"
 _LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 _FILE_FORMATS = ("anndata", "h5py", "pandas")
 _CLI = ("argparse", "alphastomics.main", "alphastomics.workflows")
+_DISPLAY = ("tqdm",)  # progress bars belong to the callers (training, workflows)
 _MODEL = (
     "alphastomics.attn_model",
     "alphastomics.diffusion_model",
@@ -31,6 +32,7 @@ RULES: dict[str, tuple[str, ...]] = {
         *_LIGHTNING,
         *_FILE_FORMATS,
         *_CLI,
+        *_DISPLAY,
         "alphastomics.training",
         "alphastomics.evaluation",
         "alphastomics.diffusion_model",
@@ -42,6 +44,7 @@ RULES: dict[str, tuple[str, ...]] = {
         *_LIGHTNING,
         *_FILE_FORMATS,
         *_CLI,
+        *_DISPLAY,
         "alphastomics.training",
         "alphastomics.evaluation",
         "alphastomics.data.anndata",

@@ -9,12 +9,12 @@ user's units is done by :mod:`alphastomics.data.units`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from alphastomics.data.batch import apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
@@ -66,8 +66,9 @@ class DiffusionSampler:
         (ancestral, every one of the ``T`` steps); ``warm_start`` see :meth:`sample`.
     grid_power
         Spacing of DDIM's steps (:func:`step_grid`).
-    show_progress
-        Show a tqdm bar over the reverse steps.
+    progress
+        Wraps the reverse steps ``[(t, s), ...]`` for display, called as
+        ``progress(pairs, description)`` (e.g. a tqdm bar; the caller owns the display).
 
     Examples
     --------
@@ -85,7 +86,7 @@ class DiffusionSampler:
         eta: float = 0.0,
         warm_start: float = 0.0,
         grid_power: float = 3.0,
-        show_progress: bool = False,
+        progress: Callable[[list[tuple[int, int]], str], Iterable[tuple[int, int]]] | None = None,
     ) -> None:
         self.model = model
         self.noise_model = noise_model
@@ -94,7 +95,7 @@ class DiffusionSampler:
         self.eta = eta
         self.warm_start = warm_start
         self.grid_power = grid_power
-        self.show_progress = show_progress
+        self.progress = progress
 
     @torch.inference_mode()
     def sample(
@@ -212,7 +213,8 @@ class DiffusionSampler:
         true_expr, true_pos = apply_mask(expression, mask), positions
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
-        for t, s in tqdm(pairs, desc=f"sampling {mode}", disable=not self.show_progress):
+        steps_shown = pairs if self.progress is None else self.progress(pairs, f"sampling {mode}")
+        for t, s in steps_shown:
             step_t = torch.full((b,), t, dtype=torch.long, device=device)
             step_s = torch.full((b,), s, dtype=torch.long, device=device)
             t_expr = (step_t if gen_expr else zeros).float() / T

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ import torch
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
@@ -470,7 +472,7 @@ class AlphaSTomicsModule(pl.LightningModule):
             eta=self.cfg.sampling.eta,
             warm_start=self.cfg.sampling.warm_start,
             grid_power=self.cfg.sampling.grid_power,
-            show_progress=show_progress,
+            progress=_progress_bar if show_progress else None,
         )
 
     @torch.inference_mode()
@@ -659,3 +661,8 @@ class AlphaSTomicsModule(pl.LightningModule):
         counts = checkpoint.get("alphastomics_nonfinite") or {}
         self.n_skipped_steps = int(counts.get("skipped_steps", 0))
         self._nonfinite_in_a_row = int(counts.get("in_a_row", 0))
+
+
+def _progress_bar(pairs: list[tuple[int, int]], description: str) -> Iterable[tuple[int, int]]:
+    """A tqdm bar over the reverse steps on a terminal (nothing in logs or pipes)."""
+    return tqdm(pairs, desc=description, disable=None, leave=False)

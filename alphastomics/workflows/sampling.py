@@ -99,7 +99,13 @@ def _draw(
     for k in range(n_draws):
         generator = torch.Generator(device=module.device).manual_seed(seed + k)
         expr, pos = module.sample(
-            holder, mode, sampler=sampler, steps=steps, generator=generator, known=known
+            holder,
+            mode,
+            sampler=sampler,
+            steps=steps,
+            generator=generator,
+            known=known,
+            show_progress=True,
         )
         exprs.append(expr[0].cpu().numpy())
         poss.append(pos[0].cpu().numpy())
@@ -719,7 +725,12 @@ def _generate(
         for k in range(num_samples):
             generator = torch.Generator(device=module.device).manual_seed(seed + 1000 * i + k)
             expr, pos = module.sample(
-                holder, "joint", sampler=sampler, steps=steps, generator=generator
+                holder,
+                "joint",
+                sampler=sampler,
+                steps=steps,
+                generator=generator,
+                show_progress=True,
             )
             expr = expr[0].cpu().numpy()
             pos = to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)

@@ -154,3 +154,16 @@ def test_warm_start_uses_fewer_steps_from_the_mean_estimate():
     assert seen[1] == pytest.approx(0.2) and len(seen) == 6
     with pytest.raises(ValueError, match="warm_start"):
         sampler.sample(expr, pos, mask, "expr_to_pos", steps=5, warm_start=1.5)
+
+
+def test_progress_wraps_every_reverse_step_once():
+    sampler, expr, pos, mask = _setup()
+    seen = []
+
+    def progress(pairs, description):
+        seen.append((len(pairs), description))
+        return pairs
+
+    sampler.progress = progress
+    sampler.sample(expr, pos, mask, "joint", steps=5, generator=torch.Generator().manual_seed(0))
+    assert seen == [(5, "sampling joint")]
