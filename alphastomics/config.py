@@ -117,11 +117,11 @@ class TrainingConfig:
 @dataclass
 class SamplingConfig:
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
+    steps: int = 10
     eta: float = 1.0
     expression_estimate: Literal["mean", "sample"] = "mean"
     warm_start: float = 0.0
-    grid_power: float = 3.0
+    grid_power: float = 4.0
 
 
 @dataclass

@@ -93,7 +93,7 @@ class Setting:
     steps: int
     eta: float = 0.0
     warm_start: float = 0.0
-    grid_power: float = 3.0
+    grid_power: float = 4.0
 
     @property
     def evaluations(self) -> int:
@@ -124,7 +124,7 @@ def configurations(
     warm_starts: list[float],
     with_ddpm: bool,
     T: int,
-    grid_powers: tuple[float, ...] = (3.0,),
+    grid_powers: tuple[float, ...] = (4.0,),
 ) -> list[Setting]:
     """Settings to compare: DDPM over all T steps, then DDIM per warm start, grid spacing, eta
     and step count."""
@@ -182,7 +182,7 @@ def run_benchmark(
     warm_starts: list[float],
     with_ddpm: bool,
     modes: list[str],
-    grid_powers: tuple[float, ...] = (3.0,),
+    grid_powers: tuple[float, ...] = (4.0,),
 ) -> list[dict[str, Any]]:
     """Score every configuration on every slice of ``split`` for every seed."""
     store = ProcessedStore(store_dir)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "--grid_powers",
         type=float,
         nargs="+",
-        default=[3.0],
+        default=[4.0],
         help="step spacings to compare (sampling.grid_power; 2 = quadratic, 1 = even)",
     )
     parser.add_argument("--no_ddpm", action="store_true", help="skip the T-step DDPM reference")

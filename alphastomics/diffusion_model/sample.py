@@ -32,7 +32,7 @@ SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "impute", "joint"
 LOOP_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
 
 
-def step_grid(diffusion_steps: int, n_steps: int, power: float = 3.0) -> list[int]:
+def step_grid(diffusion_steps: int, n_steps: int, power: float = 4.0) -> list[int]:
     """Descending integer steps ``[T, ..., 0]`` with ``n_steps`` transitions.
 
     Step ``i`` of ``n`` sits at ``T * (1 - i / n) ** power``: ``power > 1`` spends more of the
@@ -82,10 +82,10 @@ class DiffusionSampler:
         noise_model: NoiseModel,
         *,
         sampler: SamplerKind = "ddim",
-        steps: int = 50,
+        steps: int = 10,
         eta: float = 0.0,
         warm_start: float = 0.0,
-        grid_power: float = 3.0,
+        grid_power: float = 4.0,
         progress: Callable[[list[tuple[int, int]], str], Iterable[tuple[int, int]]] | None = None,
     ) -> None:
         self.model = model

@@ -49,7 +49,7 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     names = {(r["mode"], r["metric"], r["label"], r["evaluations"]) for r in rows}
-    few_step = [f"ddim eta={eta} p=3" for eta in (0, 1)]
+    few_step = [f"ddim eta={eta} p=4" for eta in (0, 1)]
     expected = {("pos_to_expr", "pcc_gene_mean", "mean (1 step)", 4)}
     for mode, metrics in (
         ("expr_to_pos", ("distance_spearman_median", "knn_preservation")),
