@@ -39,31 +39,13 @@ def attention_context(
     -------
     Tensor
         (B, K, d, d) float32 context. Padded keys get weight exactly 0 and padded values are
-        zeroed; the key softmax subtracts the max over all real cells (no gradient, it cancels)
-        and runs in float32, so it stays finite for 200k cells and large logits. An item
+        zeroed; each chunk's key softmax subtracts the chunk's max and is rescaled to the max
+        over all real cells (no gradient, it cancels), in float32, so it stays finite for 200k
+        cells and large logits. An item
         without real cells gets a zero context.
     """
-    with torch.autocast(device_type=keys[0].device.type, enabled=False):
-        keeps = [m[:, None, :, None] for m in masks]  # (B, 1, n_c, 1)
-        # max over the real cells of every chunk, per item, head and feature
-        k_max = torch.stack(
-            [
-                k.detach().float().masked_fill(~keep, float("-inf")).amax(dim=2)
-                for k, keep in zip(keys, keeps, strict=True)
-            ]
-        ).amax(dim=0, keepdim=False)  # (B, K, d)
-        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max)).unsqueeze(2)
-        context = normaliser = None
-        for k, v, keep in zip(keys, values, keeps, strict=True):
-            # (B, K, n_c, d), exactly 0 on padded cells
-            weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - k_max)
-            v = v.float().masked_fill(~keep, 0.0)  # (B, K, n_c, d) exactly 0 on padded cells
-            part = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
-            total = weights.sum(dim=2)  # (B, K, d)
-            context = part if context is None else context + part
-            normaliser = total if normaliser is None else normaliser + total
-        # >= 1 when the item has a real cell (its max key gives exp(0) = 1); 0 -> zero context
-        return context / normaliser.clamp_min(1.0).unsqueeze(-1)  # (B, K, d, d)
+    parts = [context_part(k, v, m) for k, v, m in zip(keys, values, masks, strict=True)]
+    return combine_context_parts(parts)
 
 
 def context_part(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,8 +78,8 @@ def combine_context_parts(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Ten
     """The context of all cells from the chunks' :func:`context_part` results -> (B, K, d, d).
 
     Each chunk's share is rescaled to the common max (the log-sum-exp trick of blockwise
-    attention); the max itself carries no gradient, so this equals :func:`attention_context`
-    of all chunks at once, up to floating-point summation order.
+    attention); the max itself carries no gradient, so the result does not depend on how the
+    cells are chunked, up to floating-point summation order.
     """
     k_max = torch.stack([m for _, _, m in parts]).amax(dim=0)  # (B, K, d)
     k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))
