@@ -86,6 +86,18 @@ def _weighted_mean_over_items(
 _SSE_BLOCK_CELLS = 8192
 
 
+def _cell_blocks(n_cells: int) -> list[slice]:
+    return [slice(i, i + _SSE_BLOCK_CELLS) for i in range(0, n_cells, _SSE_BLOCK_CELLS)]
+
+
+def _masked_diff(
+    pred: Tensor, target: Tensor, node_mask: Tensor, genes: Tensor, rows: slice
+) -> Tensor:
+    """``pred - target`` (B, n, G) of one block of cells, 0 outside real cells x measured genes."""
+    entry = node_mask[:, rows].unsqueeze(-1) & genes  # (B, n, G)
+    return torch.where(entry, _loss_dtype(pred[:, rows]) - _loss_dtype(target[:, rows]), 0.0)
+
+
 class _MaskedSSE(torch.autograd.Function):
     """Per-item ``Σ (pred - target)²`` over real cells and measured genes -> (B,), float32+.
 
@@ -99,11 +111,8 @@ class _MaskedSSE(torch.autograd.Function):
         ctx.save_for_backward(pred, target, node_mask, gene_mask)
         sse = pred.new_zeros(pred.shape[0], dtype=torch.promote_types(pred.dtype, torch.float32))
         genes = gene_mask.unsqueeze(1)  # (B, 1, G)
-        for start in range(0, pred.shape[1], _SSE_BLOCK_CELLS):
-            rows = slice(start, start + _SSE_BLOCK_CELLS)
-            entry = node_mask[:, rows].unsqueeze(-1) & genes  # (B, n, G)
-            diff = _loss_dtype(pred[:, rows]) - _loss_dtype(target[:, rows])
-            sse += torch.where(entry, diff, 0.0).square().sum(dim=(1, 2))
+        for rows in _cell_blocks(pred.shape[1]):
+            sse += _masked_diff(pred, target, node_mask, genes, rows).square().sum(dim=(1, 2))
         return sse
 
     @staticmethod
@@ -114,11 +123,8 @@ class _MaskedSSE(torch.autograd.Function):
         grad_target = torch.empty_like(target) if ctx.needs_input_grad[1] else None
         genes = gene_mask.unsqueeze(1)
         scale = 2.0 * grad.view(-1, 1, 1)  # (B, 1, 1)
-        for start in range(0, pred.shape[1], _SSE_BLOCK_CELLS):
-            rows = slice(start, start + _SSE_BLOCK_CELLS)
-            entry = node_mask[:, rows].unsqueeze(-1) & genes
-            diff = _loss_dtype(pred[:, rows]) - _loss_dtype(target[:, rows])
-            block = torch.where(entry, diff, 0.0) * scale
+        for rows in _cell_blocks(pred.shape[1]):
+            block = _masked_diff(pred, target, node_mask, genes, rows) * scale
             if grad_pred is not None:
                 grad_pred[:, rows] = block.to(pred.dtype)
             if grad_target is not None:
