@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from alphastomics.attn_model.layers import (
     AdaptiveLayerNorm,
@@ -24,7 +22,11 @@ from alphastomics.attn_model.local_attention import (
     gather_cells,
 )
 from alphastomics.attn_model.neighbors import NeighborGraph, knn_graph
-from alphastomics.attn_model.transformer import TransformerLayer, chunk_cells
+from alphastomics.attn_model.transformer import (
+    TransformerLayer,
+    checkpointed_chunks,
+    chunk_cells,
+)
 from alphastomics.data.batch import apply_mask, center
 
 # Smoothing of the radius in the position head, in position units. Coordinates are scaled to unit
@@ -232,7 +234,7 @@ class Denoiser(nn.Module):
         recompute = self._checkpoints(mask)
         if recompute:  # per-cell stages a chunk at a time, recomputed in backward
             size = chunk_cells(*mask.shape, max(self.n_genes, 2 * self.hidden_dim), 4)
-            expr_emb, pos_emb = _per_chunk(
+            expr_emb, pos_emb = checkpointed_chunks(
                 functools.partial(self._embed, measured=measured), (expr_t, pos_in, mask), size
             )
         else:
@@ -245,7 +247,7 @@ class Denoiser(nn.Module):
             h = layer(h, cond, mask, graph, recompute=recompute)
         heads = functools.partial(self._heads, cond=cond, time_expr=time_expr, time_pos=time_pos)
         if recompute:
-            h, expr_hat, pos_free = _per_chunk(heads, (h, expr_t, pos_t, mask), size)
+            h, expr_hat, pos_free = checkpointed_chunks(heads, (h, expr_t, pos_t, mask), size)
         else:
             h, expr_hat, pos_free = heads(h, expr_t, pos_t, mask)
         if self.displacement is not None:
@@ -352,13 +354,3 @@ class NeighborDisplacement(nn.Module):
         gate = (self.source(h).unsqueeze(2) * target * self.distance(rbf)).sum(-1)  # (B, N, k)
         gate = gate * graph.valid
         return (gate.unsqueeze(-1) * offset).sum(dim=2) / max(graph.k, 1)  # (B, N, D)
-
-
-def _per_chunk(
-    fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...], size: int
-) -> tuple[Tensor, ...]:
-    """``fn`` of per-cell ``tensors`` (each (B, N, ...)) a chunk of ``size`` cells at a time,
-    each chunk checkpointed (recomputed in backward); the outputs concatenated along N."""
-    parts = zip(*(t.split(size, dim=1) for t in tensors), strict=True)
-    outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in parts]
-    return tuple(torch.cat(column, dim=1) for column in zip(*outputs, strict=True))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -31,6 +34,16 @@ def chunk_cells(batch: int, n_cells: int, widest: int, element_size: int) -> int
     """Cells per chunk so a (batch, chunk, widest) tensor stays under ``_CHUNK_BYTES``."""
     per_cell = max(1, batch * widest * element_size)
     return min(n_cells, max(_MIN_CHUNK_CELLS, _CHUNK_BYTES // per_cell))
+
+
+def checkpointed_chunks(
+    fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...], size: int
+) -> tuple[Tensor, ...]:
+    """``fn`` of per-cell ``tensors`` (each (B, N, ...)) a chunk of ``size`` cells at a time,
+    each chunk checkpointed (recomputed in backward); its outputs concatenated along N."""
+    parts = zip(*(t.split(size, dim=1) for t in tensors), strict=True)
+    outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in parts]
+    return tuple(torch.cat(column, dim=1) for column in zip(*outputs, strict=True))
 
 
 class TransformerLayer(nn.Module):
@@ -116,21 +129,20 @@ class TransformerLayer(nn.Module):
             for x, m in zip(h_parts, m_parts, strict=True)
         ]
         context = combine_context_parts(parts)  # (B, K, d, d)
-        out = [
-            checkpoint(self._chunk_output, x, cond, m, context, use_reentrant=False)
-            for x, m in zip(h_parts, m_parts, strict=True)
-        ]
-        return torch.cat(out, dim=1)  # (B, N, H)
+        output = functools.partial(self._chunk_output, cond=cond, context=context)
+        return checkpointed_chunks(output, (h, mask), size)[0]  # (B, N, H)
 
     def _chunk_context(self, x: Tensor, cond: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         k, v = self.attention.keys_values(self.attention_norm(x, cond))  # (B, K, n_c, d)
         return context_part(k, v, m)
 
-    def _chunk_output(self, x: Tensor, cond: Tensor, m: Tensor, context: Tensor) -> Tensor:
+    def _chunk_output(
+        self, x: Tensor, m: Tensor, *, cond: Tensor, context: Tensor
+    ) -> tuple[Tensor]:
         q = self.attention.queries(self.attention_norm(x, cond))  # (B, K, n_c, d)
         x = x + self.attention.project_out(attention_readout(q, context))
         x = x + self.ff(self.ff_norm(x, cond))
-        return apply_mask(x, m)
+        return (apply_mask(x, m),)
 
     def _forward(
         self, h: Tensor, cond: Tensor, mask: Tensor, graph: NeighborGraph | None, size: int
