@@ -93,11 +93,20 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input_dir", type=Path, help="folder whose *.h5ad files are all read")
     src.add_argument("--input", type=Path, nargs="+", help="one or more .h5ad files")
     p.add_argument("--output_dir", type=Path, required=True, help="where the store is written")
-    p.add_argument("--gene_list_file", type=Path, help="one gene per line: the model's genes")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config whose data.preprocessing section gives the defaults of "
+        "--gene_list_file and --position_key (default: the packaged config.yaml)",
+    )
+    p.add_argument(
+        "--gene_list_file",
+        type=Path,
+        help="one gene per line: the model's genes (default: data.preprocessing.gene_list_file)",
+    )
     p.add_argument(
         "--position_key",
-        default=keys.POSITION_KEY,
-        help="adata.obsm key of coordinates (default ccf)",
+        help="adata.obsm key of coordinates (default: data.preprocessing.position_key, ccf)",
     )
     p.add_argument(
         "--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming each cell's slice"
@@ -266,13 +275,18 @@ def _h5ad_files(args: argparse.Namespace) -> list[Path]:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
+    from alphastomics.config import load_config
     from alphastomics.data.anndata import read_gene_list
     from alphastomics.data.preprocess import SpatialDataPreprocessor
 
-    genes = read_gene_list(args.gene_list_file) if args.gene_list_file else None
+    # flags win over the config's data.preprocessing section
+    settings = load_config(args.config).data.preprocessing
+    gene_list_file = args.gene_list_file or settings.gene_list_file
+    genes = read_gene_list(Path(gene_list_file)) if gene_list_file else None
     pre = SpatialDataPreprocessor(
         gene_list=genes,
-        position_key=args.position_key,
+        position_key=args.position_key or settings.position_key,
+        position_is_3d=settings.position_is_3d,
         slice_key=args.slice_key,
         cell_type_key=args.cell_type_key,
         layer=args.layer,
@@ -351,12 +365,12 @@ def _min_gene_overlap(args: argparse.Namespace, *, impute: bool = False) -> floa
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from alphastomics.training.checkpoint import load_module
+    from alphastomics.workflows.generate import parse_n_cells
+    from alphastomics.workflows.pt import sample_pt
     from alphastomics.workflows.sampling import (
         check_sample_request,
         default_output,
-        parse_n_cells,
         sample_h5ad,
-        sample_pt,
         validate_output,
     )
 

@@ -4,8 +4,8 @@ Each method takes an AnnData laid out like the training files (the keys, layer a
 normalisation used at preprocess time are the defaults) and returns a new one with the outputs
 of :mod:`alphastomics.keys`; the CLI's ``sample`` and ``extract`` go through the same
 functions (:func:`~alphastomics.workflows.sampling.sample_anndata`,
-:func:`~alphastomics.workflows.sampling.impute_anndata`,
-:func:`~alphastomics.workflows.sampling.generate_tissue`,
+:func:`~alphastomics.workflows.impute.impute_anndata`,
+:func:`~alphastomics.workflows.generate.generate_tissue`,
 :func:`~alphastomics.workflows.extract.embed_anndata`) and only add the files.
 
 Examples
@@ -28,7 +28,7 @@ import anndata as ad
 
 if TYPE_CHECKING:
     from alphastomics.training.module import AlphaSTomicsModule
-    from alphastomics.workflows.sampling import NCells
+    from alphastomics.workflows.generate import NCells
 
 
 class AlphaSTomics:
@@ -121,7 +121,7 @@ class AlphaSTomics:
         genes = set(self.module.hparams["gene_names"])
         shared = genes & set(map(str, adata.var_names))
         if shared and shared != genes:
-            from alphastomics.workflows.sampling import impute_anndata
+            from alphastomics.workflows.impute import impute_anndata
 
             options.pop("checkpoint", None)
             return impute_anndata(self.module, adata, **options)
@@ -134,10 +134,10 @@ class AlphaSTomics:
 
         Returns a new AnnData: ``X``, ``obsm["spatial"]``, ``obs["slice"]``,
         ``obs["alphastomics_reference_slice"]`` (see
-        :func:`~alphastomics.workflows.sampling.generate_tissue`).
+        :func:`~alphastomics.workflows.generate.generate_tissue`).
         """
         from alphastomics.keys import UNS
-        from alphastomics.workflows.sampling import generate_tissue
+        from alphastomics.workflows.generate import generate_tissue
 
         tissue = generate_tissue(self.module, reference, n_cells=n_cells, **options)
         tissue.uns[UNS]["checkpoint"] = self.checkpoint

@@ -35,7 +35,7 @@ Methods:
   ``training.max_time_minutes`` from ``--train_minutes`` and ``training.max_epochs=1000000``
   (so the time budget, not the epoch count, stops training), then the ``last.ckpt`` imputes each
   fold as ``alphastomics sample --sample_mode impute`` does
-  (:func:`alphastomics.workflows.sampling.impute_anndata`);
+  (:func:`alphastomics.workflows.impute.impute_anndata`);
 - ``knn``: PCA (30 components) of the reference's cells in the fold's measured genes, the
   query's cells projected on it, and each query cell given the mean of its 20 nearest reference
   cells (Euclidean) in the dropped genes;
@@ -380,7 +380,7 @@ def model_predictor(
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """A method (see above) that imputes each fold as ``sample --sample_mode impute`` does."""
     from alphastomics.training.checkpoint import load_module
-    from alphastomics.workflows.sampling import impute_anndata
+    from alphastomics.workflows.impute import impute_anndata
 
     module = load_module(checkpoint, map_location=device)
     model_genes = set(map(str, module.hparams["gene_names"]))

@@ -78,7 +78,9 @@ def _model_rows(
     start = time.perf_counter()
     alone = DataHolder.from_arrays(test_expr, test_pos, gene_mask=gene_mask)
     generator = torch.Generator().manual_seed(0)
-    expr, _ = module.sample(alone, "pos_to_expr", expression_estimate="mean", generator=generator)
+    expr, _ = module.predictor.sample(
+        alone, "pos_to_expr", expression_estimate="mean", generator=generator
+    )
     rows["model: conditional mean from positions alone"] = (
         expr[0].numpy(),
         time.perf_counter() - start,
@@ -92,7 +94,9 @@ def _model_rows(
         )
         known = torch.zeros(1, len(train_pos) + len(test_pos), dtype=torch.bool)
         known[0, : len(train_pos)] = True
-        expr, _ = module.sample(both, "pos_to_expr", known=known, expression_estimate="mean")
+        expr, _ = module.predictor.sample(
+            both, "pos_to_expr", known=known, expression_estimate="mean"
+        )
         rows["model: neighbour read-out among the training cells"] = (
             expr[0, len(train_pos) :].numpy(),
             time.perf_counter() - start,

@@ -504,7 +504,7 @@ def evaluate_one_step_mean(
             np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
         )
         generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
-        _, placed = module.predict_mean(holder, "expr_to_pos", generator=generator)
+        _, placed = module.predictor.predict_mean(holder, "expr_to_pos", generator=generator)
         scores.append(
             score_slice(arrays.expression, positions, predicted_positions=placed[0].cpu().numpy())[
                 "expr_to_pos"
@@ -562,7 +562,7 @@ def evaluate_placement(
             generator = torch.Generator().manual_seed(args.seed + SEED_STRIDE * s + i)
             start = time.perf_counter()
             generated = {
-                mode: module.sample(
+                mode: module.predictor.sample(
                     holder,
                     mode,
                     sampler=args.sampler,
@@ -606,7 +606,7 @@ def evaluate_placement(
 
 def _placement_readout(module: Any) -> str:
     """How ``pos_to_expr`` among known cells is read out, for the table."""
-    if module.imputes_from_neighbors:
+    if module.predictor.imputes_from_neighbors:
         return f"pos_to_expr: neighbour read-out, k={module.cfg.neighbor_readout.n_neighbors}"
     return "pos_to_expr: inpainted draw"
 

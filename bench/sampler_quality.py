@@ -148,9 +148,11 @@ def score_slice(
     sampling = dataclasses.replace(
         module.cfg.sampling, eta=setting.eta, grid_power=setting.grid_power
     )
-    module.cfg = dataclasses.replace(module.cfg, sampling=sampling)  # module.sample reads these
+    module.cfg = dataclasses.replace(
+        module.cfg, sampling=sampling
+    )  # module.predictor.sample reads these
     start = time.perf_counter()
-    expr, pos = module.sample(
+    expr, pos = module.predictor.sample(
         holder,
         mode,  # type: ignore[arg-type]
         sampler="ddim" if setting.sampler == "mean" else setting.sampler,  # type: ignore[arg-type]

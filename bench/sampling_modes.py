@@ -37,7 +37,7 @@ def main() -> None:
         row: dict[str, str] = {}
         for warm in args.warm_starts:
             gen = torch.Generator().manual_seed(args.seed)
-            _, pos = module.sample(
+            _, pos = module.predictor.sample(
                 holder, "expr_to_pos", steps=args.steps, generator=gen, warm_start=warm
             )
             pm = position_metrics(a.positions, pos[0].numpy())
@@ -54,7 +54,7 @@ def main() -> None:
         row["mean"] = f"{pm['distance_spearman_median']:.3f} / {pm['knn_preservation']:.3f}"
         for estimate in ("sample", "mean"):
             gen = torch.Generator().manual_seed(args.seed)
-            e, _ = module.sample(
+            e, _ = module.predictor.sample(
                 holder,
                 "pos_to_expr",
                 steps=args.steps,

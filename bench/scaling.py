@@ -10,7 +10,7 @@ fresh subprocess per measurement, so every peak-memory number is that of one kin
   (``loss.use_distance_matrix=true loss.exact_distance_max_cells=N``, O(N^2)), only for
   N <= ``--exact_max``;
 - ``sample``: one DDIM step in ``joint`` mode (one network evaluation + update of both
-  modalities; ``module.sample(batch, "joint", sampler="ddim", steps=1)``).
+  modalities; ``module.predictor.sample(batch, "joint", sampler="ddim", steps=1)``).
 
 The batch is one whole slice with its ``slice_index``, as the ``slice`` data mode yields it, so
 the module's neighbour cache of the sampled distance loss works as in training (the warm-up step
@@ -123,7 +123,7 @@ def _worker(
         module.eval()
 
         def step() -> None:
-            module.sample(batch, "joint", sampler="ddim", steps=1, generator=gen_device)
+            module.predictor.sample(batch, "joint", sampler="ddim", steps=1, generator=gen_device)
 
     else:
         module.train()

@@ -3,7 +3,7 @@
 Trains through the CLI with its default settings (``alphastomics preprocess``, then
 ``alphastomics train ... training.max_time_minutes=BUDGET``), or takes ``--checkpoint``;
 generates one virtual slice per held-out slice, with that slice's cell count and scale, by
-:func:`alphastomics.workflows.sampling.generate_tissue` (what ``alphastomics sample
+:func:`alphastomics.workflows.generate.generate_tissue` (what ``alphastomics sample
 --sample_mode joint`` calls, all held-out slices in one call); and scores each generated slice
 against the real one beside baselines scored the same way.
 
@@ -397,7 +397,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_seconds = time.perf_counter() - start
 
     from alphastomics.training.checkpoint import load_module
-    from alphastomics.workflows.sampling import generate_tissue
+    from alphastomics.workflows.generate import generate_tissue
 
     module = load_module(checkpoint, map_location=_device(args.device))
     references, held_out = _references(store)

@@ -126,3 +126,51 @@ class NeighborReadout(nn.Module):
         weights = self.offset_mlp(features).softmax(dim=1)  # (Q, k, K) over neighbours
         kernels = torch.einsum("qkm,qkg->qmg", weights, reference_expression[index])  # (Q, K, G)
         return torch.einsum("qmg,gm->qg", kernels, self.gene_mix.softmax(dim=-1))  # (Q, G)
+
+
+def readout_loss(
+    readout: NeighborReadout,
+    positions: Tensor,
+    expression: Tensor,
+    node_mask: Tensor,
+    gene_mask: Tensor,
+    max_queries: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MSE of the read-out on cells hidden from it, over the items of a batch.
+
+    Each item hides a region of its cells (:func:`readout_split`) and imputes their expression
+    from the visible cells around them; scored on measured genes. Items with fewer than 2 cells
+    add nothing (the result stays connected to every read-out parameter, so distributed
+    training sees a gradient for each).
+
+    Parameters
+    ----------
+    positions, expression
+        (B, N, D) and (B, N, G) clean positions and standardised expression.
+    node_mask, gene_mask
+        (B, N) real cells and (B, G) measured genes.
+    max_queries
+        Most hidden cells scored per item.
+
+    Returns
+    -------
+    Tensor
+        () mean squared error over every scored (cell, gene).
+    """
+    sse = sum(p.sum() * 0.0 for p in readout.parameters())
+    count = 0
+    for b in range(positions.shape[0]):
+        real = node_mask[b].bool()
+        if int(real.sum()) < 2:
+            continue
+        item_positions = positions[b][real]  # (n, D)
+        item_expression = expression[b][real]  # (n, G)
+        queries, references = readout_split(item_positions, max_queries, generator)
+        predicted = readout(
+            item_positions[queries], item_positions[references], item_expression[references]
+        )  # (Q, G)
+        error = (predicted - item_expression[queries])[:, gene_mask[b].bool()]
+        sse = sse + error.float().square().sum()
+        count += error.numel()
+    return sse / max(count, 1)

@@ -2,7 +2,8 @@
 
 Every problem with an input is a one-line :class:`UserInputError` naming the file, key or value.
 :class:`~alphastomics.data.preprocess.SpatialDataPreprocessor` runs these steps over many files
-to write a store; :func:`prepare_anndata` runs them on a new AnnData for a trained model.
+to write a store; :func:`prepare_anndata` runs them on a new AnnData for a trained model. One
+module (over 500 lines) so that training and new inputs pass the very same checks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -20,6 +21,9 @@ import scipy.sparse as sp
 
 from alphastomics import keys
 from alphastomics.errors import UserInputError
+
+if TYPE_CHECKING:  # torch is imported on use: preprocessing runs without it
+    from alphastomics.data.batch import DataHolder
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,16 @@ class PreparedSlice:
     def missing_gene_share(self) -> float:
         """Share of the model's genes the input did not measure, in [0, 1]."""
         return self.n_missing_genes / max(len(self.gene_mask), 1)
+
+    def batch(self, n_dims: int) -> DataHolder:
+        """The slice as a one-item batch: expression, gene mask and positions, zeros (N,
+        ``n_dims``) where it has none (modes that generate them never read them)."""
+        from alphastomics.data.batch import DataHolder
+
+        positions = self.positions
+        if positions is None:
+            positions = np.zeros((self.n_cells, n_dims), np.float32)
+        return DataHolder.from_arrays(self.expression, positions, gene_mask=self.gene_mask)
 
     def arrays(self, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
         """The store entry of ``rows`` (see :data:`alphastomics.data.store.ENTRY_ARRAYS`)."""

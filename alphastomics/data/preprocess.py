@@ -1,7 +1,8 @@
 """`preprocess`: ``.h5ad`` files -> one processed store (one gene list, a train/val/test split).
 
 Pass 1 checks every file and plans genes and split; pass 2 re-reads each file, one at a time,
-and writes its slices through :mod:`alphastomics.data.store`.
+and writes its slices through :mod:`alphastomics.data.store`. The two passes share the plan
+they make (genes, split, per-file summaries), so they stay in one class (over 500 lines).
 """
 
 from __future__ import annotations

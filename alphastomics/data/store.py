@@ -20,9 +20,9 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from alphastomics.utils.io import (
     temporary_sibling,
     writing,
 )
+
+if TYPE_CHECKING:  # torch is imported on use: preprocessing runs without it
+    from alphastomics.data.batch import DataHolder
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +237,63 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
 
 
 @dataclass(frozen=True)
+class DataInfo:
+    """What a checkpoint remembers of the store it was trained on (``hparams["data_info"]``),
+    so ``sample``, ``test`` and ``extract`` need no extra flags.
+
+    Attributes
+    ----------
+    keys
+        AnnData keys used at preprocess time (``position_key``, ``slice_key``, ``cell_type_key``,
+        ``layer``): the defaults for new files.
+    normalization
+        What preprocess did to the expression (``applied``, ``target_sum``, ...), so new files
+        are normalised the same way.
+    cell_types
+        Names of the cell-type codes.
+    typical_scale
+        Median scale of the store's slices: the size of a generated slice without a reference.
+    n_training_frames
+        Distinct training slices or volumes (:func:`training_frames`; None: not recorded).
+    """
+
+    keys: dict[str, str | None] = field(default_factory=dict)
+    normalization: dict[str, Any] = field(default_factory=dict)
+    cell_types: list[str] = field(default_factory=list)
+    typical_scale: float = 1.0
+    n_training_frames: int | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> DataInfo:
+        """Summarise a store's ``metadata.json``."""
+        scales = sorted(float(s["scale"]) for s in metadata["slices"])
+        return cls(
+            keys=dict(metadata.get("keys", {})),
+            normalization=dict(metadata.get("normalization", {})),
+            cell_types=list(metadata.get("cell_types", [])),
+            typical_scale=scales[len(scales) // 2] if scales else 1.0,
+            n_training_frames=training_frames(metadata),
+        )
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any] | None) -> DataInfo:
+        """Read the dict form back; fields an older checkpoint lacks keep their defaults, and
+        fields this version no longer keeps are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (saved or {}).items() if k in known and v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (it is stored in the checkpoint's hyperparameters)."""
+        return asdict(self)
+
+
+def training_frames(metadata: Mapping[str, Any]) -> int:
+    """Distinct slices (frames) among a store's training entries: cell-split entries of one
+    slice (``<slice>/train``, ...) are one frame."""
+    return len({s.get("slice", s["name"]) for s in metadata["slices"] if s["split"] == "train"})
+
+
+@dataclass(frozen=True)
 class StoreSlice:
     """Arrays of one store entry (memory-mapped when loaded with ``mmap=True``).
 
@@ -267,6 +327,18 @@ class StoreSlice:
     def n_cells(self) -> int:
         """Number of cells N."""
         return self.expression.shape[0]
+
+    def batch(self) -> DataHolder:
+        """The entry as a one-item batch (cell types and ``slice_index`` = :attr:`index`)."""
+        from alphastomics.data.batch import DataHolder
+
+        return DataHolder.from_arrays(
+            self.expression,
+            self.positions,
+            gene_mask=self.gene_mask,
+            cell_type=self.cell_type,
+            slice_index=self.index,
+        )
 
 
 class ProcessedStore:

@@ -1,7 +1,9 @@
 """Forward process of the two modalities: one cosine schedule each, noising, posterior and DDIM.
 
 Time is an integer ``step`` in [0, T] everywhere in this module (0 = clean); the network gets the
-float ``t = step / T`` through ``DataHolder.t_expression`` / ``DataHolder.t_position``.
+float ``t = step / T`` through ``DataHolder.t_expression`` / ``DataHolder.t_position``. The
+schedule and every formula that reads it (noising, posterior, DDIM step) are one module (over
+500 lines, most of it docstrings of the formulas).
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ SampleMode = Literal["expr_to_pos", "pos_to_expr", "joint"]
 SamplerKind = Literal["ddim", "ddpm"]
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 # what `alphastomics sample` serves; `impute` is `DiffusionSampler.impute_mean` or
-# `DiffusionSampler.sample` with `known_genes` (see `AlphaSTomicsModule.impute`)
+# `DiffusionSampler.sample` with `known_genes` (see `Predictor.impute`)
 SAMPLE_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "impute", "joint")
 LOOP_MODES: tuple[str, ...] = ("expr_to_pos", "pos_to_expr", "joint")
+# wraps the reverse steps [(t, s), ...] for display: progress(pairs, description)
+Progress = Callable[[list[tuple[int, int]], str], Iterable[tuple[int, int]]]
 
 
 def step_grid(diffusion_steps: int, n_steps: int, power: float = 4.0) -> list[int]:
@@ -86,7 +88,7 @@ class DiffusionSampler:
         eta: float = 0.0,
         warm_start: float = 0.0,
         grid_power: float = 4.0,
-        progress: Callable[[list[tuple[int, int]], str], Iterable[tuple[int, int]]] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.model = model
         self.noise_model = noise_model
@@ -155,7 +157,7 @@ class DiffusionSampler:
             centred), the generated one is the final x0 estimate. Padded rows are zero.
         """
         if mode not in LOOP_MODES:
-            hint = "; impute: AlphaSTomicsModule.impute" if mode == "impute" else ""
+            hint = "; impute: Predictor.impute" if mode == "impute" else ""
             raise ValueError(
                 f"unknown sample mode {mode!r}; use one of {', '.join(LOOP_MODES)}{hint}"
             )

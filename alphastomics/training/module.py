@@ -2,7 +2,9 @@
 
 It is the only place that logs. Expression arrives log-normalised from the data loaders and is
 standardised per gene here (the statistics come from the training split and live in the
-checkpoint), so every consumer of a checkpoint maps back to the same units.
+checkpoint), so every consumer of a checkpoint maps back to the same units. Inference on a
+trained module is its :attr:`~AlphaSTomicsModule.predictor`
+(:class:`~alphastomics.diffusion_model.predict.Predictor`).
 """
 
 from __future__ import annotations
@@ -10,19 +12,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from alphastomics import __version__
 from alphastomics.attn_model.model import Denoiser
-from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_split
+from alphastomics.attn_model.neighbor_readout import NeighborReadout, readout_loss
 from alphastomics.config import (
     Config,
     config_to_dict,
@@ -30,12 +30,13 @@ from alphastomics.config import (
     resolve_auto,
     upgrade_saved_config,
 )
-from alphastomics.data.batch import DataHolder, apply_mask, center
+from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import DataInfo
 from alphastomics.data.units import ExpressionScaler
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
-from alphastomics.diffusion_model.sample import DiffusionSampler, SampleMode, SamplerKind
+from alphastomics.diffusion_model.predict import Predictor
 from alphastomics.utils.memory import tune_malloc
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ VAL_LOSS_DRAWS = 8  # noise draws averaged into each validation loss
 
 
 class AlphaSTomicsModule(pl.LightningModule):
-    """Dual-modality diffusion model: training, validation and sampling entry points.
+    """Dual-modality diffusion model: training and validation steps, optimiser, checkpoint hooks.
 
     Parameters
     ----------
@@ -57,8 +58,8 @@ class AlphaSTomicsModule(pl.LightningModule):
     gene_mean, gene_std
         (G,) per-gene statistics of log-normalised training expression; default 0 and 1.
     data_info
-        What the data looked like at preprocess time (AnnData keys, normalisation, cell types):
-        stored in the checkpoint so ``sample``/``test``/``extract`` need no extra flags.
+        What the checkpoint remembers of its store (:class:`~alphastomics.data.store.DataInfo`,
+        or its dict form).
     """
 
     def __init__(
@@ -69,14 +70,17 @@ class AlphaSTomicsModule(pl.LightningModule):
         gene_names: list[str] | None = None,
         gene_mean: list[float] | None = None,
         gene_std: list[float] | None = None,
-        data_info: dict[str, Any] | None = None,
+        data_info: DataInfo | dict[str, Any] | None = None,
         n_dims: int = 3,
     ) -> None:
         super().__init__()
         if not isinstance(cfg, Config):
             cfg = load_config(base=upgrade_saved_config(cfg))  # e.g. hparams of a checkpoint
         # `auto` settles here for callers that did not (the train workflow logs its choice)
-        cfg, _ = resolve_auto(cfg, (data_info or {}).get("n_training_frames"))
+        if not isinstance(data_info, DataInfo):
+            data_info = DataInfo.from_dict(data_info)  # e.g. hparams of a checkpoint
+        self.data_info: DataInfo = data_info
+        cfg, _ = resolve_auto(cfg, data_info.n_training_frames)
         cfg_dict = config_to_dict(cfg)
         self.cfg: Config = cfg
         self.save_hyperparameters(
@@ -86,7 +90,7 @@ class AlphaSTomicsModule(pl.LightningModule):
                 "gene_names": list(gene_names) if gene_names is not None else None,
                 "gene_mean": list(gene_mean) if gene_mean is not None else None,
                 "gene_std": list(gene_std) if gene_std is not None else None,
-                "data_info": data_info or {},
+                "data_info": data_info.to_dict(),
                 "n_dims": n_dims,
                 "alphastomics_version": __version__,
             }
@@ -207,33 +211,17 @@ class AlphaSTomicsModule(pl.LightningModule):
     def neighbor_readout_loss(
         self, batch: DataHolder, generator: torch.Generator | None = None
     ) -> Tensor:
-        """MSE of the neighbour read-out on cells hidden from it, over the items of ``batch``.
-
-        Each item hides a region of its cells (:func:`readout_split`) and imputes their
-        standardised expression from the visible cells around them; scored on measured genes.
-        Items with fewer than 2 cells add nothing (the result stays connected to every
-        read-out parameter, so distributed training sees a gradient for each).
-        """
-        readout = self.neighbor_readout
-        assert readout is not None
-        max_queries = self.cfg.neighbor_readout.max_queries
-        sse = sum(p.sum() * 0.0 for p in readout.parameters())
-        count = 0
-        for b in range(batch.batch_size):
-            real = batch.node_mask[b].bool()
-            if int(real.sum()) < 2:
-                continue
-            positions = batch.positions[b][real]  # (n, D)
-            expression = batch.expression[b][real]  # (n, G) standardised
-            queries, references = readout_split(positions, max_queries, generator)
-            predicted = readout(
-                positions[queries], positions[references], expression[references]
-            )  # (Q, G)
-            measured = batch.gene_mask[b].bool()
-            error = (predicted - expression[queries])[:, measured]
-            sse = sse + error.float().square().sum()
-            count += error.numel()
-        return sse / max(count, 1)
+        """The read-out's loss on ``batch`` (:func:`readout_loss`)."""
+        assert self.neighbor_readout is not None
+        return readout_loss(
+            self.neighbor_readout,
+            batch.positions,
+            batch.expression,
+            batch.node_mask,
+            batch.gene_mask,
+            self.cfg.neighbor_readout.max_queries,
+            generator,
+        )
 
     def training_step(self, batch: DataHolder, batch_idx: int) -> Tensor | None:
         result = self.diffusion_loss(batch)
@@ -323,15 +311,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         from alphastomics.evaluation.metrics import expression_metrics, position_metrics
 
         steps = min(self.cfg.training.val_sample_steps, self.noise_model.T)
-        sampler = DiffusionSampler(
-            self.model,
-            self.noise_model,
-            sampler="ddim",
-            steps=steps,
-            eta=self.cfg.sampling.eta,
-            warm_start=self.cfg.sampling.warm_start,
-            grid_power=self.cfg.sampling.grid_power,
-        )
+        sampler = self.predictor.sampler("ddim", steps)
         metrics: dict[str, float] = {}
         mask = batch.node_mask[0]
         if self.cfg.training_mode in ("joint", "expr_to_pos"):
@@ -373,236 +353,13 @@ class AlphaSTomicsModule(pl.LightningModule):
                 metrics["pcc_gene_mean"] = float(em["pcc_gene_mean"])
         return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
-    # ------------------------------------------------------------------ sampling
-    def sample(
-        self,
-        batch: DataHolder,
-        mode: SampleMode,
-        *,
-        sampler: SamplerKind | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        show_progress: bool = False,
-        known: Tensor | None = None,
-        expression_estimate: Literal["mean", "sample"] = "sample",
-        warm_start: float | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
-
-        ``known`` (B, N) bool marks cells whose generated modality is given (inpainting, see
-        :meth:`DiffusionSampler.sample`). With ``expression_estimate="mean"``, ``pos_to_expr``
-        returns a point estimate instead of a draw: the conditional mean
-        (:meth:`DiffusionSampler.predict_mean`) without known cells, the neighbour read-out
-        (:meth:`impute_from_neighbors`) with them when the model has one.
-
-        Returns
-        -------
-        (expression, positions)
-            (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
-        """
-        tune_malloc()  # see alphastomics.utils.memory; once per process
-        point_estimate = mode == "pos_to_expr" and expression_estimate == "mean"
-        if point_estimate and known is not None and self.neighbor_readout is not None:
-            return self.impute_from_neighbors(batch, known, generator=generator)
-        if point_estimate and known is None:
-            return self.predict_mean(batch, mode, generator=generator)
-        batch, expr = self._standardized_on_device(batch)
-        diffusion_sampler = self._sampler(sampler, steps, show_progress)
-        expr_out, pos_out = diffusion_sampler.sample(
-            expr,
-            batch.positions,
-            batch.node_mask,
-            mode,
-            gene_mask=batch.gene_mask,
-            generator=generator,
-            known=None if known is None else known.to(self.device),
-            warm_start=warm_start,
-        )
-        expr_out = apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask)
-        return expr_out, pos_out
-
-    def predict_mean(
-        self,
-        batch: DataHolder,
-        mode: Literal["expr_to_pos", "pos_to_expr"],
-        *,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The one-step conditional mean of the generated modality given the clean one
-        (:meth:`DiffusionSampler.predict_mean`), in the units of :meth:`sample`.
-
-        Returns
-        -------
-        (expression, positions)
-            (B, N, G) log-normalised and (B, N, D) centred, in the store's scaled units.
-        """
-        tune_malloc()
-        batch, expr = self._standardized_on_device(batch)
-        expr_out, pos_out = self._sampler(None, None, False).predict_mean(
-            expr,
-            batch.positions,
-            batch.node_mask,
-            mode,
-            gene_mask=batch.gene_mask,
-            generator=generator,
-        )
-        return apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask), pos_out
-
-    def _standardized_on_device(self, batch: DataHolder) -> tuple[DataHolder, Tensor]:
-        """``batch`` on the module's device and its standardised (B, N, G) expression."""
-        batch = batch.to(self.device)
-        return batch, self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
-
+    # ------------------------------------------------------------------ inference
     @property
-    def imputes_from_neighbors(self) -> bool:
-        """Whether ``pos_to_expr`` with known cells and the configured ``expression_estimate``
-        uses the neighbour read-out (else it inpaints a reverse-process draw)."""
-        return self.neighbor_readout is not None and (
-            self.cfg.sampling.expression_estimate == "mean"
+    def predictor(self) -> Predictor:
+        """Inference with this module's network and ``sampling`` settings (shares its weights)."""
+        return Predictor(
+            self.model, self.noise_model, self.scaler, self.cfg.sampling, self.neighbor_readout
         )
-
-    def _sampler(
-        self, sampler: SamplerKind | None, steps: int | None, show_progress: bool
-    ) -> DiffusionSampler:
-        return DiffusionSampler(
-            self.model,
-            self.noise_model,
-            sampler=sampler or self.cfg.sampling.sampler,
-            steps=steps or self.cfg.sampling.steps,
-            eta=self.cfg.sampling.eta,
-            warm_start=self.cfg.sampling.warm_start,
-            grid_power=self.cfg.sampling.grid_power,
-            progress=_progress_bar if show_progress else None,
-        )
-
-    @torch.inference_mode()
-    def impute_from_neighbors(
-        self, batch: DataHolder, known: Tensor, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Expression of the cells not ``known`` from the known cells around them.
-
-        Genes an item did not measure (``gene_mask`` False) cannot be read from its known
-        cells: for those, every cell gets the conditional mean from positions
-        (:meth:`DiffusionSampler.predict_mean`, drawn from ``generator``).
-
-        Parameters
-        ----------
-        batch
-            Log-normalised expression (B, N, G) (read for known cells only) and positions.
-        known
-            (B, N) bool, True for a measured reference cell; each item needs at least one.
-
-        Returns
-        -------
-        (expression, positions)
-            (B, N, G) log-normalised: known cells keep their measured genes, the others are
-            imputed by the neighbour read-out; (B, N, D) positions centred, as :meth:`sample`
-            returns them.
-        """
-        readout = self.neighbor_readout
-        if readout is None:
-            raise ValueError(
-                "this model has no neighbour read-out (neighbor_readout.n_neighbors=0); "
-                "sample with expression_estimate='sample' to inpaint known cells instead"
-            )
-        batch = batch.to(self.device)
-        mask = batch.node_mask.bool()
-        known = known.to(self.device).bool() & mask
-        expr = self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
-        out = expr.clone()
-        for b in range(batch.batch_size):
-            references, queries = known[b], mask[b] & ~known[b]
-            if not bool(queries.any()):
-                continue
-            if not bool(references.any()):
-                raise ValueError(f"item {b}: known marks no real cell; mark the reference cells")
-            positions = batch.positions[b]
-            out[b, queries] = readout(
-                positions[queries], positions[references], expr[b, references]
-            )
-        expr_out = torch.where(
-            known.unsqueeze(-1), batch.expression, self.scaler.unstandardize(out)
-        )
-        unmeasured = ~batch.gene_mask.bool()  # (B, G)
-        if bool(unmeasured.any()):
-            mean, _ = self._sampler(None, None, False).predict_mean(
-                expr,
-                batch.positions,
-                mask,
-                "pos_to_expr",
-                gene_mask=batch.gene_mask,
-                generator=generator,
-            )
-            expr_out = torch.where(
-                unmeasured.unsqueeze(1), self.scaler.unstandardize(mean), expr_out
-            )
-        return apply_mask(expr_out, mask), center(batch.positions, mask)
-
-    @torch.inference_mode()
-    def impute(
-        self,
-        batch: DataHolder,
-        *,
-        use_positions: bool = True,
-        expression_estimate: Literal["mean", "sample"] = "mean",
-        sampler: SamplerKind | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Expression of the genes each item did not measure, from those it did (and positions).
-
-        ``batch.gene_mask`` marks the measured genes: they are the condition, with the
-        positions unless ``use_positions`` is False (then expression alone). ``"mean"``: the
-        conditional mean (:meth:`DiffusionSampler.impute_mean`, what the gene-hiding items of
-        training teach, ``training.p_hide_genes``); ``"sample"``: one reverse-process draw of
-        every unmeasured gene with the measured genes held to their values
-        (:meth:`DiffusionSampler.sample` with ``known_genes``; positions drawn too when they
-        are not used).
-
-        Parameters
-        ----------
-        batch
-            Log-normalised expression (B, N, G) (read for measured genes), positions (B, N, D)
-            in the store's scaled units, ``gene_mask`` (B, G); each item needs a measured gene.
-
-        Returns
-        -------
-        Tensor
-            (B, N, G) log-normalised: measured genes as given, the others imputed; padded rows 0.
-        """
-        tune_malloc()
-        batch = batch.to(self.device)
-        measured = batch.gene_mask.bool()
-        if not bool(measured.any(dim=1).all()):
-            item = int((~measured.any(dim=1)).nonzero()[0])
-            raise ValueError(
-                f"item {item} measures no gene: nothing to impute from; use pos_to_expr"
-            )
-        expr = self.scaler.standardize(batch.expression, batch.node_mask, batch.gene_mask)
-        diffusion_sampler = self._sampler(sampler, steps, False)
-        if expression_estimate == "mean":
-            out = diffusion_sampler.impute_mean(
-                expr,
-                batch.positions,
-                batch.node_mask,
-                measured,
-                use_positions=use_positions,
-                generator=generator,
-            )
-        else:
-            out, _ = diffusion_sampler.sample(
-                expr,
-                batch.positions,
-                batch.node_mask,
-                "pos_to_expr" if use_positions else "joint",
-                gene_mask=torch.ones_like(measured),
-                generator=generator,
-                known_genes=measured,
-            )
-        imputed = torch.where(
-            measured.unsqueeze(1), batch.expression, self.scaler.unstandardize(out)
-        )
-        return apply_mask(imputed, batch.node_mask)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
@@ -661,8 +418,3 @@ class AlphaSTomicsModule(pl.LightningModule):
         counts = checkpoint.get("alphastomics_nonfinite") or {}
         self.n_skipped_steps = int(counts.get("skipped_steps", 0))
         self._nonfinite_in_a_row = int(counts.get("in_a_row", 0))
-
-
-def _progress_bar(pairs: list[tuple[int, int]], description: str) -> Iterable[tuple[int, int]]:
-    """A tqdm bar over the reverse steps on a terminal (nothing in logs or pipes)."""
-    return tqdm(pairs, desc=description, disable=None, leave=False)

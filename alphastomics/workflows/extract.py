@@ -8,7 +8,6 @@ import anndata as ad
 import numpy as np
 
 from alphastomics.data.anndata import NormalizeMode, read_h5ad
-from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
 from alphastomics.embedding import EmbeddingExtractor, ExtractMode
 from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
@@ -38,15 +37,7 @@ def extract_store(
     for index in range(len(store.metadata["slices"])):
         arrays = store.load_slice(index)
         obs_names.append(np.asarray(arrays.obs_names, dtype=str))
-        holders.append(
-            DataHolder.from_arrays(
-                arrays.expression,
-                arrays.positions,
-                gene_mask=arrays.gene_mask,
-                cell_type=arrays.cell_type,
-                slice_index=index,
-            )
-        )
+        holders.append(arrays.batch())
     result = EmbeddingExtractor(module, mode=mode).extract(holders)
     slice_names = [s["name"] for s in store.metadata["slices"]]
     result["cell_types"] = _names(result["cell_types"], store.metadata.get("cell_types", []))
@@ -103,7 +94,6 @@ def embed_anndata(
     when extracted, else the first kind) and ``uns["alphastomics_embedding"]``, and every kind
     of embedding by name (plus ``cell_types`` and ``obs_names``), in ``adata``'s cell order.
     """
-    info = module.hparams.get("data_info", {})
     slices = prepare_input(
         module,
         adata,
@@ -116,15 +106,12 @@ def embed_anndata(
     result: dict[str, np.ndarray] = {}
     order = np.concatenate([piece.obs_indices for piece in slices])
     for piece in slices:
-        holder = DataHolder.from_arrays(
-            piece.expression, piece.positions, gene_mask=piece.gene_mask
-        )
-        for key, arrays in extractor.embed(holder).items():
+        for key, arrays in extractor.embed(piece.batch(module.n_dims)).items():
             result.setdefault(key, []).extend(arrays)  # type: ignore[arg-type]
     inverse = np.argsort(order)
     stacked = {key: np.concatenate(parts)[inverse] for key, parts in result.items()}
     codes = np.concatenate([piece.cell_type for piece in slices])[inverse]
-    stacked["cell_types"] = _names(codes, info.get("cell_types") or [])
+    stacked["cell_types"] = _names(codes, module.data_info.cell_types)
     stacked["obs_names"] = np.asarray(adata.obs_names, dtype=str)
     main_key = (
         "transformer_embeddings" if "transformer_embeddings" in stacked else next(iter(stacked))

@@ -36,7 +36,7 @@ class PreparedInput:
 
 def trained_normalization(module: AlphaSTomicsModule) -> dict[str, Any]:
     """What preprocess did to the training data: ``requested`` and the set ``applied``."""
-    saved = (module.hparams.get("data_info") or {}).get("normalization") or {}
+    saved = module.data_info.normalization
     applied = saved.get("applied") or {}
     return {
         "requested": saved.get("requested", "auto"),
@@ -90,8 +90,8 @@ def prepare_input(
     require_positions
         True: the position key must exist.
     """
-    info = module.hparams.get("data_info") or {}
-    saved = info.get("keys") or {}
+    info = module.data_info
+    saved = info.keys
     wanted = keys or {}
     resolved = {
         name: wanted.get(name) or saved.get(name)
@@ -114,7 +114,7 @@ def prepare_input(
         layer=resolved["layer"],
         normalize=normalize or trained["requested"],
         require_positions=require_positions,
-        cell_types=info.get("cell_types"),
+        cell_types=info.cell_types or None,
         source=source,
         require_expression=require_expression,
         n_dims=module.n_dims,

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore, StoreSlice
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
 from alphastomics.errors import UserInputError
@@ -49,14 +48,14 @@ def evaluate_slice(
     expr_true = np.asarray(arrays.expression, dtype=np.float32)
     pos_true = np.asarray(arrays.positions, dtype=np.float32)
     gene_mask = np.asarray(arrays.gene_mask, dtype=bool)
-    holder = DataHolder.from_arrays(expr_true, pos_true, gene_mask=gene_mask)
+    holder = arrays.batch()
     mode = module.cfg.training_mode
     metrics: dict[str, Any] = {"n_cells": int(expr_true.shape[0])}
     predictions: dict[str, np.ndarray] = {}
     labels = arrays.cell_type
     if mode in ("joint", "expr_to_pos"):
         start = time.perf_counter()
-        _, pos = module.sample(
+        _, pos = module.predictor.sample(
             holder, "expr_to_pos", sampler=sampler, steps=steps, generator=generator
         )
         pos_pred = pos[0].cpu().numpy()
@@ -70,7 +69,7 @@ def evaluate_slice(
     if mode in ("joint", "pos_to_expr"):
         start = time.perf_counter()
         estimate = module.cfg.sampling.expression_estimate
-        expr, _ = module.sample(
+        expr, _ = module.predictor.sample(
             holder,
             "pos_to_expr",
             sampler=sampler,

@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
 from alphastomics.data.loader import create_dataloaders
-from alphastomics.data.store import ProcessedStore
+from alphastomics.data.store import DataInfo, ProcessedStore, training_frames
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt
 from alphastomics.training.checkpoint import checkpoint_config, read_checkpoint
@@ -27,26 +27,6 @@ from alphastomics.training.trainer import (
 from alphastomics.utils.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)
-
-
-def training_frames(metadata: dict[str, Any]) -> int:
-    """Distinct slices (frames) among a store's training entries: cell-split entries of one
-    slice (``<slice>/train``, ...) are one frame."""
-    return len({s.get("slice", s["name"]) for s in metadata["slices"] if s["split"] == "train"})
-
-
-def data_info_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must remember about the data it was trained on."""
-    scales = [float(s["scale"]) for s in metadata["slices"]]
-    return {
-        "keys": metadata.get("keys", {}),
-        "normalization": metadata.get("normalization", {}),
-        "cell_types": metadata.get("cell_types", []),
-        "n_dims": metadata.get("n_dims", 3),
-        "typical_scale": float(sorted(scales)[len(scales) // 2]) if scales else 1.0,
-        "typical_n_cells": int(sorted(s["n_cells"] for s in metadata["slices"])[len(scales) // 2]),
-        "n_training_frames": training_frames(metadata),
-    }
 
 
 def _check_run_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -147,7 +127,7 @@ def _fit(
         rank=rank,
         world_size=world_size,
     )
-    data_info = data_info_from_metadata(meta)
+    data_info = DataInfo.from_metadata(meta)
     module = AlphaSTomicsModule(
         cfg,
         meta["n_genes"],

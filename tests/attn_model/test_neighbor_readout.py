@@ -143,7 +143,9 @@ def test_imputation_keeps_known_cells_and_fills_the_rest():
     holder = DataHolder.from_arrays(expr, pos)
     known = torch.zeros(1, 120, dtype=torch.bool)
     known[0, :80] = True
-    out, positions = module.sample(holder, "pos_to_expr", known=known, expression_estimate="mean")
+    out, positions = module.predictor.sample(
+        holder, "pos_to_expr", known=known, expression_estimate="mean"
+    )
     assert torch.allclose(out[0, :80], torch.from_numpy(expr[:80]), atol=1e-5)
     assert torch.isfinite(out).all() and not torch.allclose(out[0, 80:], out[0, 79])
     assert torch.allclose(positions.mean(dim=1), torch.zeros(1, 3), atol=1e-5)
@@ -152,10 +154,10 @@ def test_imputation_keeps_known_cells_and_fills_the_rest():
     gene_mask[[2, 5]] = False
     partial = DataHolder.from_arrays(expr, pos, gene_mask=gene_mask)
     generator = torch.Generator().manual_seed(0)
-    out, _ = module.sample(
+    out, _ = module.predictor.sample(
         partial, "pos_to_expr", known=known, expression_estimate="mean", generator=generator
     )
-    mean, _ = module.sample(
+    mean, _ = module.predictor.sample(
         partial,
         "pos_to_expr",
         expression_estimate="mean",
@@ -166,7 +168,7 @@ def test_imputation_keeps_known_cells_and_fills_the_rest():
         out[0, :80][:, gene_mask], torch.from_numpy(expr[:80][:, gene_mask]), atol=1e-5
     )
     with pytest.raises(ValueError, match="known marks no real cell"):
-        module.impute_from_neighbors(holder, torch.zeros(1, 120, dtype=torch.bool))
+        module.predictor.impute_from_neighbors(holder, torch.zeros(1, 120, dtype=torch.bool))
 
 
 def test_models_without_a_readout():
@@ -175,7 +177,7 @@ def test_models_without_a_readout():
     off = _module(expr, ["neighbor_readout.n_neighbors=0"])
     assert off.neighbor_readout is None
     with pytest.raises(ValueError, match="no neighbour read-out"):
-        off.impute_from_neighbors(
+        off.predictor.impute_from_neighbors(
             DataHolder.from_arrays(expr, pos), torch.ones(1, 60, dtype=torch.bool)
         )
     # a checkpoint saved before the read-out existed: its config has no such section
@@ -195,7 +197,7 @@ def test_a_checkpoint_from_before_the_readout_loads_and_samples(tmp_path):
     assert loaded.neighbor_readout is None and loaded.cfg.neighbor_readout.n_neighbors == 0
     known = torch.zeros(1, 60, dtype=torch.bool)
     known[0, :40] = True
-    out, _ = loaded.sample(
+    out, _ = loaded.predictor.sample(
         DataHolder.from_arrays(expr, pos),
         "pos_to_expr",
         known=known,

@@ -20,7 +20,7 @@ def test_grid_power_reaches_the_sampler_and_old_checkpoints_keep_quadratic_spaci
     cfg = load_config(overrides=["model.hidden_dim=16", "model.n_layers=1", "model.n_heads=2"])
     assert cfg.sampling.grid_power == 4.0 and cfg.sampling.steps == 10
     module = AlphaSTomicsModule(cfg, num_genes=5)
-    assert module._sampler(None, None, False).grid_power == 4.0
+    assert module.predictor.sampler().grid_power == 4.0
     with pytest.raises(UserInputError, match=r"sampling\.grid_power"):
         load_config(overrides=["sampling.grid_power=0"])
     assert upgrade_saved_config({"sampling": {"steps": 50}})["sampling"]["grid_power"] == 2.0

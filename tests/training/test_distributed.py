@@ -414,7 +414,7 @@ def test_torchrun_two_process_ddp(store6: Path, tmp_path: Path) -> None:
     test_loader = create_dataloaders(store6, mode="slice", batch_size=1)[2]
     assert test_loader is not None
     batch = next(iter(test_loader))
-    expression, positions = module.sample(
+    expression, positions = module.predictor.sample(
         batch, "expr_to_pos", steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert positions.shape == batch.positions.shape

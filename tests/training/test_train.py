@@ -9,12 +9,12 @@ from torch.utils.data import DataLoader
 
 from alphastomics.config import load_config
 from alphastomics.data.batch import DataHolder, collate_holders
+from alphastomics.data.store import DataInfo
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.metrics import position_metrics
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.training.trainer import build_trainer
-from alphastomics.workflows.train import data_info_from_metadata
 
 SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]
 
@@ -43,7 +43,7 @@ def test_learning_sanity_expr_to_pos():
         losses.append(result.total.item())
     assert np.mean(losses[:10]) / np.mean(losses[-10:]) >= 10
     module.eval()
-    _, sampled = module.sample(
+    _, sampled = module.predictor.sample(
         holder, "expr_to_pos", steps=20, generator=torch.Generator().manual_seed(0)
     )
     spearman = position_metrics(pos, sampled[0].numpy())["distance_spearman_median"]
@@ -93,8 +93,10 @@ def test_fit_checkpoint_round_trip(tmp_path):
     assert loaded.hparams["gene_names"] == [f"g{i}" for i in range(8)]
     holder = DataHolder.from_arrays(expr, pos)
     module.eval()
-    a = module.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
-    b = loaded.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
+    a = module.predictor.sample(
+        holder, "joint", steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    b = loaded.predictor.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
 
 
@@ -200,9 +202,9 @@ def test_training_frames_count_slices_not_store_entries():
 
     one_volume = [entry("e/train", "train", "e"), entry("e/val", "val", "e")]
     one_volume.append(entry("e/test", "test", "e"))
-    assert data_info_from_metadata({"slices": one_volume})["n_training_frames"] == 1
+    assert DataInfo.from_metadata({"slices": one_volume}).n_training_frames == 1
     slices = [entry("a", "train"), entry("b", "train"), entry("c", "test")]
-    assert data_info_from_metadata({"slices": slices})["n_training_frames"] == 2
+    assert DataInfo.from_metadata({"slices": slices}).n_training_frames == 2
     # a module built without the data's frames takes the invariant, aligned loss
     module = AlphaSTomicsModule(load_config(overrides=[*SMALL]), 8)
     assert module.cfg.loss.align_rotation is True

@@ -329,7 +329,7 @@ def test_joint_n_cells_sets_the_count_of_each_generated_slice(trained, tmp_path,
 
 def test_joint_cli_and_python_api_generate_the_same_tissue(trained, tmp_path):
     from alphastomics.training.checkpoint import load_module
-    from alphastomics.workflows.sampling import generate_tissue
+    from alphastomics.workflows.generate import generate_tissue
 
     out = tmp_path / "joint.h5ad"
     argv = _sample_argv(trained, trained["test_h5ad"], out, "joint", "--steps", "2", "--seed", "4")
@@ -617,3 +617,29 @@ def test_2d_data_is_modelled_and_written_back_in_2d(tmp_path):
         positions = ad.read_h5ad(out).obsm[key]
         assert positions.shape == (adata.n_obs, 2), mode
         assert np.isfinite(positions).all()
+
+
+def test_preprocess_reads_data_preprocessing_of_config_and_flags_win(tmp_path):
+    adata = make_tiny_adata(n_slices=3, n_cells=30, n_genes=12, position_key="spatial")
+    h5ad = tmp_path / "tissue.h5ad"
+    adata.write_h5ad(h5ad)
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(map(str, adata.var_names[:8])) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"data:\n  preprocessing:\n    position_key: spatial\n    gene_list_file: {genes}\n"
+    )
+    store = tmp_path / "store"
+    argv = ["preprocess", "--input", h5ad, "--output_dir", store, "--config", config]
+    assert main([str(a) for a in argv]) == 0
+    meta = json.loads((store / "metadata.json").read_text())
+    assert meta["keys"]["position_key"] == "spatial"
+    assert meta["n_genes"] == 8
+    # the packaged config's key (ccf) is not in this file: without --config it is refused
+    assert main(["preprocess", "--input", str(h5ad), "--output_dir", str(tmp_path / "b")]) == 2
+    # a flag wins over the config
+    adata.obsm["other"] = adata.obsm["spatial"]
+    adata.write_h5ad(h5ad)
+    argv += ["--position_key", "other", "--overwrite"]
+    assert main([str(a) for a in argv]) == 0
+    assert json.loads((store / "metadata.json").read_text())["keys"]["position_key"] == "other"

@@ -1,4 +1,4 @@
-"""Gene imputation: hiding genes in training, the sampler's support, `module.impute`, and
+"""Gene imputation: hiding genes in training, the sampler's support, `Predictor.impute`, and
 `alphastomics sample --sample_mode impute` (its bad inputs are in test_bad_inputs.py)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from alphastomics.diffusion_model.sample import DiffusionSampler
 from alphastomics.errors import UserInputError
 from alphastomics.main import main
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.workflows.sampling import impute_anndata
+from alphastomics.workflows.impute import impute_anndata
 
 TINY = [
     "model.hidden_dim=16",
@@ -161,7 +161,7 @@ def test_draws_hold_known_genes_to_their_values(mode: str) -> None:
     assert torch.all(out[1, 6:] == 0)
     with pytest.raises(ValueError, match="known_genes"):
         sampler.sample(expr, pos, mask, "expr_to_pos", steps=2, known_genes=known)
-    with pytest.raises(ValueError, match=r"AlphaSTomicsModule\.impute"):
+    with pytest.raises(ValueError, match=r"Predictor\.impute"):
         sampler.sample(expr, pos, mask, "impute", steps=2)
 
 
@@ -223,20 +223,22 @@ def test_impute_beats_the_gene_mean_on_genes_that_follow_the_others() -> None:
     truth, positions = _linked_genes(200, rng)
     measured = np.arange(N_GENES) < N_VISIBLE
     query = DataHolder.from_arrays(np.where(measured, truth, 0.0), positions, gene_mask=measured)
-    imputed = module.impute(query)[0].numpy()
+    imputed = module.predictor.impute(query)[0].numpy()
     assert np.array_equal(imputed[:, measured], truth[:, measured])
     model_mse = ((imputed[:, ~measured] - truth[:, ~measured]) ** 2).mean()
     mean_mse = ((mean[~measured] - truth[:, ~measured]) ** 2).mean()
     assert model_mse < 0.5 * mean_mse, (model_mse, mean_mse)
     # from expression alone (positions carry nothing here), and as reverse-process draws
     gen = torch.Generator().manual_seed(0)
-    alone = module.impute(query, use_positions=False, generator=gen)[0].numpy()
+    alone = module.predictor.impute(query, use_positions=False, generator=gen)[0].numpy()
     assert ((alone[:, ~measured] - truth[:, ~measured]) ** 2).mean() < 0.5 * mean_mse
-    drawn = module.impute(query, expression_estimate="sample", generator=gen)[0].numpy()
+    drawn = module.predictor.impute(query, expression_estimate="sample", generator=gen)[0].numpy()
     assert np.array_equal(drawn[:, measured], truth[:, measured])
     assert ((drawn[:, ~measured] - truth[:, ~measured]) ** 2).mean() < mean_mse
     with pytest.raises(ValueError, match="measures no gene"):
-        module.impute(DataHolder.from_arrays(truth, positions, gene_mask=np.zeros(N_GENES, bool)))
+        module.predictor.impute(
+            DataHolder.from_arrays(truth, positions, gene_mask=np.zeros(N_GENES, bool))
+        )
 
 
 # ------------------------------------------------------------------------------------------
