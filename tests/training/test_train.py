@@ -96,7 +96,9 @@ def test_fit_checkpoint_round_trip(tmp_path):
     a = module.predictor.sample(
         holder, "joint", steps=3, generator=torch.Generator().manual_seed(0)
     )
-    b = loaded.predictor.sample(holder, "joint", steps=3, generator=torch.Generator().manual_seed(0))
+    b = loaded.predictor.sample(
+        holder, "joint", steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
 
 
