@@ -15,7 +15,6 @@ from alphastomics.data.batch import DataHolder, apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
     cosine_alpha_bar,
     extract,
-    sample_centered_gaussian,
     sample_masked_gaussian,
 )
 
@@ -355,10 +354,12 @@ class NoiseModel(nn.Module):
         generator: torch.Generator | None,
     ) -> Tensor:
         """``z_t`` of one modality: expression noise is masked, position noise also centred."""
-        draw = sample_masked_gaussian if modality == "expression" else sample_centered_gaussian
-        project = apply_mask if modality == "expression" else center
+        centered = modality != "expression"
+        project = center if centered else apply_mask
         if eps is None:
-            eps = draw(x0.shape, mask, generator, x0.device, x0.dtype)
+            eps = sample_masked_gaussian(
+                x0.shape, mask, generator, x0.device, x0.dtype, centered=centered
+            )
         elif eps.shape != x0.shape:
             name = "eps_expression" if modality == "expression" else "eps_position"
             raise ValueError(f"{name} must be {tuple(x0.shape)}, got {tuple(eps.shape)}")
@@ -491,9 +492,8 @@ class NoiseModel(nn.Module):
             (B, N, F) on ``node_mask.device``; padded rows exactly 0.
         """
         self.schedule(modality)
-        if modality == "position":
-            return sample_centered_gaussian(shape, node_mask, generator, dtype=dtype)
-        return sample_masked_gaussian(shape, node_mask, generator, dtype=dtype)
+        centered = modality == "position"
+        return sample_masked_gaussian(shape, node_mask, generator, dtype=dtype, centered=centered)
 
 
 def _per_item(coef: Tensor, like: Tensor) -> Tensor:
