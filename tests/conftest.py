@@ -11,11 +11,15 @@
 - ``seqfish_path`` / ``bdtnp_path``: the shared real data sets; the test is skipped when absent.
 - :func:`small_slice`: one generated slice as log-normalised expression and positions scaled to
   unit RMS radius, the units the model works in.
+- :func:`load_bench_script`: a script of ``bench/`` as a module.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import numpy as np
@@ -28,6 +32,7 @@ from alphastomics.data.synthetic import synthetic_tissue
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SEQFISH = SHARED_DATA / "seqfish_embryo" / "seqfish_embryo.h5ad"
 BDTNP = SHARED_DATA / "bdtnp_drosophila" / "bdtnp_drosophila.h5ad"
+BENCH = Path(__file__).parents[1] / "bench"
 
 
 def small_slice(
@@ -92,6 +97,19 @@ def make_tiny_adata(
     if sparse:
         adata.X = sp.csr_matrix(adata.X)
     return adata
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/{name}.py`` as the module ``bench_{name}``, with ``bench/`` on ``sys.path`` as
+    when the script runs (it imports ``bench_common`` by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
