@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_bench_script, make_tiny_adata
+from conftest import TINY_OVERRIDES, load_bench_script, make_tiny_adata
 
 from alphastomics.main import main
 
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_steps=2",
     "training.val_every_n_epochs=1",
     "training.val_sample_steps=2",
