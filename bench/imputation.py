@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import bench_common
 import numpy as np
 from scipy.special import rel_entr
 from sklearn.decomposition import PCA
@@ -617,16 +618,11 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a problem with the input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(argv)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return bench_common.main(run, argv)
     except subprocess.CalledProcessError as err:  # the CLI has printed its own error above
         print(f"error: {shlex.join(err.cmd)} exited with {err.returncode}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

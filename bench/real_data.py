@@ -68,10 +68,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import bench_common
 import numpy as np
 import torch
+from bench_common import (
+    add_output_arguments,
+    add_sampling_arguments,
+    input_parser,
+    split_overrides,
+    write_results,
+)
 
-from alphastomics import keys
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.preprocess import GENE_STD_FLOOR, SpatialDataPreprocessor
 from alphastomics.data.store import (
@@ -86,7 +93,7 @@ from alphastomics.errors import UserInputError
 from alphastomics.evaluation.baselines import BaselineResult, evaluate_baselines
 from alphastomics.evaluation.evaluate import score_slice
 from alphastomics.evaluation.metrics import summarize
-from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir
+from alphastomics.utils.io import atomic_write_json, check_output_dir
 
 log = logging.getLogger("bench.real_data")
 
@@ -116,20 +123,12 @@ EXPRESSION_COLUMNS = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``KEY=VALUE`` overrides are split off before it runs)."""
-    parser = argparse.ArgumentParser(
-        prog="bench/real_data.py",
-        description=(
-            "Preprocess an .h5ad, train AlphaSTomics within a time budget, score the held-out "
-            "cells and compare with baselines (random / expression-PCA / kNN-regression "
-            "positions; gene-mean / kNN expression). KEY=VALUE words are config overrides."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser, data = input_parser(
+        "bench/real_data.py",
+        "Preprocess an .h5ad, train AlphaSTomics within a time budget, score the held-out "
+        "cells and compare with baselines (random / expression-PCA / kNN-regression "
+        "positions; gene-mean / kNN expression). KEY=VALUE words are config overrides.",
     )
-    data = parser.add_argument_group("data and split")
-    data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
-    data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
-    data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument("--layer", default=None, help="read adata.layers[LAYER] instead of X")
     data.add_argument(
         "--normalize", default="auto", choices=("auto", "log1p", "none"), help="as in preprocess"
@@ -171,38 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget_minutes", type=float, default=10.0, help="training wall-clock budget"
     )
     run.add_argument("--config", type=Path, default=None, help="YAML config (then overrides)")
-    run.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="skip training and score this checkpoint (it must have been trained on the "
-        "same split, or held-out cells leak into training)",
-    )
-    run.add_argument("--num_seeds", type=int, default=1, help="sampling seeds for the model")
-    run.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
-    run.add_argument(
-        "--sampler", default=None, choices=("ddim", "ddpm"), help="sampler (default: config)"
-    )
-    run.add_argument(
-        "--device",
-        default="auto",
-        help="device for sampling: auto (cuda when available), cpu, cuda",
-    )
+    add_sampling_arguments(run, held_out="cells", seeds_help="sampling seeds for the model")
     run.add_argument(
         "--baselines_only", action="store_true", help="skip the model: preprocess + baselines"
     )
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", type=Path, default=None, help="default runs/bench_<stem>")
-    out.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output_dir")
+    add_output_arguments(parser, "runs/bench_<stem>")
     return parser
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(arguments for argparse, ``KEY=VALUE`` config overrides)."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    rest = [a for a in argv if not ("=" in a and not a.startswith("-"))]
-    return rest, overrides
 
 
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -845,23 +818,13 @@ def _run(
         model=model, training_seconds=training_seconds, budget_minutes=args.budget_minutes
     )
     result["rows"] = rows
-    text = report_markdown(result)
-    atomic_write_json(output_dir / "results.json", result)
-    atomic_write(output_dir / "results.md", lambda tmp: tmp.write_text(text))
-    print(text)
-    print(f"results in {output_dir / 'results.md'} and {output_dir / 'results.json'}")
+    write_results(output_dir, result, report_markdown(result))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a problem with the input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(argv)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return bench_common.main(run, argv)
 
 
 if __name__ == "__main__":

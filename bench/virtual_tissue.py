@@ -77,7 +77,15 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import bench_common
 import numpy as np
+from bench_common import (
+    add_output_arguments,
+    add_sampling_arguments,
+    input_parser,
+    split_overrides,
+    write_results,
+)
 from scipy.spatial import Delaunay
 
 from alphastomics import keys
@@ -90,7 +98,7 @@ from alphastomics.evaluation.tissue_metrics import (
     compare_tissues,
     tissue_statistics,
 )
-from alphastomics.utils.io import atomic_write, atomic_write_json, check_output_dir, write_h5ad
+from alphastomics.utils.io import check_output_dir, write_h5ad
 
 log = logging.getLogger("bench.virtual_tissue")
 
@@ -120,20 +128,12 @@ TARGETS = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``KEY=VALUE`` overrides are split off before it runs)."""
-    parser = argparse.ArgumentParser(
-        prog="bench/virtual_tissue.py",
-        description=(
-            "Train AlphaSTomics with the CLI defaults (or take a checkpoint), generate one "
-            "virtual slice per held-out slice and score it against the real slice beside "
-            "baselines. KEY=VALUE words are config overrides for `alphastomics train`."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser, data = input_parser(
+        "bench/virtual_tissue.py",
+        "Train AlphaSTomics with the CLI defaults (or take a checkpoint), generate one "
+        "virtual slice per held-out slice and score it against the real slice beside "
+        "baselines. KEY=VALUE words are config overrides for `alphastomics train`.",
     )
-    data = parser.add_argument_group("data and split")
-    data.add_argument("--h5ad", type=Path, required=True, help="input AnnData file")
-    data.add_argument("--position_key", required=True, help="adata.obsm key of the coordinates")
-    data.add_argument("--slice_key", default=keys.SLICE_KEY, help="adata.obs column naming slices")
-    data.add_argument("--cell_type_key", default=None, help="adata.obs column of cell types")
     data.add_argument(
         "--test_slices",
         nargs="+",
@@ -148,19 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("model")
     run.add_argument("--budget_minutes", type=float, default=15.0, help="training budget")
-    run.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="skip training and score this checkpoint (trained on the same split, or held-out "
-        "slices leak into training)",
-    )
-    run.add_argument("--num_seeds", type=int, default=1, help="generation seeds of the model")
-    run.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
-    run.add_argument(
-        "--sampler", default=None, choices=("ddim", "ddpm"), help="sampler (default: config)"
-    )
-    run.add_argument("--device", default="auto", help="sampling device: auto, cpu, cuda")
+    add_sampling_arguments(run, held_out="slices", seeds_help="generation seeds of the model")
 
     score = parser.add_argument_group("scores")
     score.add_argument(
@@ -172,16 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--auc_max_cells", type=int, default=2000, help="AUC cells per class")
     score.add_argument("--auc_trees", type=int, default=100, help="AUC random-forest trees")
 
-    out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", type=Path, default=None, help="default runs/virtual_<stem>")
-    out.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output_dir")
+    add_output_arguments(parser, "runs/virtual_<stem>")
     return parser
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(arguments for argparse, ``KEY=VALUE`` config overrides)."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [a for a in argv if a not in overrides], overrides
 
 
 def _check_args(args: argparse.Namespace, overrides: list[str], parser: Any) -> None:
@@ -525,11 +505,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figure = output_dir / "tissues.png"
     plot_tissues(figure_rows, figure, title="real held-out slice, generated and baselines")
     result["figure"] = str(figure)
-    text = report_markdown(result)
-    atomic_write_json(output_dir / "results.json", result)
-    atomic_write(output_dir / "results.md", lambda tmp: tmp.write_text(text))
-    print(text)
-    print(f"results in {output_dir / 'results.md'} and {output_dir / 'results.json'}")
+    write_results(output_dir, result, report_markdown(result))
     return result
 
 
@@ -678,13 +654,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a problem with the input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(argv)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return bench_common.main(run, argv)
 
 
 if __name__ == "__main__":

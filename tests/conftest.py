@@ -11,11 +11,17 @@
 - ``seqfish_path`` / ``bdtnp_path``: the shared real data sets; the test is skipped when absent.
 - :func:`small_slice`: one generated slice as log-normalised expression and positions scaled to
   unit RMS radius, the units the model works in.
+- :func:`load_bench_script`: a script of ``bench/`` as a module.
+- CLI runs: ``TINY_OVERRIDES`` (config overrides of a tiny, fast model), :func:`cli` (the
+  command in-process) and ``PYTHON_CLI`` (the command as a subprocess).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import numpy as np
@@ -24,10 +30,27 @@ import scipy.sparse as sp
 
 from alphastomics.data.preprocess import SpatialDataPreprocessor
 from alphastomics.data.synthetic import synthetic_tissue
+from alphastomics.main import main
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SEQFISH = SHARED_DATA / "seqfish_embryo" / "seqfish_embryo.h5ad"
 BDTNP = SHARED_DATA / "bdtnp_drosophila" / "bdtnp_drosophila.h5ad"
+BENCH = Path(__file__).parents[1] / "bench"
+
+# 16 wide, 1 layer, 2 heads, 20 diffusion steps, 4 sampling steps; tests add their training
+TINY_OVERRIDES = [
+    "model.hidden_dim=16",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "diffusion.diffusion_steps=20",
+    "sampling.steps=4",
+]
+PYTHON_CLI = [sys.executable, "-m", "alphastomics.main"]
+
+
+def cli(*words: object) -> int:
+    """Exit status of ``alphastomics WORDS`` run in-process, each word passed through ``str``."""
+    return main([str(word) for word in words])
 
 
 def small_slice(
@@ -92,6 +115,19 @@ def make_tiny_adata(
     if sparse:
         adata.X = sp.csr_matrix(adata.X)
     return adata
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/{name}.py`` as the module ``bench_{name}``, with ``bench/`` on ``sys.path`` as
+    when the script runs (it imports ``bench_common`` by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_h5ad(adata: ad.AnnData, path: Path) -> Path:

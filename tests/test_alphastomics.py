@@ -6,17 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_adata
+from conftest import TINY_OVERRIDES, make_tiny_adata
 
 from alphastomics import keys
 from alphastomics.model import AlphaSTomics
 
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_epochs=1",
     "training.val_every_n_epochs=5",
     "training.accelerator=cpu",

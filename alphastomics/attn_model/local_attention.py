@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from alphastomics.attn_model.multihead import MultiHeadProjections
 from alphastomics.attn_model.neighbors import NeighborGraph
 
 # Queries, keys and values are H / 2 wide: the neighbour gathers, (N, k, width) each, are what
@@ -49,40 +50,20 @@ def gather_cells(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(b * n_all, f).index_select(0, flat.reshape(-1)).view(b, n, k, f)
 
 
-class LocalAttention(nn.Module):
+class LocalAttention(MultiHeadProjections):
     """Multi-head attention of each cell over its k nearest cells, (B, N, H) -> (B, N, H).
 
-    Parameters
-    ----------
-    hidden_dim
-        Width H; divisible by ``n_heads``.
-    n_heads
-        Number of heads K.
-    dropout
-        Dropout on the output projection.
+    Parameters as :class:`~alphastomics.attn_model.multihead.MultiHeadProjections`.
     """
 
-    def __init__(self, hidden_dim: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        if hidden_dim % n_heads != 0:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads})")
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+    def build_inner(self, hidden_dim: int, n_heads: int) -> None:
+        """The distance bias of the logits and the distance features of the values."""
         self.distance_bias = nn.Sequential(
             nn.Linear(N_DISTANCE_FEATURES, _BIAS_HIDDEN),
             nn.SiLU(),
             nn.Linear(_BIAS_HIDDEN, n_heads, bias=False),  # a constant would cancel in the softmax
         )
         self.distance_value = nn.Linear(n_heads * N_DISTANCE_FEATURES, hidden_dim)
-        self.out = nn.Linear(hidden_dim, hidden_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values (B, K, n, d) per head of cell states ``x`` (B, n, H)."""
-        b, n, _ = x.shape
-        heads = self.qkv(x).view(b, n, 3, self.n_heads, -1)  # (B, n, 3, K, d)
-        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, K, n, d)
-        return q, k, v
 
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, graph: NeighborGraph, rows: slice
@@ -135,5 +116,5 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: Tensor, graph: NeighborGraph) -> Tensor:
         """Attend over each cell's neighbours: ``x`` (B, N, H) -> (B, N, H)."""
-        q, k, v = self.projections(x)
+        q, k, v = self.heads(x)
         return self.project_out(self.attend(q, k, v, graph, slice(None)))

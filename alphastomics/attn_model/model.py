@@ -215,7 +215,12 @@ class Denoiser(nn.Module):
             Predictions and representations; padded rows are 0.
         """
         self._check_shapes(
-            expression_t, positions_t, t_expression, t_position, node_mask, gene_mask
+            node_mask,
+            expression_t=expression_t,
+            positions_t=positions_t,
+            t_expression=t_expression,
+            t_position=t_position,
+            gene_mask=gene_mask,
         )
         mask = node_mask.bool()
         measured = gene_mask.bool()
@@ -300,24 +305,19 @@ class Denoiser(nn.Module):
         limit = self.checkpoint_min_cells
         return limit is not None and torch.is_grad_enabled() and mask.numel() >= limit
 
-    def _check_shapes(
-        self,
-        expression_t: Tensor,
-        positions_t: Tensor,
-        t_expression: Tensor,
-        t_position: Tensor,
-        node_mask: Tensor,
-        gene_mask: Tensor,
-    ) -> None:
+    def _check_shapes(self, node_mask: Tensor, **inputs: Tensor) -> None:
+        """Raise unless each of :meth:`forward`'s ``inputs`` has the shape ``node_mask`` (B, N)
+        and the model's sizes imply."""
         b, n = node_mask.shape
         expected = {
-            "expression_t": ((b, n, self.n_genes), expression_t.shape),
-            "positions_t": ((b, n, self.n_dims), positions_t.shape),
-            "t_expression": ((b,), t_expression.shape),
-            "t_position": ((b,), t_position.shape),
-            "gene_mask": ((b, self.n_genes), gene_mask.shape),
+            "expression_t": (b, n, self.n_genes),
+            "positions_t": (b, n, self.n_dims),
+            "t_expression": (b,),
+            "t_position": (b,),
+            "gene_mask": (b, self.n_genes),
         }
-        for name, (want, got) in expected.items():
+        for name, want in expected.items():
+            got = inputs[name].shape
             if tuple(got) != want:
                 raise ValueError(
                     f"Denoiser: {name} must have shape {want} (from node_mask {(b, n)}, "

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from alphastomics.attn_model.multihead import MultiHeadProjections
 
 
 def attention_context(
@@ -123,34 +125,11 @@ def masked_linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Te
     return attention_readout(q, context).to(v.dtype)
 
 
-class LinearSelfAttention(nn.Module):
+class LinearSelfAttention(MultiHeadProjections):
     """Multi-head masked linear self-attention of cell states (B, N, H) -> (B, N, H).
 
-    Parameters
-    ----------
-    hidden_dim
-        Width H; must be divisible by ``n_heads``.
-    n_heads
-        Number of heads K.
-    dropout
-        Dropout on the output projection.
+    Parameters as :class:`~alphastomics.attn_model.multihead.MultiHeadProjections`.
     """
-
-    def __init__(self, hidden_dim: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        if hidden_dim % n_heads != 0:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads})")
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
-        self.out = nn.Linear(hidden_dim, hidden_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values (B, K, n, d) of cell states ``x`` (B, n, H)."""
-        b, n, h = x.shape
-        heads = self.qkv(x).view(b, n, 3, self.n_heads, h // self.n_heads)  # (B, n, 3, K, d)
-        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, K, n, d)
-        return q, k, v
 
     def queries(self, x: Tensor) -> Tensor:
         """Queries alone (B, K, n, d), one third of :meth:`heads`' projection."""

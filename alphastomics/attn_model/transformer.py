@@ -168,7 +168,7 @@ class TransformerLayer(nn.Module):
             keys.append(k)
             values.append(v)
             if self.local is not None:
-                q, k, v = self.local.projections(x)  # (B, K, n_c, d)
+                q, k, v = self.local.heads(x)  # (B, K, n_c, d)
                 local_q.append(q)
                 local_k.append(k)
                 local_v.append(v)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -141,14 +141,43 @@ def _fixed_seed(seed: int, slice_index: int) -> int:
     return int(np.random.SeedSequence([seed, slice_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class _ItemSampler(Sampler[ItemKey]):
-    """Per-epoch list of :class:`ItemKey`, drawn from ``(seed, epoch)``, sharded over ranks."""
+class SamplerOptions(TypedDict, total=False):
+    """Keyword options every item sampler passes on to :class:`_ItemSampler`."""
 
-    def __init__(self, *, seed: int, rank: int | None, world_size: int | None) -> None:
+    items_per_epoch: int | None
+    seed: int
+    rank: int | None
+    world_size: int | None
+
+
+class _ItemSampler(Sampler[ItemKey]):
+    """Per-epoch list of :class:`ItemKey`, drawn from ``(seed, epoch)``, sharded over ranks.
+
+    Parameters
+    ----------
+    indices
+        Store entries to draw from.
+    items_per_epoch
+        Items per epoch; None = the sampler's own count (see its ``_n_items``).
+    seed, rank, world_size
+        See the module docstring.
+    """
+
+    def __init__(
+        self,
+        indices: Sequence[int],
+        *,
+        items_per_epoch: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if world_size is not None and world_size < 1:
             raise UserInputError(f"world_size must be >= 1; got {world_size}")
         if rank is not None and not 0 <= rank < (world_size or rank + 1):
             raise UserInputError(f"rank must be in [0, world_size); got {rank} of {world_size}")
+        self.indices = list(indices)
+        self.items_per_epoch = items_per_epoch
         self.seed = seed
         self.epoch = 0
         self.rank = rank
@@ -207,19 +236,16 @@ class SliceSampler(_ItemSampler):
 
     Parameters
     ----------
-    store
-        The processed store.
-    indices
-        Store entries to draw from.
+    store, indices
+        The processed store and the entries to draw from.
     shuffle
         True (training): a new order and new subsamples every epoch. False (evaluation): store
         order, and each entry's subsample is fixed by ``seed``.
     max_cells
         Subsample entries larger than this (None = never).
-    items_per_epoch
-        Items per epoch (shuffled passes over ``indices``); None = one pass.
-    seed, rank, world_size
-        See the module docstring.
+    options
+        ``items_per_epoch`` (shuffled passes over ``indices``; None = one pass), ``seed``,
+        ``rank``, ``world_size``: see :class:`_ItemSampler`.
     """
 
     def __init__(
@@ -229,16 +255,11 @@ class SliceSampler(_ItemSampler):
         *,
         shuffle: bool,
         max_cells: int | None = None,
-        items_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        **options: Unpack[SamplerOptions],
     ) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size)
-        self.indices = list(indices)
+        super().__init__(indices, **options)
         self.shuffle = shuffle
         self.max_cells = max_cells
-        self.items_per_epoch = items_per_epoch
 
     def _n_items(self) -> int:
         return self.items_per_epoch if self.items_per_epoch is not None else len(self.indices)
@@ -265,18 +286,15 @@ class CellSampler(_ItemSampler):
 
     Parameters
     ----------
-    store
-        The processed store.
-    indices
-        Store entries to draw from.
+    store, indices
+        The processed store and the entries to draw from.
     n_cells
         Cells per item.
     neighborhood_fraction
         Share of contiguous items, in [0, 1].
-    items_per_epoch
-        Items per epoch; None = ceil(cells in ``indices`` / ``n_cells``).
-    seed, rank, world_size
-        See the module docstring.
+    options
+        ``items_per_epoch`` (None = ceil(cells in ``indices`` / ``n_cells``)), ``seed``,
+        ``rank``, ``world_size``: see :class:`_ItemSampler`.
     """
 
     def __init__(
@@ -286,16 +304,11 @@ class CellSampler(_ItemSampler):
         *,
         n_cells: int,
         neighborhood_fraction: float = 0.5,
-        items_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        **options: Unpack[SamplerOptions],
     ) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size)
-        self.indices = list(indices)
+        super().__init__(indices, **options)
         self.n_cells = n_cells
         self.neighborhood_fraction = neighborhood_fraction
-        self.items_per_epoch = items_per_epoch
         self._sizes = np.array([store.n_cells(k) for k in self.indices], dtype=np.float64)
 
     def _n_items(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -84,14 +85,29 @@ def _randn(
     return x.to(device) if device is not None else x
 
 
+class NoiseDraw(TypedDict, total=False):
+    """Keyword options of :func:`sample_masked_gaussian` that :func:`sample_centered_gaussian`
+    passes on."""
+
+    generator: torch.Generator | None
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+
+
 def sample_masked_gaussian(
     shape: tuple[int, ...],
     node_mask: Tensor,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    centered: bool = False,
 ) -> Tensor:
-    """Standard normal noise with padded rows set to zero.
+    """Standard normal noise with padded rows set to zero, optionally centred per item.
+
+    With ``centered`` the noise is projected onto the zero-centre-of-mass subspace of the real
+    cells: the isotropic Gaussian on the (N - 1) * D dimensional subspace used for
+    translation-invariant coordinates (Hoogeboom et al. 2022, EDM for molecules, sec. 3).
 
     Parameters
     ----------
@@ -103,46 +119,26 @@ def sample_masked_gaussian(
         Random source (on any device; the draw is moved to ``device``).
     device, dtype
         Of the result; default ``node_mask.device`` and the default float dtype.
+    centered
+        Subtract each item's mean over its real cells.
 
     Returns
     -------
     Tensor
-        (B, N, F), N(0, 1) on real rows, exactly 0 on padded rows.
+        (B, N, F), exactly 0 on padded rows; N(0, 1) on real rows, or with ``centered`` zero
+        masked mean per item.
     """
     device = node_mask.device if device is None else device
-    return apply_mask(_randn(tuple(shape), generator, device, dtype), node_mask)
+    noise = _randn(tuple(shape), generator, device, dtype)
+    return center(noise, node_mask) if centered else apply_mask(noise, node_mask)
 
 
 def sample_centered_gaussian(
-    shape: tuple[int, ...],
-    node_mask: Tensor,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    shape: tuple[int, ...], node_mask: Tensor, **draw: Unpack[NoiseDraw]
 ) -> Tensor:
-    """Standard normal noise projected onto the zero-centre-of-mass subspace of the real cells.
-
-    This is the isotropic Gaussian on the (N - 1) * D dimensional subspace used for
-    translation-invariant coordinates (Hoogeboom et al. 2022, EDM for molecules, sec. 3).
-
-    Parameters
-    ----------
-    shape
-        (B, N, D).
-    node_mask
-        (B, N) bool, True for a real cell.
-    generator
-        Random source (on any device; the draw is moved to ``device``).
-    device, dtype
-        Of the result; default ``node_mask.device`` and the default float dtype.
-
-    Returns
-    -------
-    Tensor
-        (B, N, D) with zero masked mean per item and exactly 0 on padded rows.
-    """
-    device = node_mask.device if device is None else device
-    return center(_randn(tuple(shape), generator, device, dtype), node_mask)
+    """:func:`sample_masked_gaussian` with ``centered=True``: (B, N, D) noise with zero masked
+    mean per item and exactly 0 on padded rows."""
+    return sample_masked_gaussian(shape, node_mask, centered=True, **draw)
 
 
 def hide_genes(

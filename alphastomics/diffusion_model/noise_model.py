@@ -17,7 +17,6 @@ from alphastomics.data.batch import DataHolder, apply_mask, center
 from alphastomics.diffusion_model.diffusion_utils import (
     cosine_alpha_bar,
     extract,
-    sample_centered_gaussian,
     sample_masked_gaussian,
 )
 
@@ -357,10 +356,12 @@ class NoiseModel(nn.Module):
         generator: torch.Generator | None,
     ) -> Tensor:
         """``z_t`` of one modality: expression noise is masked, position noise also centred."""
-        draw = sample_masked_gaussian if modality == "expression" else sample_centered_gaussian
-        project = apply_mask if modality == "expression" else center
+        centered = modality != "expression"
+        project = center if centered else apply_mask
         if eps is None:
-            eps = draw(x0.shape, mask, generator, x0.device, x0.dtype)
+            eps = sample_masked_gaussian(
+                x0.shape, mask, generator, x0.device, x0.dtype, centered=centered
+            )
         elif eps.shape != x0.shape:
             name = "eps_expression" if modality == "expression" else "eps_position"
             raise ValueError(f"{name} must be {tuple(x0.shape)}, got {tuple(eps.shape)}")
@@ -386,12 +387,7 @@ class NoiseModel(nn.Module):
         return self.schedule(modality).q_sample(x0, step, eps)
 
     def posterior(
-        self,
-        modality: Modality,
-        x0_hat: Tensor,
-        z_t: Tensor,
-        step_t: Tensor,
-        step_s: Tensor,
+        self, modality: Modality, x0_hat: Tensor, z_t: Tensor, step_t: Tensor, step_s: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Mean and std of ``q(z_s | z_t, x0 = x0_hat)`` for any earlier step s (not only t - 1).
 
@@ -417,8 +413,7 @@ class NoiseModel(nn.Module):
             centred: the caller does that after adding noise.
         """
         c_z, c_x0, var = self.schedule(modality).posterior_coefficients(step_t, step_s)
-        mean = _per_item(c_z, z_t) * z_t + _per_item(c_x0, z_t) * x0_hat.to(z_t.dtype)
-        return mean, _per_item(var.sqrt(), z_t)
+        return _mix(c_z, z_t, c_x0, x0_hat), _per_item(var.sqrt(), z_t)
 
     def ddim_step(
         self,
@@ -439,12 +434,10 @@ class NoiseModel(nn.Module):
 
         Parameters
         ----------
-        modality
-            ``"expression"`` or ``"position"``.
+        modality, step_t, step_s
+            As in :meth:`posterior`.
         x0_hat, z_t
             (B, N, F).
-        step_t, step_s
-            (B,) long with ``0 <= step_s <= step_t <= T``.
         eta
             Stochasticity in [0, 1].
         noise
@@ -458,7 +451,7 @@ class NoiseModel(nn.Module):
         if eta > 0 and noise is None:
             raise ValueError("ddim_step needs `noise` when eta > 0")
         c_z, c_x0, c_noise = self.schedule(modality).ddim_coefficients(step_t, step_s, eta)
-        z_s = _per_item(c_z, z_t) * z_t + _per_item(c_x0, z_t) * x0_hat.to(z_t.dtype)
+        z_s = _mix(c_z, z_t, c_x0, x0_hat)
         if noise is not None:
             z_s = z_s + _per_item(c_noise, z_t) * noise.to(z_t.dtype)
         return z_s
@@ -493,11 +486,15 @@ class NoiseModel(nn.Module):
             (B, N, F) on ``node_mask.device``; padded rows exactly 0.
         """
         self.schedule(modality)
-        if modality == "position":
-            return sample_centered_gaussian(shape, node_mask, generator, dtype=dtype)
-        return sample_masked_gaussian(shape, node_mask, generator, dtype=dtype)
+        centered = modality == "position"
+        return sample_masked_gaussian(shape, node_mask, generator, dtype=dtype, centered=centered)
 
 
 def _per_item(coef: Tensor, like: Tensor) -> Tensor:
     # (B,) -> (B, 1, ..., 1) in the dtype of `like`
     return coef.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _mix(c_z: Tensor, z_t: Tensor, c_x0: Tensor, x0_hat: Tensor) -> Tensor:
+    """``c_z z_t + c_x0 x0_hat`` with (B,) coefficients, (B, N, F) in the dtype of ``z_t``."""
+    return _per_item(c_z, z_t) * z_t + _per_item(c_x0, z_t) * x0_hat.to(z_t.dtype)

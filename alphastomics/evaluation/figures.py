@@ -1,7 +1,9 @@
 """PNG figures for sampled slices: true vs generated layout, true vs predicted gene expression.
 
 Built on ``matplotlib.figure.Figure`` (no pyplot, so the user's backend is never touched) and
-written atomically (temporary file in the target folder, then ``os.replace``).
+written atomically (temporary file in the target folder, then ``os.replace``). Every ``plot_*``
+function writes one PNG to ``path`` (missing parent folders are created, an existing file is
+replaced), titled ``title`` when it is not empty, and returns the written file's ``Path``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def _write_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
         fig.clear()
     logger.debug("wrote %s", target)
     return target
+
+
+def _titled_png(fig: Figure, path: str | os.PathLike[str], title: str) -> Path:
+    """Title ``fig`` (when ``title`` is not empty) and save it with :func:`_write_png`."""
+    if title:
+        fig.suptitle(title)
+    return _write_png(fig, path)
 
 
 def _positions(x: ArrayLike, name: str) -> np.ndarray:
@@ -228,20 +237,13 @@ def plot_layouts(
     ----------
     true_pos, pred_pos
         Coordinates, shape (N, D) with D in {2, 3}, rows paired by cell.
-    path
-        Output PNG; missing parent folders are created, an existing file is replaced.
+    path, title
+        Output PNG and figure title (see the module docstring).
     cell_types
         Shape (N,): colours cells by type, with a legend in natural order (up to 30 types;
         rarer ones grey, as "other"; labels such as "Unknown" or "Low quality" grey). Without
         it, cells are coloured by their true position along the first displayed axis, so a
         colour gradient shows where each cell was placed.
-    title
-        Figure title.
-
-    Returns
-    -------
-    Path
-        The written file.
 
     Examples
     --------
@@ -283,9 +285,7 @@ def plot_layouts(
     for ax in (ax_true, ax_pred):
         ax.update_datalim(both)
         ax.autoscale_view()
-    if title:
-        fig.suptitle(title)
-    return _write_png(fig, path)
+    return _titled_png(fig, path, title)
 
 
 @dataclass(frozen=True)
@@ -339,15 +339,8 @@ def plot_tissues(
     rows
         Rows of :class:`TissuePanel` (e.g. one row per slice: reference, generated). Panels
         with cell types are coloured by them, with one legend; panels without are drawn plainly.
-    path
-        Output PNG; missing parent folders are created, an existing file is replaced.
-    title
-        Figure title.
-
-    Returns
-    -------
-    Path
-        The written file.
+    path, title
+        Output PNG and figure title (see the module docstring).
     """
     grid = [list(row) for row in rows if len(row)]
     if not grid:
@@ -398,9 +391,7 @@ def plot_tissues(
                 _scatter_panel(ax, xy, panel_title, c="#3b6ea5", s=size)
     if entries:
         _legend(fig, entries)
-    if title:
-        fig.suptitle(title)
-    return _write_png(fig, path)
+    return _titled_png(fig, path, title)
 
 
 def plot_layout(
@@ -416,12 +407,10 @@ def plot_layout(
     ----------
     positions
         Coordinates, shape (N, D) with D in {2, 3}; the two axes of largest variance are drawn.
-    path
-        Output PNG; missing parent folders are created, an existing file is replaced.
+    path, title
+        Output PNG and figure title (see the module docstring).
     cell_types
         Shape (N,): colours cells by type, with a legend (as :func:`plot_layouts`).
-    title
-        Figure title.
     """
     pos = _positions(positions, "positions")
     keep = _subsample(len(pos))
@@ -435,9 +424,7 @@ def plot_layout(
         _legend(fig, entries)
     else:
         _scatter_panel(ax, xy, "generated", c="#3b6ea5", s=size)
-    if title:
-        fig.suptitle(title)
-    return _write_png(fig, path)
+    return _titled_png(fig, path, title)
 
 
 def _select_genes(
@@ -505,8 +492,8 @@ def plot_genes(
         only the predictions are drawn, for the genes that vary most in them.
     gene_names
         G names, in column order.
-    path
-        Output PNG; missing parent folders are created, an existing file is replaced.
+    path, title
+        Output PNG and figure title (see the module docstring).
     n_genes
         How many genes to draw when ``genes`` is not given: the ``n_genes`` measured genes with
         the highest variance in ``true_expr``.
@@ -514,13 +501,6 @@ def plot_genes(
         Names of the genes to draw, in order; overrides ``n_genes`` and ``gene_mask``.
     gene_mask
         Bool array, shape (G,): the measured genes (the others have no truth to draw).
-    title
-        Figure title.
-
-    Returns
-    -------
-    Path
-        The written file.
     """
     pos = _positions(positions, "positions")
     pred_arr = np.asarray(pred_expr)
@@ -572,6 +552,4 @@ def plot_genes(
             location="bottom",
             label="expression (log-normalised)",
         )
-    if title:
-        fig.suptitle(title)
-    return _write_png(fig, path)
+    return _titled_png(fig, path, title)

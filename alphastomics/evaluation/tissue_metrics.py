@@ -17,7 +17,9 @@ so a real and a generated tissue are typed the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -163,17 +165,22 @@ def enrichment_correlation(zscore_a: ArrayLike, zscore_b: ArrayLike) -> float:
     a, b = np.asarray(zscore_a, dtype=float).ravel(), np.asarray(zscore_b, dtype=float).ravel()
     if a.shape != b.shape:
         raise ValueError(f"z-score matrices differ in shape: {a.shape} vs {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return math.nan
-    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+    return _finite_correlation(a, b, lambda x, y: np.corrcoef(x, y)[0, 1])
 
 
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return _finite_correlation(a, b, lambda x, y: spearmanr(x, y).statistic)
+
+
+def _finite_correlation(
+    a: np.ndarray, b: np.ndarray, correlation: Callable[[np.ndarray, np.ndarray], float]
+) -> float:
+    """``correlation`` of (M,) ``a`` and ``b`` over the entries finite in both; NaN with fewer
+    than 3 such entries or a constant side."""
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
         return math.nan
-    return float(spearmanr(a[ok], b[ok]).statistic)
+    return float(correlation(a[ok], b[ok]))
 
 
 def _row_keys(x: np.ndarray) -> np.ndarray:
@@ -316,30 +323,34 @@ class TissueStatistics:
     morans_i: np.ndarray
 
 
+class EnrichmentOptions(TypedDict, total=False):
+    """Keyword options of :func:`nhood_enrichment` that :func:`tissue_statistics` passes on."""
+
+    n_neighbors: int
+    n_perms: int
+    seed: int
+
+
 def tissue_statistics(
     expression: ArrayLike,
     positions: ArrayLike,
     classifier: CellTypeClassifier,
     *,
-    n_neighbors: int = 6,
-    n_perms: int = 1000,
     moran_k: int = 10,
-    seed: int = 0,
+    **enrichment: Unpack[EnrichmentOptions],
 ) -> TissueStatistics:
     """Type the cells with ``classifier`` and compute the statistics :func:`compare_tissues`
-    compares: enrichment on a ``n_neighbors`` graph, Moran's I on a ``moran_k`` graph."""
+    compares: enrichment (:func:`nhood_enrichment` with the ``enrichment`` options, by default
+    a 6-neighbour graph and 1000 permutations), Moran's I on a ``moran_k`` graph."""
     expr = np.asarray(expression, dtype=np.float64)
     pos = np.asarray(positions, dtype=np.float64)
     if len(expr) != len(pos):
         raise ValueError(f"expression has {len(expr)} cells but positions {len(pos)}")
     types = classifier.predict(expr)
-    enrichment = nhood_enrichment(
-        pos, types, classifier.n_types, n_neighbors=n_neighbors, n_perms=n_perms, seed=seed
-    )
     return TissueStatistics(
         expression=expr,
         types=types,
-        zscore=enrichment.zscore,
+        zscore=nhood_enrichment(pos, types, classifier.n_types, **enrichment).zscore,
         morans_i=morans_i(expr, pos, k=moran_k),
     )
 

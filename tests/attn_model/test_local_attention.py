@@ -14,6 +14,7 @@ from alphastomics.attn_model import model as model_module
 from alphastomics.attn_model.local_attention import LocalAttention
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbors import knn_graph, nearest_references
+from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
 
@@ -232,3 +233,29 @@ def test_local_attention_costs_memory_linear_in_cells() -> None:
     assert graph.index.shape == (1, 20_000, 8)
     out = LocalAttention(16, 2, 0.0)(torch.randn(1, 20_000, 16), graph)
     assert out.shape == (1, 20_000, 16) and torch.isfinite(out).all()
+
+
+def test_attention_blocks_keep_their_parameter_names_shapes_and_order() -> None:
+    """Checkpoints (keys) and optimiser states (parameter order) saved earlier still load."""
+    layer = TransformerLayer(16, 2, 2, 0.0, 1e-5, local_attention=True)
+    attention = [
+        (name, tuple(p.shape))
+        for name, p in layer.named_parameters()
+        if name.startswith(("attention.", "local."))
+    ]
+    assert attention == [
+        ("attention.qkv.weight", (48, 16)),
+        ("attention.qkv.bias", (48,)),
+        ("attention.out.weight", (16, 16)),
+        ("attention.out.bias", (16,)),
+        ("local.qkv.weight", (48, 16)),
+        ("local.qkv.bias", (48,)),
+        ("local.distance_bias.0.weight", (32, 16)),
+        ("local.distance_bias.0.bias", (32,)),
+        ("local.distance_bias.2.weight", (2, 32)),
+        ("local.distance_value.weight", (16, 32)),
+        ("local.distance_value.bias", (16,)),
+        ("local.out.weight", (16, 16)),
+        ("local.out.bias", (16,)),
+    ]
+    assert list(layer.state_dict()) == [name for name, _ in layer.named_parameters()]

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
-BENCH = Path(__file__).parents[2] / "bench"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import BENCH, load_bench_script
 
 
 def test_scaling_runs(tmp_path: Path) -> None:
@@ -40,7 +29,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
 
 def test_sampler_quality_runs(tmp_path: Path) -> None:
     out = tmp_path / "sampler.json"
-    bench = _load("sampler_quality")
+    bench = load_bench_script("sampler_quality")
     args = ["--n_cells", "240", "--n_genes", "12", "--n_slices", "4", "--minutes", "1"]
     args += ["--seeds", "0", "1", "--ddim_steps", "5", "--workdir", str(tmp_path / "work")]
     args += ["--json", str(out), "--override", "model.hidden_dim=16", "model.n_layers=1"]
@@ -63,7 +52,7 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
 
 
 def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:
-    assert _load("placement_ceilings").main(["--data_dir", str(tiny_store)]) == 0
+    assert load_bench_script("placement_ceilings").main(["--data_dir", str(tiny_store)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| reference | slice_3 |")
     names = [line.split(" | ")[0][2:] for line in table[1:]]  # the rule line starts "|-"

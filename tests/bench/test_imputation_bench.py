@@ -3,25 +3,17 @@ baseline, and a smoke run on a tiny checkpoint with Tangram and gimVI absent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_adata
+from conftest import load_bench_script, make_tiny_adata
 
 from alphastomics.main import main
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_imputation", Path(__file__).parents[2] / "bench" / "imputation.py"
-)
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+bench = load_bench_script("imputation")
 
 
 def _truth(n: int = 50, g: int = 4) -> np.ndarray:

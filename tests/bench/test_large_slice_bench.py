@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_adata
+from conftest import TINY_OVERRIDES, load_bench_script, make_tiny_adata
 
 from alphastomics.main import main
 
-BENCH = Path(__file__).parents[2] / "bench" / "large_slice.py"
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_steps=2",
     "training.val_every_n_epochs=1",
     "training.val_sample_steps=2",
 ]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_large_slice", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiled_slice_keeps_the_expression_and_spreads_the_copies():
     adata = make_tiny_adata(n_slices=2, n_cells=40, n_dims=2, sparse=True)
     piece = adata[adata.obs["slice"] == "slice_1"]
-    tiled = _bench().tile_slice(
+    tiled = load_bench_script("large_slice").tile_slice(
         adata, slice_key="slice", name="slice_1", position_key="ccf", n_cells=3 * piece.n_obs - 5
     )
     assert tiled.n_obs == 3 * piece.n_obs - 5 and tiled.obsm["ccf"].shape[1] == 2
@@ -62,7 +46,7 @@ def test_large_slice_bench_runs_the_cli(tmp_path: Path) -> None:
     args = ["--h5ad", str(h5ad), "--slice", "slice_2", "--position_key", "ccf"]
     args += ["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--n_cells", "150"]
     args += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
-    assert _bench().main(args) == 0
+    assert load_bench_script("large_slice").main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["expr_to_pos", "pos_to_expr"]
     assert all(r["n_cells"] == 150 and r["peak_gib"] > 0 for r in rows)

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import load_bench_script
 
 from alphastomics.data.preprocess import SpatialDataPreprocessor
 from alphastomics.data.store import ProcessedStore
 from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.errors import UserInputError
 
-BENCH = Path(__file__).parents[2] / "bench" / "real_data.py"
-IMPUTERS = BENCH.with_name("position_imputers.py")
 MODEL_IMPUTERS = [
     "model: conditional mean from positions alone",
     "model: neighbour read-out among the training cells",
@@ -34,18 +31,9 @@ BASELINE_NAMES = [
 ]
 
 
-def _load_script(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _load_script(BENCH, "bench_real_data")
+    return load_bench_script("real_data")
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +293,7 @@ def test_bench_generates_held_out_cells_among_training_cells(
     assert result["placement"]["overall"]["pos_to_expr"]["n_cells"]["mean"] == 90
 
     # the position-only imputers reference scores the same test cells, and the checkpoint
-    imputers = _load_script(IMPUTERS, "bench_position_imputers")
+    imputers = load_bench_script("position_imputers")
     capsys.readouterr()
     imputers.main(
         ["--data_dir", str(out / "data"), "--checkpoint", str(out / "run/checkpoints/last.ckpt")]

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import load_bench_script
 from scipy.spatial import Delaunay
 
 from alphastomics.data.synthetic import synthetic_tissue
 
-BENCH = Path(__file__).parents[2] / "bench" / "virtual_tissue.py"
 TINY = [
     "model.hidden_dim=16",
     "model.n_layers=1",
@@ -29,12 +27,7 @@ FAST_SCORES = ["--n_perms", "20", "--auc_trees", "5", "--n_clusters", "3"]
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_virtual_tissue", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("virtual_tissue")
 
 
 def test_random_positions_fill_the_convex_hull_and_keep_flat_columns(bench: ModuleType):

@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,17 +21,14 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import PYTHON_CLI, TINY_OVERRIDES
 
 import alphastomics.workflows.train as train_workflow
 from alphastomics.main import main
 from alphastomics.training.checkpoint import load_module
 
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_epochs=3",  # 2 training slices: 2 steps per epoch, 6 in all
     "training.val_every_n_epochs=1",
     "training.val_sample_steps=2",
@@ -42,9 +38,6 @@ TINY = [
     "training.accelerator=cpu",
     "training.checkpoint_every_minutes=0",  # last.ckpt at every epoch end
 ]
-
-
-PYTHON_CLI = [sys.executable, "-m", "alphastomics.main"]
 
 
 def train(

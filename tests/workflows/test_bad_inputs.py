@@ -17,27 +17,21 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_adata
+from conftest import PYTHON_CLI, TINY_OVERRIDES, cli, make_tiny_adata
 
 from alphastomics.main import main
 
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_epochs=1",
     "training.val_every_n_epochs=5",
     "training.accelerator=cpu",
 ]
 
 
-PYTHON_CLI = [sys.executable, "-m", "alphastomics.main"]
-
-
 def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main([str(a) for a in args])
+    """Exit status and stderr of ``alphastomics ARGS`` run in-process."""
+    code = cli(*args)
     return code, capsys.readouterr().err
 
 

@@ -17,16 +17,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_adata
+from conftest import TINY_OVERRIDES, cli, make_tiny_adata
 
 from alphastomics.main import build_parser, main
 
 TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
+    *TINY_OVERRIDES,
     "training.max_epochs=2",
     "training.val_every_n_epochs=1",
     "training.val_sample_steps=2",
@@ -43,24 +39,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     test_h5ad = root / "slice_3.h5ad"
     adata[adata.obs["slice"] == "slice_3"].copy().write_h5ad(test_h5ad)
     store = root / "store"
-    assert (
-        main(
-            [
-                "preprocess",
-                "--input",
-                str(h5ad),
-                "--output_dir",
-                str(store),
-                "--cell_type_key",
-                "cell_type",
-                "--test_slices",
-                "slice_3",
-                "--val_slices",
-                "slice_2",
-            ]
-        )
-        == 0
-    )
+    split = ["--cell_type_key", "cell_type", "--test_slices", "slice_3", "--val_slices", "slice_2"]
+    assert cli("preprocess", "--input", h5ad, "--output_dir", store, *split) == 0
     run = root / "run"
     assert main(["train", "--data_dir", str(store), "--output_dir", str(run), *TINY]) == 0
     return {
@@ -136,20 +116,8 @@ def test_every_flag_has_help():
 
 def test_test_writes_metrics_and_figures(trained, tmp_path):
     out = tmp_path / "test"
-    assert (
-        main(
-            [
-                "test",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--data_dir",
-                str(trained["store"]),
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    test = ["test", "--checkpoint", trained["ckpt"], "--data_dir", trained["store"]]
+    assert cli(*test, "--output_dir", out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["slices"]) == {"slice_3"}
     overall = metrics["overall"]
@@ -165,45 +133,14 @@ def test_test_writes_metrics_and_figures(trained, tmp_path):
     assert "baseline_random_positions" in overall
     assert (out / "layout_slice_3.png").is_file() and (out / "genes_slice_3.png").is_file()
     # a second run refuses to replace the metrics without --overwrite
-    assert (
-        main(
-            [
-                "test",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--data_dir",
-                str(trained["store"]),
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert cli(*test, "--output_dir", out) == 2
 
 
 @pytest.mark.parametrize("mode", ["expr_to_pos", "pos_to_expr", "joint"])
 def test_sample_h5ad_every_mode(trained, tmp_path, mode):
     out = tmp_path / f"{mode}.h5ad"
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--input_data",
-                str(trained["test_h5ad"]),
-                "--sample_mode",
-                mode,
-                "--output",
-                str(out),
-                "--num_samples",
-                "2",
-                "--seed",
-                "3",
-            ]
-        )
-        == 0
-    )
+    draws = ["--num_samples", "2", "--seed", "3"]
+    assert main(_sample_argv(trained, trained["test_h5ad"], out, mode, *draws)) == 0
     result = ad.read_h5ad(out)
     source = ad.read_h5ad(trained["test_h5ad"])
     info = result.uns["alphastomics"]
@@ -403,39 +340,15 @@ def test_sample_pt_round_trip(trained, tmp_path):
 def test_sample_refuses_to_overwrite(trained, tmp_path, capsys):
     out = tmp_path / "exists.h5ad"
     out.write_text("keep me")
-    code = main(
-        [
-            "sample",
-            "--checkpoint",
-            str(trained["ckpt"]),
-            "--input_data",
-            str(trained["test_h5ad"]),
-            "--sample_mode",
-            "joint",
-            "--output",
-            str(out),
-        ]
-    )
+    code = main(_sample_argv(trained, trained["test_h5ad"], out, "joint"))
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "keep me"
 
 
 def test_extract_store_and_h5ad(trained, tmp_path):
     out = tmp_path / "emb.npz"
-    assert (
-        main(
-            [
-                "extract",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--data_dir",
-                str(trained["store"]),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    extract = ["extract", "--checkpoint", trained["ckpt"]]
+    assert cli(*extract, "--data_dir", trained["store"], "--output", out) == 0
     emb = np.load(out)
     n = sum(
         s["n_cells"] for s in json.loads((trained["store"] / "metadata.json").read_text())["slices"]
@@ -448,22 +361,8 @@ def test_extract_store_and_h5ad(trained, tmp_path):
     first = emb["obs_names"][0]
     assert emb["slice"][0] == source.obs.loc[first, "slice"]
     out2 = tmp_path / "emb2.npz"
-    assert (
-        main(
-            [
-                "extract",
-                "--checkpoint",
-                str(trained["ckpt"]),
-                "--input_data",
-                str(trained["test_h5ad"]),
-                "--output",
-                str(out2),
-                "--extract_mode",
-                "transformer",
-            ]
-        )
-        == 0
-    )
+    from_h5ad = [*extract, "--input_data", trained["test_h5ad"], "--output", out2]
+    assert cli(*from_h5ad, "--extract_mode", "transformer") == 0
     written = ad.read_h5ad(out2.with_suffix(".h5ad"))
     assert written.obsm["X_alphastomics"].shape == (written.n_obs, 16)
 
@@ -478,15 +377,8 @@ def test_outputs_are_readable_by_others(trained, tmp_path):
             main(["preprocess", "--input", str(trained["test_h5ad"]), "--output_dir", str(store)])
             == 0
         )
-        test = [
-            "test",
-            *ckpt,
-            "--data_dir",
-            str(trained["store"]),
-            "--output_dir",
-            str(tmp_path / "t"),
-        ]
-        assert main([*test, "--steps", "2"]) == 0
+        test = ["test", *ckpt, "--data_dir", trained["store"], "--output_dir", tmp_path / "t"]
+        assert cli(*test, "--steps", "2") == 0
         sample = _sample_argv(
             trained, trained["test_h5ad"], tmp_path / "s.h5ad", "joint", "--steps", "2"
         )
@@ -505,20 +397,9 @@ def test_resume_continues_from_last(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    longer = [*(o for o in TINY if "max_epochs" not in o), "training.max_epochs=3"]
     assert (
-        main(
-            [
-                "train",
-                "--data_dir",
-                str(trained["store"]),
-                "--output_dir",
-                str(run),
-                "--resume",
-                *[o for o in TINY if "max_epochs" not in o],
-                "training.max_epochs=3",
-            ]
-        )
-        == 0
+        cli("train", "--data_dir", trained["store"], "--output_dir", run, "--resume", *longer) == 0
     )
     after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert after > before

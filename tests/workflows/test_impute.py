@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import make_tiny_adata
+from conftest import TINY_OVERRIDES, make_tiny_adata
 
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import load_config, upgrade_saved_config
@@ -22,15 +22,6 @@ from alphastomics.errors import UserInputError
 from alphastomics.main import main
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.workflows.impute import impute_anndata
-
-TINY = [
-    "model.hidden_dim=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "diffusion.diffusion_steps=20",
-    "sampling.steps=4",
-]
-
 
 # ------------------------------------------------------------------------------------------
 # hiding genes in training
@@ -60,7 +51,7 @@ def test_hide_genes_hides_only_measured_genes_and_keeps_one_visible() -> None:
 def test_training_hides_genes_from_the_input_and_scores_only_them() -> None:
     """Hiding items see their visible genes clean and the hidden ones not at all; their
     expression loss is that of the hidden genes alone."""
-    cfg = load_config(overrides=[*TINY, "training.p_hide_genes=1.0"])
+    cfg = load_config(overrides=[*TINY_OVERRIDES, "training.p_hide_genes=1.0"])
     module = AlphaSTomicsModule(cfg, num_genes=8)
     gen = torch.Generator().manual_seed(0)
     expr = torch.randn(3, 12, 8, generator=gen)
@@ -92,7 +83,9 @@ def test_training_hides_genes_from_the_input_and_scores_only_them() -> None:
 
 
 def test_expr_to_pos_models_hide_nothing() -> None:
-    cfg = load_config(overrides=[*TINY, "training_mode=expr_to_pos", "training.p_hide_genes=1"])
+    cfg = load_config(
+        overrides=[*TINY_OVERRIDES, "training_mode=expr_to_pos", "training.p_hide_genes=1"]
+    )
     module = AlphaSTomicsModule(cfg, num_genes=8)
     assert not module._hidden_genes(torch.ones(4, 8, dtype=torch.bool), None).any()
 
@@ -248,7 +241,7 @@ def test_impute_beats_the_gene_mean_on_genes_that_follow_the_others() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("impute") / "run"
-    args = ["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]
+    args = ["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY_OVERRIDES]
     args += ["training.max_epochs=1", "training.accelerator=cpu"]
     assert main(args) == 0
     return out / "checkpoints" / "last.ckpt"
@@ -309,16 +302,16 @@ def test_which_checkpoints_serve_impute(caplog: pytest.LogCaptureFixture) -> Non
     from alphastomics.workflows.sampling import check_sample_request
 
     pos_to_expr = AlphaSTomicsModule(
-        load_config(overrides=[*TINY, "training_mode=pos_to_expr"]), num_genes=4
+        load_config(overrides=[*TINY_OVERRIDES, "training_mode=pos_to_expr"]), num_genes=4
     )
     check_sample_request(pos_to_expr, "impute", None, 1)
     expr_to_pos = AlphaSTomicsModule(
-        load_config(overrides=[*TINY, "training_mode=expr_to_pos"]), num_genes=4
+        load_config(overrides=[*TINY_OVERRIDES, "training_mode=expr_to_pos"]), num_genes=4
     )
     with pytest.raises(UserInputError, match="cannot sample impute"):
         check_sample_request(expr_to_pos, "impute", None, 1)
     untrained = AlphaSTomicsModule(
-        load_config(overrides=[*TINY, "training.p_hide_genes=0"]), num_genes=4
+        load_config(overrides=[*TINY_OVERRIDES, "training.p_hide_genes=0"]), num_genes=4
     )
     with caplog.at_level("WARNING"):
         check_sample_request(untrained, "impute", None, 1)
