@@ -11,7 +11,6 @@ import pandas as pd
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from alphastomics import __version__
 from alphastomics.data.anndata import MIN_SLICE_CELLS, NormalizeMode, PreparedSlice
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
@@ -26,7 +25,7 @@ from alphastomics.keys import (
 )
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.progress import progress_bar
-from alphastomics.workflows.inputs import prepare_input
+from alphastomics.workflows.inputs import prepare_input, sampling_record
 
 NCells = int | dict[str, int] | None  # joint: cells per generated slice, for all or by name
 _N_CELLS_EXAMPLE = "e.g. --n_cells 2000, or per slice --n_cells embryo3_z2=2483,embryo3_z5=2124"
@@ -270,14 +269,16 @@ def generate_for_file(
         X=np.concatenate(exprs), obs=obs, var=var, uns=deepcopy(dict(reference.uns))
     )
     tissue.obsm[GENERATED_POSITIONS] = np.concatenate(poss)
-    tissue.uns[UNS] = {
-        "mode": "joint",
-        "sampler": sampler or module.cfg.sampling.sampler,
-        "steps": steps or module.cfg.sampling.steps,
-        "seed": seed,
-        "num_samples": num_samples,
-        "version": __version__,
-        "input": source,
+    record = sampling_record(
+        module,
+        "joint",
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        num_samples=num_samples,
+        source=source,
+    )
+    tissue.uns[UNS] = record | {
         "missing_genes": prepared.missing_genes,
         "missing_gene_share": len(prepared.missing_genes) / len(genes),
         "normalization": prepared.normalization or "not read",

@@ -11,13 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alphastomics import __version__
 from alphastomics.data.anndata import NormalizeMode, PreparedSlice
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.figures import MODE_TITLES, plot_genes
 from alphastomics.keys import EXPRESSION, EXPRESSION_STD, IMPUTED, UNS
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.workflows.inputs import prepare_input
+from alphastomics.workflows.inputs import prepare_input, sampling_record
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +154,17 @@ def impute_for_file(
     result.layers[EXPRESSION] = out
     if spread is not None:
         result.layers[EXPRESSION_STD] = spread
-    result.uns[UNS] = {
-        "mode": "impute",
-        "sampler": sampler or module.cfg.sampling.sampler,
-        "steps": steps or module.cfg.sampling.steps,
-        "seed": seed,
-        "num_samples": num_samples,
-        "checkpoint": checkpoint or "",
-        "version": __version__,
-        "input": source,
+    record = sampling_record(
+        module,
+        "impute",
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        num_samples=num_samples,
+        source=source,
+        checkpoint=checkpoint or "",
+    )
+    result.uns[UNS] = record | {
         "imputed_genes": imputed.tolist(),
         "n_measured_genes": len(genes) - len(imputed),
         "genes_not_in_model": not_in_model,

@@ -1,4 +1,5 @@
-"""New AnnData for a trained model: one set of rules for `sample` and `extract`.
+"""New AnnData for a trained model: one set of rules for `sample` and `extract`, and the run
+record every sampled AnnData carries.
 
 Keys, layer and normalisation default to those used at preprocess time (stored in the
 checkpoint); genes are matched to the checkpoint's by name, and too small an overlap is refused;
@@ -14,6 +15,7 @@ from typing import Any
 
 import anndata as ad
 
+from alphastomics import __version__
 from alphastomics.data.anndata import TARGET_SUM, NormalizeMode, PreparedSlice, prepare_anndata
 from alphastomics.errors import UserInputError
 from alphastomics.keys import POSITION_KEY, SLICE_KEY
@@ -144,6 +146,31 @@ def _refuse_other_kind(source: str, applied: str, trained: list[str]) -> None:
     raise UserInputError(
         f"{source} holds {_KIND[applied]}, but the model was trained on {_KIND[trained[0]]}; {fix}"
     )
+
+
+def sampling_record(
+    module: AlphaSTomicsModule,
+    mode: str,
+    *,
+    sampler: str | None,
+    steps: int | None,
+    seed: int,
+    num_samples: int,
+    source: str,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """What every sampled AnnData records in ``uns["alphastomics"]`` of the run that made it
+    (``checkpoint`` left out when None); each mode adds its own entries."""
+    record: dict[str, Any] = {
+        "mode": mode,
+        "sampler": sampler or module.cfg.sampling.sampler,
+        "steps": steps or module.cfg.sampling.steps,
+        "seed": seed,
+        "num_samples": num_samples,
+    }
+    if checkpoint is not None:
+        record["checkpoint"] = checkpoint
+    return record | {"version": __version__, "input": source}
 
 
 def check_steps(module: AlphaSTomicsModule, steps: int | None) -> None:

@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 from scipy.spatial import procrustes
 
-from alphastomics import __version__
 from alphastomics.data.anndata import NormalizeMode, read_h5ad
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
@@ -41,7 +40,7 @@ from alphastomics.utils.io import check_output_file, staged_outputs, write_h5ad
 from alphastomics.utils.progress import progress_bar
 from alphastomics.workflows.generate import NCells, generate_for_file
 from alphastomics.workflows.impute import impute_figure, impute_for_file
-from alphastomics.workflows.inputs import check_steps, prepare_input
+from alphastomics.workflows.inputs import check_steps, prepare_input, sampling_record
 
 log = logging.getLogger(__name__)
 
@@ -329,15 +328,17 @@ def sample_anndata(
         spread[rows] = _aligned_spread(pos_k) * scale
         figure_data.append((piece, positions if has_pos else None, pos_k[0], expr_point))
 
-    meta = {
-        "mode": mode,
-        "sampler": sampler or module.cfg.sampling.sampler,
-        "steps": steps or module.cfg.sampling.steps,
-        "seed": seed,
-        "num_samples": num_samples,
-        "checkpoint": checkpoint,
-        "version": __version__,
-        "input": source,
+    record = sampling_record(
+        module,
+        mode,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        num_samples=num_samples,
+        source=source,
+        checkpoint=checkpoint,
+    )
+    meta = record | {
         "missing_genes": missing,
         "missing_gene_share": 1 - share,
         "normalization": prepared.normalization or "not read",
