@@ -24,9 +24,6 @@ from torch.utils.checkpoint import checkpoint
 from alphastomics.attn_model.multihead import MultiHeadProjections
 from alphastomics.attn_model.neighbors import NeighborGraph
 
-# Queries, keys and values are H / 2 wide: the neighbour gathers, (N, k, width) each, are what
-# local attention costs, and a neighbourhood needs fewer features than a whole slice's context.
-LOCAL_WIDTH_DIVISOR = 2
 N_DISTANCE_FEATURES = 16  # Gaussian radial basis functions of the scaled neighbour distance
 _RBF_MAX = 3.0  # centres from 0 to 3 neighbour length scales
 _BIAS_HIDDEN = 32
