@@ -87,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    max_epochs: int = 200
+    max_epochs: int | None = None
     max_steps: int = -1
     max_time_minutes: float | None = None
     lr: float = 1e-3
@@ -235,7 +235,10 @@ def _check(cfg: Config) -> None:
             "data.loading.neighborhood_fraction must be in [0, 1]",
         ),
         (cfg.data.loading.num_workers >= 0, "data.loading.num_workers must be >= 0"),
-        (cfg.training.max_epochs >= 1, "training.max_epochs must be >= 1"),
+        (
+            t.max_epochs is None or t.max_epochs >= 1,
+            "training.max_epochs must be null (see config.yaml) or >= 1",
+        ),
         (t.max_steps == -1 or t.max_steps >= 1, "training.max_steps must be -1 (no limit) or >= 1"),
         (
             t.max_time_minutes is None or t.max_time_minutes > 0,

@@ -32,8 +32,8 @@ Methods:
 
 - ``model``: ``alphastomics preprocess`` of the reference (every slice trains:
   ``--test_fraction 0 --val_fraction 0``) and ``alphastomics train`` with the packaged defaults,
-  ``training.max_time_minutes`` from ``--train_minutes`` and ``training.max_epochs=1000000``
-  (so the time budget, not the epoch count, stops training), then the ``last.ckpt`` imputes each
+  ``training.max_time_minutes`` from ``--train_minutes`` (with the default
+  ``training.max_epochs: null`` the time budget stops training), then the ``last.ckpt`` imputes each
   fold as ``alphastomics sample --sample_mode impute`` does
   (:func:`alphastomics.workflows.impute.impute_anndata`);
 - ``knn``: PCA (30 components) of the reference's cells in the fold's measured genes, the
@@ -95,7 +95,6 @@ METHODS = ("model", "knn", "tangram", "gimvi")
 METRICS = ("pcc", "ssim", "rmse", "js")
 HEADERS = {"pcc": "PCC ↑", "ssim": "SSIM ↑", "rmse": "RMSE ↓", "js": "JS ↓"}
 KNN_COMPONENTS, KNN_NEIGHBORS = 30, 20
-TRAIN_OVERRIDES = ["training.max_epochs=1000000"]  # the time budget stops training
 PEERS = {"tangram": "tangram", "gimvi": "scvi"}  # method -> module it needs
 
 
@@ -371,7 +370,7 @@ def train_model(
     )
     start = time.perf_counter()
     train = ["train", "--data_dir", str(store), "--output_dir", str(run), "--overwrite"]
-    train += [f"training.max_time_minutes={args.train_minutes}", *TRAIN_OVERRIDES, *overrides]
+    train += [f"training.max_time_minutes={args.train_minutes}", *overrides]
     _run(_cli(train), commands)
     return run / "checkpoints" / "last.ckpt", time.perf_counter() - start
 

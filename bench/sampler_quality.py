@@ -332,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             overrides = [
                 f"training.max_time_minutes={args.minutes}",
-                "training.max_epochs=100000",
                 "training.val_every_n_epochs=25",
                 "training.val_max_slices=1",
                 f"training.seed={args.seed}",

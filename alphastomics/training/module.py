@@ -42,6 +42,7 @@ from alphastomics.utils.memory import tune_malloc
 log = logging.getLogger(__name__)
 
 VAL_LOSS_DRAWS = 8  # noise draws averaged into each validation loss
+_NO_STEP_BOUND = 2**62  # a schedule length that leaves the decay to the time budget
 
 
 class AlphaSTomicsModule(pl.LightningModule):
@@ -399,13 +400,15 @@ class AlphaSTomicsModule(pl.LightningModule):
         return min(elapsed / max(elapsed + remaining, 1e-9), 1.0)
 
     def _total_steps(self) -> int:
+        """Steps the learning rate decays over: Lightning's estimate; without a step or epoch
+        bound, a time budget alone sets the decay (:meth:`_time_progress`), else 10,000 steps."""
         try:
-            total = int(self.trainer.estimated_stepping_batches)
+            estimate = float(self.trainer.estimated_stepping_batches)
         except (RuntimeError, AttributeError, ValueError):
-            total = 10_000
-        if total <= 0 or total == float("inf"):
-            total = 10_000
-        return total
+            estimate = math.inf
+        if math.isfinite(estimate) and estimate > 0:
+            return int(estimate)
+        return _NO_STEP_BOUND if self.cfg.training.max_time_minutes else 10_000
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["alphastomics_version"] = __version__

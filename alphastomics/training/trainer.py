@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins.precision import DeepSpeedPrecision, FSDPPrecision, Precision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from alphastomics.config import Config
+from alphastomics.config import Config, TrainingConfig
 from alphastomics.data.batch import DataHolder
 from alphastomics.errors import UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt, ResumeState
@@ -391,6 +391,35 @@ def resolve_devices(cfg: Config, accelerator: str) -> tuple[int, int]:
 DEFAULT_VAL_MINUTES = 2.0
 
 
+DEFAULT_MAX_EPOCHS = 200  # training.max_epochs: null, and neither a time nor a step budget
+
+
+def epoch_limit(train_cfg: TrainingConfig) -> int:
+    """Lightning's ``max_epochs``: ``training.max_epochs``, or for null none (-1) when
+    ``max_time_minutes`` or ``max_steps`` bounds training, else :data:`DEFAULT_MAX_EPOCHS`.
+
+    An epoch is one pass over the training items, which can be a few steps (4 slices, or the
+    256-cell items of one small volume): a fixed epoch count would end a time budget early.
+    """
+    if train_cfg.max_epochs is not None:
+        return train_cfg.max_epochs
+    bounded = bool(train_cfg.max_time_minutes) or train_cfg.max_steps > 0
+    return -1 if bounded else DEFAULT_MAX_EPOCHS
+
+
+def stop_rule(train_cfg: TrainingConfig) -> str:
+    """What ends training, for the log (e.g. ``the 15-minute budget``)."""
+    rules = []
+    if train_cfg.max_time_minutes:
+        rules.append(f"the {train_cfg.max_time_minutes:g}-minute budget")
+    if train_cfg.max_steps > 0:
+        rules.append(f"{train_cfg.max_steps} optimiser steps")
+    epochs = epoch_limit(train_cfg)
+    if epochs > 0:
+        rules.append(f"{epochs} epochs")
+    return " or ".join(rules) + ", whichever comes first" if len(rules) > 1 else rules[0]
+
+
 def validation_schedule(cfg: Config) -> tuple[int, timedelta | None]:
     """``(check_val_every_n_epoch, val_check_interval)`` for the Trainer.
 
@@ -476,7 +505,7 @@ def build_trainer(
         num_nodes=num_nodes,
         strategy=strategy,
         precision=train_cfg.precision,
-        max_epochs=train_cfg.max_epochs,
+        max_epochs=epoch_limit(train_cfg),
         max_steps=train_cfg.max_steps,
         max_time=max_time,
         gradient_clip_val=clip_val,

@@ -29,7 +29,6 @@ DEMO_OVERRIDES = [
     "model.n_heads=4",
     "training.lr=0.002",
     "training.warmup_steps=50",
-    "training.max_epochs=100000",
     "training.val_every_n_epochs=25",
     "training.val_max_slices=1",
     "training.log_every_n_steps=20",

@@ -22,6 +22,7 @@ from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.training.trainer import (
     build_trainer,
     quiet_lightning,
+    stop_rule,
     validation_minutes,
 )
 from alphastomics.utils.io import atomic_write, folder_lock
@@ -164,6 +165,7 @@ def _fit(
 
 
 def _log_validation_plan(cfg: Config, has_val: bool) -> None:
+    log.info("training stops at %s", stop_rule(cfg.training))
     if not has_val:
         log.info("no validation slices: best.ckpt is the final state, like last.ckpt")
     elif cfg.training.val_every_n_epochs is not None:

@@ -84,7 +84,7 @@ def test_unknown_slices_are_one_error_line_and_nothing_is_written(
 
 @pytest.mark.slow
 def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
-    bench: ModuleType, tmp_path: Path
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     h5ad = tmp_path / "tissue.h5ad"
     synthetic_tissue(n_cells=320, n_genes=10, n_slices=4, seed=0).write_h5ad(h5ad)
@@ -144,6 +144,24 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
     assert text.count("| mean of 2 |") == 4 and "Targets (issue 18" in text
     assert (out / "tissues.png").read_bytes()[:4] == b"\x89PNG"
 
+    # the diagnostics that read this output: realism after per-gene fixes, and guidance
+    diagnostics = load_bench_script("realism_diagnostics")
+    assert diagnostics.main(["--output_dir", str(out), "--slice", "slice_2"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == [
+        "as generated",
+        "clipped at 0",
+        "zero share matched",
+        "quantile-mapped to training",
+    ]
+    assert diagnostics.main(["--output_dir", str(out), "--slice", "nope"]) == 2
+    guidance = load_bench_script("guidance")
+    argv = ["--data_dir", str(out / "data"), "--checkpoint", str(out / "run/checkpoints/last.ckpt")]
+    assert guidance.main([*argv, "--weights", "0", "1", "--seeds", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| 0", "| 1"]
+    assert all(0 <= float(row.split(" | ")[2]) <= 1 for row in rows[2:])  # kNN preservation
+
     # the same checkpoint, every slice scored as trained on, types from clusters (as BDTNP)
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
     rerun = [*common, "--checkpoint", str(checkpoint), "--overwrite", *FAST_SCORES]
@@ -154,3 +172,18 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
     assert {t["against"] for t in again["targets"]} == set(methods[2:])  # no ceiling row
     assert again["training_seconds"] is None
     assert "not held out" in (out / "results.md").read_text()
+
+
+def test_realism_corrections_fix_the_marginals_they_name():
+    diagnostics = load_bench_script("realism_diagnostics")
+    rng = np.random.default_rng(0)
+    generated = rng.normal(size=(400, 3)).astype(np.float32)
+    reference = np.where(rng.random((500, 3)) < 0.6, 0.0, rng.gamma(2.0, size=(500, 3)))
+    matched = diagnostics.zero_share_matched(generated, np.array([0.0, 0.5, 0.9]))
+    assert (matched >= 0).all()
+    assert [round(float((matched[:, g] == 0).mean()), 2) for g in (1, 2)] == [0.5, 0.9]
+    mapped = diagnostics.quantile_mapped(generated, reference)
+    for g in range(3):  # each gene now has the reference's distribution, in the same order
+        order = np.argsort(generated[:, g])
+        assert (np.diff(mapped[order, g]) >= 0).all()
+        assert abs((mapped[:, g] == 0).mean() - (reference[:, g] == 0).mean()) < 0.02

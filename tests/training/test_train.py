@@ -14,7 +14,7 @@ from alphastomics.errors import UserInputError
 from alphastomics.evaluation.metrics import position_metrics
 from alphastomics.training.checkpoint import load_module
 from alphastomics.training.module import AlphaSTomicsModule
-from alphastomics.training.trainer import build_trainer
+from alphastomics.training.trainer import DEFAULT_MAX_EPOCHS, build_trainer, epoch_limit, stop_rule
 
 SMALL = ["model.hidden_dim=64", "model.n_layers=2", "diffusion.diffusion_steps=200"]
 
@@ -215,3 +215,26 @@ def test_training_frames_count_slices_not_store_entries():
     )
     assert single.cfg.loss.align_rotation is False
     assert single.hparams["cfg"]["loss"]["align_rotation"] is False
+
+
+def test_a_step_or_time_budget_is_not_cut_short_by_an_epoch_count(tmp_path):
+    def limit(*overrides: str) -> int:
+        return epoch_limit(load_config(overrides=list(overrides)).training)
+
+    assert limit() == DEFAULT_MAX_EPOCHS  # nothing else bounds training
+    assert limit("training.max_time_minutes=15") == -1 and limit("training.max_steps=9") == -1
+    assert limit("training.max_epochs=3", "training.max_time_minutes=15") == 3
+    rule = stop_rule(load_config(overrides=["training.max_time_minutes=15"]).training)
+    assert rule == "the 15-minute budget"
+    # one item per epoch: 210 steps need 210 epochs, more than the old fixed 200
+    expr, pos = small_slice(n_cells=30, n_genes=8)
+    cfg = load_config(overrides=[*SMALL, "model.n_layers=1", "training.max_steps=210"])
+    module = AlphaSTomicsModule(cfg, 8)
+    loader = DataLoader(
+        [DataHolder.from_arrays(expr, pos)], batch_size=1, collate_fn=collate_holders
+    )
+    trainer = build_trainer(cfg, tmp_path, has_validation=False, enable_progress_bar=False)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 210
+    # the learning rate decays over the step budget (Lightning's estimate), not a fixed 10,000
+    assert module._total_steps() == 210
