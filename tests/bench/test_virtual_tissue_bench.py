@@ -146,9 +146,10 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
 
     # the diagnostics that read this output: realism after per-gene fixes, and guidance
     diagnostics = load_bench_script("realism_diagnostics")
+    capsys.readouterr()  # the bench's own report
     assert diagnostics.main(["--output_dir", str(out), "--slice", "slice_2"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[2:]] == [
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [
         "as generated",
         "clipped at 0",
         "zero share matched",
@@ -159,8 +160,8 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
     argv = ["--data_dir", str(out / "data"), "--checkpoint", str(out / "run/checkpoints/last.ckpt")]
     assert guidance.main([*argv, "--weights", "0", "1", "--seeds", "0"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[2:]] == ["| 0", "| 1"]
-    assert all(0 <= float(row.split(" | ")[2]) <= 1 for row in rows[2:])  # kNN preservation
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 0", "| 1"]
+    assert all(0 <= float(row.split(" | ")[2]) <= 1 for row in rows[1:])  # kNN preservation
 
     # the same checkpoint, every slice scored as trained on, types from clusters (as BDTNP)
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
@@ -181,7 +182,8 @@ def test_realism_corrections_fix_the_marginals_they_name():
     reference = np.where(rng.random((500, 3)) < 0.6, 0.0, rng.gamma(2.0, size=(500, 3)))
     matched = diagnostics.zero_share_matched(generated, np.array([0.0, 0.5, 0.9]))
     assert (matched >= 0).all()
-    assert [round(float((matched[:, g] == 0).mean()), 2) for g in (1, 2)] == [0.5, 0.9]
+    shares = [float((matched[:, g] == 0).mean()) for g in (1, 2)]
+    assert shares == pytest.approx([0.5, 0.9], abs=0.01)
     mapped = diagnostics.quantile_mapped(generated, reference)
     for g in range(3):  # each gene now has the reference's distribution, in the same order
         order = np.argsort(generated[:, g])
