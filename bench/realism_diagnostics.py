@@ -78,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         [store.load_slice(i, mmap=False).expression for i in store.slice_indices("train")]
     )[:, genes]
     tissue = ad.read_h5ad(args.output_dir / "generated_seed0.h5ad")
-    cells = (tissue.obs[keys.SLICE_KEY] == args.slice).to_numpy()
+    entry = store.metadata["slices"][names.index(args.slice)]
+    source = entry.get("slice", entry["name"])  # a cell-split entry is generated as its slice
+    cells = (tissue.obs[keys.SLICE_KEY] == source).to_numpy()
+    if not cells.any():
+        print(f"no generated cells of slice {source!r} in {args.output_dir}", file=sys.stderr)
+        return 2
     generated = np.asarray(tissue.X[cells], dtype=np.float32)[:, genes]
     candidates = {
         "as generated": generated,
