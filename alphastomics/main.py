@@ -355,6 +355,16 @@ def cmd_test(args: argparse.Namespace) -> None:
     log.info("metrics and figures in %s", output_dir)
 
 
+def _input_keys(args: argparse.Namespace) -> dict[str, str | None]:
+    """The AnnData keys of ``_add_input_flags`` (None: the checkpoint's)."""
+    return {
+        "position_key": args.position_key,
+        "slice_key": args.slice_key,
+        "cell_type_key": args.cell_type_key,
+        "layer": args.layer,
+    }
+
+
 def _min_gene_overlap(args: argparse.Namespace, *, impute: bool = False) -> float:
     """--min_gene_overlap, or its default: 0.5, and for impute none (one shared gene will do:
     a panel is often a small share of a reference's genes)."""
@@ -421,12 +431,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if source.suffix == ".pt":
         sample_pt(module, source, output, **common)
     else:
-        keys = {
-            "position_key": args.position_key,
-            "slice_key": args.slice_key,
-            "cell_type_key": args.cell_type_key,
-            "layer": args.layer,
-        }
+        keys = _input_keys(args)
         sample_h5ad(
             module,
             source,
@@ -456,12 +461,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         extract_store(module, args.data_dir, output, args.extract_mode)
     else:
-        keys = {
-            "position_key": args.position_key,
-            "slice_key": args.slice_key,
-            "cell_type_key": args.cell_type_key,
-            "layer": args.layer,
-        }
+        keys = _input_keys(args)
         extract_h5ad(
             module,
             args.input_data,

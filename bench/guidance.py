@@ -63,9 +63,9 @@ class GuidedDenoiser(nn.Module):
         gene_mask: Tensor,
     ) -> object:
         out = self.denoiser(expression, positions, t_expression, t_position, node_mask, gene_mask)
-        ones = torch.ones_like(t_expression)
         if self.weight == 0:
             return out
+        ones = torch.ones_like(t_expression)
         if bool((t_expression == 0).all()) and bool((t_position > 0).all()):  # expr_to_pos
             noise = torch.randn(expression.shape, generator=self.generator)
             noise = noise * node_mask.unsqueeze(-1)
