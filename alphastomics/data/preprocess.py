@@ -420,7 +420,10 @@ class SpatialDataPreprocessor:
         slices_meta: list[dict[str, Any]] = []
         n_entries = sum(len(e) for file_entries in entries for e in file_entries)
         with tqdm(
-            total=n_entries, desc="preprocess", unit="slice", disable=not self.progress
+            total=n_entries,
+            desc="preprocess",
+            unit="slice",
+            disable=None if self.progress else True,
         ) as bar:
             for summary, names, file_entries, mask in zip(
                 summaries, slice_names, entries, masks, strict=True

@@ -238,3 +238,27 @@ def test_a_step_or_time_budget_is_not_cut_short_by_an_epoch_count(tmp_path):
     assert trainer.global_step == 210
     # the learning rate decays over the step budget (Lightning's estimate), not a fixed 10,000
     assert module._total_steps() == 210
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path, monkeypatch, caplog):
+    """A log file gets one line per interval, never tqdm's carriage-return redraws."""
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from alphastomics.training.trainer import ProgressLog
+
+    expr, pos = small_slice(n_cells=40, n_genes=8)
+    cfg = load_config(overrides=[*SMALL, "training.max_steps=3"])
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    on_terminal = build_trainer(cfg, tmp_path / "tty", has_validation=False)
+    assert any(isinstance(c, TQDMProgressBar) for c in on_terminal.callbacks)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    in_file = build_trainer(cfg, tmp_path / "file", has_validation=False)
+    assert not any(isinstance(c, TQDMProgressBar) for c in in_file.callbacks)
+    (progress,) = [c for c in in_file.callbacks if isinstance(c, ProgressLog)]
+    progress.interval_s = 0.0
+    module = AlphaSTomicsModule(cfg, 8, gene_names=[f"g{i}" for i in range(8)])
+    with caplog.at_level("INFO", logger="alphastomics.training.trainer"):
+        in_file.fit(module, _loader(expr, pos))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 3 and lines[-1].startswith("step 3 (epoch ")
+    assert "train/loss" in lines[-1] and "\r" not in "".join(lines)
