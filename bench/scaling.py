@@ -25,7 +25,9 @@ Page faults are the minor faults per timed step, in GB of 4 KiB pages. The log-l
 and memory versus N (``np.polyfit`` on log N) summarises the growth: 1 is linear.
 
 With ``--device cuda`` the model and batch live on the GPU and the peak column is
-``torch.cuda.max_memory_allocated`` growth instead of the resident set.
+``torch.cuda.max_memory_allocated`` growth instead of the resident set. ``--override
+training.precision=bf16-mixed`` autocasts the step to bfloat16 as Lightning's precision plugin
+does (on CPU too).
 
 Usage::
 
@@ -119,11 +121,28 @@ def _worker(
             torch.cuda.synchronize(device)
 
     gen_device = torch.Generator(device=device).manual_seed(seed)
+    # training.precision as Lightning applies it: bf16-mixed / 16-mixed autocast the forward
+    # (and loss) to that type; 32-true runs in float32
+    precision = cfg.training.precision
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    if half is None and precision != "32-true":
+        raise SystemExit(f"training.precision={precision}: this bench measures 32-true and *-mixed")
+
+    def autocast() -> Any:
+        return torch.autocast(
+            device_type="cuda" if cuda else "cpu",
+            dtype=half or torch.float32,
+            enabled=half is not None,
+        )
+
     if kind == "sample":
         module.eval()
 
         def step() -> None:
-            module.predictor.sample(batch, "joint", sampler="ddim", steps=1, generator=gen_device)
+            with autocast():
+                module.predictor.sample(
+                    batch, "joint", sampler="ddim", steps=1, generator=gen_device
+                )
 
     else:
         module.train()
@@ -134,7 +153,8 @@ def _worker(
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss = module.diffusion_loss(batch).total
+            with autocast():
+                loss = module.diffusion_loss(batch).total
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(module.model.parameters(), clip)
@@ -171,6 +191,7 @@ def _worker(
         "fault_gb": faults[mid],
         "peak_mb": max(_peak_rss_mb() - baseline, 0.0),
         "overrides": overrides,
+        "precision": precision,
         "baseline_mb": baseline_now,
         "threads": torch.get_num_threads(),
         "malloc_tuned": tuned,

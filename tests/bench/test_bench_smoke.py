@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import BENCH, load_bench_script
 
 
@@ -25,6 +26,14 @@ def test_scaling_runs(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert {r["kind"] for r in results} == {"train_exact", "sample"}
     assert all("error" not in r and r["seconds"] > 0 for r in results), results
+
+
+def test_scaling_autocasts_a_mixed_precision_and_refuses_a_true_one() -> None:
+    bench = load_bench_script("scaling")
+    row = bench._worker("train", 200, 20, 1, 0, False, "cpu", ["training.precision=bf16-mixed"])
+    assert row["precision"] == "bf16-mixed" and row["seconds"] > 0
+    with pytest.raises(SystemExit, match="bf16-true"):
+        bench._worker("sample", 200, 20, 1, 0, False, "cpu", ["training.precision=bf16-true"])
 
 
 def test_sampler_quality_runs(tmp_path: Path) -> None:
