@@ -189,3 +189,14 @@ def test_realism_corrections_fix_the_marginals_they_name():
         order = np.argsort(generated[:, g])
         assert (np.diff(mapped[order, g]) >= 0).all()
         assert abs((mapped[:, g] == 0).mean() - (reference[:, g] == 0).mean()) < 0.02
+
+
+def test_gene_structure_tells_low_rank_cells_from_independent_genes():
+    diagnostics = load_bench_script("realism_diagnostics")
+    rng = np.random.default_rng(0)
+    independent = rng.normal(size=(600, 40))
+    low_rank = rng.normal(size=(600, 2)) @ rng.normal(size=(2, 40)) + 0.1 * independent
+    r_ind, top_ind = diagnostics.gene_structure(independent)
+    r_low, top_low = diagnostics.gene_structure(low_rank)
+    assert r_ind < 0.06 and top_ind < 0.4
+    assert r_low > 0.3 and top_low > 0.95
