@@ -14,6 +14,13 @@ cell, finite values, ``obsm["alphastomics_positions"]`` with as many columns as 
 This measures scale only: a tiled slice repeats the same tissue, so its placement is ambiguous
 and no accuracy is scored.
 
+With ``--test`` the tiled slice also goes through ``alphastomics test``, timed the same way:
+``alphastomics preprocess`` writes a store of the tiled file beside the source's own slices
+(``--test_slices`` the tiled one; the source's slices are the rest of the split), then
+``alphastomics test`` samples it in every mode and scores it with anchor cells
+(``metrics.json``, checked for the tiled slice, every cell and the anchor count). Its scores
+show the metrics run at this size, not accuracy (see above).
+
 Usage::
 
     python bench/large_slice.py --h5ad ../shared/data/seqfish_embryo/seqfish_embryo.h5ad \\
@@ -99,6 +106,18 @@ def check_output(path: Path, mode: str, n_cells: int, n_dims: int) -> None:
         raise SystemExit(f"{path}: non-finite values in the {mode} output")
 
 
+def check_test_metrics(path: Path, name: str, n_cells: int) -> dict[str, Any]:
+    """``metrics.json`` of ``alphastomics test`` scored slice ``name`` with all ``n_cells`` cells."""
+    result = json.loads(path.read_text())
+    scores = result["slices"].get(name)
+    if scores is None or scores["n_cells"] != n_cells:
+        raise SystemExit(f"{path}: no scores of {name!r} with {n_cells} cells")
+    placement = scores["expr_to_pos"]
+    if not np.isfinite(placement["distance_spearman_median"]):
+        raise SystemExit(f"{path}: non-finite distance Spearman of {name!r}")
+    return {"n_anchors": placement["n_anchors"], "anchored": placement["anchored"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Tile the slice, run each mode through the CLI, print and optionally save the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True, help="tiled input and outputs")
     parser.add_argument("--keep", action="store_true", help="keep the tiled input and outputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--test", action="store_true", help="also preprocess the tiled slice and run `test` on it"
+    )
     args = parser.parse_args(argv)
     if not Path(TIME).exists():
         raise SystemExit(f"{TIME} is needed to measure peak memory (GNU time)")
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<12} {args.n_cells:>10,} {row['seconds']:>9.1f} {row['peak_gib']:>9.2f}")
         if not args.keep:
             shutil.rmtree(folder)
+    if args.test:
+        rows += run_test(args, cli, data, f"{args.slice}_tiled")
     if not args.keep:
         data.unlink()
     if args.json is not None:
@@ -159,6 +183,28 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
         )
     return 0
+
+
+def run_test(args: argparse.Namespace, cli: str, data: Path, name: str) -> list[dict[str, Any]]:
+    """Preprocess ``data`` beside ``args.h5ad`` (``name`` the test slice), run ``test`` on it."""
+    store, scores = args.workdir / "store", args.workdir / "test"
+    preprocess = [cli, "preprocess", "--input", str(data), str(args.h5ad)]
+    preprocess += ["--output_dir", str(store), "--position_key", args.position_key]
+    preprocess += ["--slice_key", args.slice_key, "--test_slices", name, "--overwrite"]
+    test = [cli, "test", "--checkpoint", str(args.checkpoint), "--data_dir", str(store)]
+    test += ["--output_dir", str(scores), "--overwrite"]
+    test += [] if args.steps is None else ["--steps", str(args.steps)]
+    rows = []
+    for mode, command in (("preprocess", preprocess), ("test", test)):
+        row = {"mode": mode, "n_cells": args.n_cells, **run_timed(command)}
+        if mode == "test":
+            row |= check_test_metrics(scores / "metrics.json", name, args.n_cells)
+        rows.append(row)
+        print(f"{mode:<12} {args.n_cells:>10,} {row['seconds']:>9.1f} {row['peak_gib']:>9.2f}")
+    if not args.keep:
+        shutil.rmtree(store)
+        shutil.rmtree(scores)
+    return rows
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def test_large_slice_bench_runs_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "large.json"
     args = ["--h5ad", str(h5ad), "--slice", "slice_2", "--position_key", "ccf"]
     args += ["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--n_cells", "150"]
-    args += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
+    args += ["--workdir", str(tmp_path / "work"), "--json", str(out), "--test"]
     assert load_bench_script("large_slice").main(args) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["expr_to_pos", "pos_to_expr"]
+    assert [r["mode"] for r in rows] == ["expr_to_pos", "pos_to_expr", "preprocess", "test"]
     assert all(r["n_cells"] == 150 and r["peak_gib"] > 0 for r in rows)
+    assert rows[-1]["n_anchors"] == 150 and rows[-1]["anchored"] is False
     assert not list((tmp_path / "work").iterdir())  # inputs, outputs and figures removed
