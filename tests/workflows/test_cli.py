@@ -75,14 +75,18 @@ def test_train_refuses_to_reuse_a_run_folder(trained, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("terminal", [True, False])
 def test_train_shows_progress_on_stderr_without_lightning_noise(
-    tiny_store, tmp_path, capfd, caplog, recwarn
+    tiny_store, tmp_path, capfd, caplog, recwarn, monkeypatch, terminal
 ):
+    """A bar on a terminal; in a log file no bar (its redraws would all be kept)."""
     caplog.set_level(logging.INFO)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
     out = tmp_path / "run"
     assert main(["train", "--data_dir", str(tiny_store), "--output_dir", str(out), *TINY]) == 0
     stdout, stderr = capfd.readouterr()
-    assert stdout == "" and "Epoch 1: 100%" in stderr
+    assert stdout == "" and ("Epoch 1: 100%" in stderr) is terminal
+    assert terminal or "\r" not in stderr
     assert "Tip" not in caplog.text and "checkpoints in" in caplog.text
     noise = [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
     noise += [str(w.message) for w in recwarn if "logging interval" in str(w.message)]
