@@ -29,6 +29,7 @@ from alphastomics.data.batch import DataHolder
 from alphastomics.errors import UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt, ResumeState
 from alphastomics.utils.io import reserve_temporary, writing
+from alphastomics.utils.progress import LOG_INTERVAL_S, Throttle, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,12 @@ class ProgressLog(pl.Callback):
     ``step 1200 (epoch 40), 4.0 min, train/loss 0.312``.
     """
 
-    def __init__(self, interval_s: float = 60.0) -> None:
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
         self.interval_s = interval_s
-        self._start = 0.0
-        self._last = 0.0
+        self._throttle = Throttle(interval_s)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._last = time.monotonic()
+        self._throttle = Throttle(self.interval_s)
 
     def on_train_batch_end(
         self,
@@ -158,17 +158,15 @@ class ProgressLog(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval_s or not trainer.is_global_zero:
+        if not trainer.is_global_zero or not self._throttle.due():
             return
-        self._last = now
         loss = trainer.callback_metrics.get("train/loss")
         shown = f", train/loss {float(loss):.4g}" if loss is not None else ""
         log.info(
             "step %d (epoch %d), %.1f min%s",
             trainer.global_step,
             trainer.current_epoch,
-            (now - self._start) / 60.0,
+            self._throttle.minutes,
             shown,
         )
 
@@ -529,7 +527,7 @@ def build_trainer(
         BestCheckpointFallback(output_dir / "checkpoints", always=not has_validation),
         *(extra_callbacks or []),
     ]
-    show_bar = enable_progress_bar and sys.stderr.isatty()
+    show_bar = enable_progress_bar and on_terminal()
     if show_bar:
         callbacks.append(StderrProgressBar(refresh_rate=10))
     elif enable_progress_bar:
