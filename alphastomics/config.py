@@ -100,7 +100,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     p_clean_expression: float = 0.4
     p_clean_position: float = 0.4
-    p_hide_genes: float = 0.25
+    p_hide_genes: float = 0.5
     hide_share_min: float = 0.05
     hide_share_max: float = 0.5
     accelerator: str = "auto"
