@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice_key", default="slice")
     parser.add_argument("--position_key", default="spatial")
     parser.add_argument(
-        "--modes", nargs="+", default=["expr_to_pos", "pos_to_expr"], help="sample modes"
+        "--modes",
+        nargs="*",
+        default=["expr_to_pos", "pos_to_expr"],
+        help="sample modes (none: `--modes` alone, e.g. with --test only)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)"
