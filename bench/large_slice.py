@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "--test", action="store_true", help="also preprocess the tiled slice and run `test` on it"
     )
     args = parser.parse_args(argv)
+    if not args.modes and not args.test:
+        parser.error("nothing to run: give --modes a mode, or pass --test")
     if not Path(TIME).exists():
         raise SystemExit(f"{TIME} is needed to measure peak memory (GNU time)")
 

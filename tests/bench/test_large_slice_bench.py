@@ -52,3 +52,11 @@ def test_large_slice_bench_runs_the_cli(tmp_path: Path) -> None:
     assert all(r["n_cells"] == 150 and r["peak_gib"] > 0 for r in rows)
     assert rows[-1]["n_anchors"] == 150 and rows[-1]["anchored"] is False
     assert not list((tmp_path / "work").iterdir())  # inputs, outputs and figures removed
+
+
+def test_large_slice_bench_refuses_no_modes_without_test(tmp_path: Path, capsys) -> None:
+    args = ["--h5ad", str(tmp_path / "a.h5ad"), "--slice", "s", "--checkpoint", "c.ckpt"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_bench_script("large_slice").main([*args, "--workdir", str(tmp_path), "--modes"])
+    assert exit_info.value.code == 2
+    assert "nothing to run" in capsys.readouterr().err
