@@ -54,6 +54,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     local_neighbors: int = 0
     checkpoint_min_cells: int | None = 200_000
+    bf16_min_cells: int | None = 200_000
 
 
 @dataclass
@@ -215,6 +216,10 @@ def _check(cfg: Config) -> None:
             cfg.model.checkpoint_min_cells is None or cfg.model.checkpoint_min_cells >= 0,
             "model.checkpoint_min_cells must be >= 0 (0 = always) or null (never)",
         ),
+        (
+            cfg.model.bf16_min_cells is None or cfg.model.bf16_min_cells >= 0,
+            "model.bf16_min_cells must be >= 0 (0 = always) or null (never)",
+        ),
         (cfg.neighbor_readout.n_neighbors >= 0, "neighbor_readout.n_neighbors must be >= 0"),
         (
             cfg.neighbor_readout.n_neighbors == 0 or cfg.neighbor_readout.loss_weight > 0,
@@ -374,7 +379,8 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     predates local attention, so it has 0; one without ``loss.align_rotation`` was trained
     without alignment; one without ``training.p_hide_genes`` was never trained to impute
     genes, so it has 0; one without ``sampling.grid_power`` sampled with quadratic spacing, so
-    it keeps 2 (the same seed gives the same sample as before).
+    it keeps 2 (the same seed gives the same sample as before); one without
+    ``model.bf16_min_cells`` trained in float32, so it has null.
     """
     upgraded = dict(saved)
     loss = dict(upgraded.get("loss") or {})
@@ -383,6 +389,7 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     upgraded.setdefault("neighbor_readout", {"n_neighbors": 0})
     model = dict(upgraded.get("model") or {})
     model.setdefault("local_neighbors", 0)  # written before local attention existed
+    model.setdefault("bf16_min_cells", None)  # trained in float32 before bf16 layers existed
     upgraded["model"] = model
     training = dict(upgraded.get("training") or {})
     training.setdefault("p_hide_genes", 0.0)  # written before gene hiding existed

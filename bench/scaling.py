@@ -10,7 +10,10 @@ fresh subprocess per measurement, so every peak-memory number is that of one kin
   (``loss.use_distance_matrix=true loss.exact_distance_max_cells=N``, O(N^2)), only for
   N <= ``--exact_max``;
 - ``sample``: one DDIM step in ``joint`` mode (one network evaluation + update of both
-  modalities; ``module.predictor.sample(batch, "joint", sampler="ddim", steps=1)``).
+  modalities; ``module.predictor.sample(batch, "joint", sampler="ddim", steps=1)``);
+- ``neighbors``: the k-nearest-neighbour graph of the slice's cells
+  (``attn_model.neighbors.knn_graph``, k-d tree, the search the local attention runs at every
+  network evaluation; k = ``model.local_neighbors``, or 16 while that is 0).
 
 The batch is one whole slice with its ``slice_index``, as the ``slice`` data mode yields it, so
 the module's neighbour cache of the sampled distance loss works as in training (the warm-up step
@@ -49,7 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("train", "train_exact", "sample")
+KINDS = ("train", "train_exact", "sample", "neighbors")
+NEIGHBORS_K = 16  # k of the neighbour search when model.local_neighbors is 0 (the read-out reads 32)
 
 
 def _peak_rss_mb() -> float:
@@ -135,7 +139,15 @@ def _worker(
             enabled=half is not None,
         )
 
-    if kind == "sample":
+    if kind == "neighbors":
+        from alphastomics.attn_model.neighbors import knn_graph
+
+        k = cfg.model.local_neighbors or NEIGHBORS_K
+
+        def step() -> None:
+            knn_graph(batch.positions, batch.node_mask, k)
+
+    elif kind == "sample":
         module.eval()
 
         def step() -> None:

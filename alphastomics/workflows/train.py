@@ -25,6 +25,7 @@ from alphastomics.training.trainer import (
     stop_rule,
     validation_minutes,
 )
+from alphastomics.utils.hardware import native_bf16
 from alphastomics.utils.io import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def _fit(
     cfg, decisions = resolve_auto(cfg, training_frames(ProcessedStore(data_dir).metadata))
     for decision in decisions:
         log.info(decision)
+    bf16_note = bf16_layers_note(cfg.model.bf16_min_cells, trainer.strategy.root_device.type)
+    if bf16_note:
+        log.info(bf16_note)
     loading = cfg.data.loading
     train_loader, val_loader, _, meta = create_dataloaders(
         data_dir,
@@ -251,6 +255,20 @@ def _stop_message(
     )
 
 
+def bf16_layers_note(limit: int | None, device_type: str) -> str | None:
+    """The log line that says what ``model.bf16_min_cells`` does on this device (None: off)."""
+    if limit is None:
+        return None
+    key = f"model.bf16_min_cells={limit}"
+    reason = native_bf16(device_type)
+    if reason is None:
+        return f"{key}: {device_type} has no native bfloat16, so every training step runs in float32"
+    return (
+        f"{key}: training batches of {limit:,} cells or more run the transformer layers in "
+        f"bfloat16 ({reason})"
+    )
+
+
 _RESUMABLE_CHANGES = (
     "training.max_epochs",
     "training.max_steps",
@@ -263,6 +281,8 @@ _RESUMABLE_CHANGES = (
     "training.max_consecutive_nonfinite",
     "training.logger",
     "training.accelerator",
+    "model.checkpoint_min_cells",  # how a large step is computed, not what the model is
+    "model.bf16_min_cells",
     "data.loading.num_workers",
     "sampling.",
     "distributed.",

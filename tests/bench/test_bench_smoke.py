@@ -13,9 +13,10 @@ from conftest import BENCH, load_bench_script
 
 def test_scaling_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    # `train_exact` (the exact pairwise-distance loss) and `sample`; `train` is cheaper still
+    # `train_exact` (the exact pairwise-distance loss), `sample` and the neighbour search;
+    # `train` is cheaper still
     args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
-    args += ["--kinds", "train_exact", "sample"]
+    args += ["--kinds", "train_exact", "sample", "neighbors"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
         capture_output=True,
@@ -24,7 +25,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
-    assert {r["kind"] for r in results} == {"train_exact", "sample"}
+    assert {r["kind"] for r in results} == {"train_exact", "sample", "neighbors"}
     assert all("error" not in r and r["seconds"] > 0 for r in results), results
 
 
@@ -70,3 +71,17 @@ def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:
     means = [line.rstrip(" |").split(" | ")[-1] for line in table[1:]]
     spearman = {n: float(mean.split(" / ")[0]) for n, mean in zip(names, means, strict=True)}
     assert spearman["jitter σ=0.05"] > spearman["cell types shuffled"]
+
+
+def test_bf16_gradients_runs(capsys) -> None:
+    bench = load_bench_script("bf16_gradients")
+    assert bench.main(["--n_cells", "300", "--genes", "10", "--draws", "2"]) == 0
+    out = capsys.readouterr().out
+    from alphastomics.utils.hardware import native_bf16
+
+    if native_bf16("cpu") is None:
+        assert "changes nothing here" in out
+    else:
+        rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+        assert [row[0] for row in rows] == ["0", "1"]
+        assert all(0.9 < float(row[2]) <= 1.0 for row in rows)  # cosine of the two gradients
