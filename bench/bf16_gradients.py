@@ -46,8 +46,8 @@ def _loss_and_gradient(
     module.model.zero_grad(set_to_none=True)
     loss = module.diffusion_loss(batch, torch.Generator().manual_seed(draw)).total
     loss.backward()
-    grads = [p.grad.flatten() for p in module.model.parameters() if p.grad is not None]
-    return float(loss), torch.cat(grads)
+    grads = [p.grad.flatten().double() for p in module.model.parameters() if p.grad is not None]
+    return float(loss.detach()), torch.cat(grads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     module.train()
     batch = _slab(args.n_cells, args.genes, args.seed)
     print(f"# N = {args.n_cells}, G = {args.genes}, default model; {reason}")
-    print(f"{'draw':>4} {'loss rel. diff':>15} {'grad cosine':>12} {'|dg|/|g|':>9} {'cos(g, g_next draw)':>20}")
+    columns = ("loss rel. diff", "grad cosine", "|dg|/|g|", "cos(g, g_next draw)")
+    print(f"{'draw':>4} {columns[0]:>15} {columns[1]:>12} {columns[2]:>9} {columns[3]:>20}")
     previous = None
     for draw in range(args.draws):
         loss32, grad32 = _loss_and_gradient(module, batch, None, draw)

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("train", "train_exact", "sample", "neighbors")
-NEIGHBORS_K = 16  # k of the neighbour search when model.local_neighbors is 0 (the read-out reads 32)
+# k of the neighbour search while model.local_neighbors is 0 (the neighbour read-out reads 32)
+NEIGHBORS_K = 16
 
 
 def _peak_rss_mb() -> float:

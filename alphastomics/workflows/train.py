@@ -262,7 +262,9 @@ def bf16_layers_note(limit: int | None, device_type: str) -> str | None:
     key = f"model.bf16_min_cells={limit}"
     reason = native_bf16(device_type)
     if reason is None:
-        return f"{key}: {device_type} has no native bfloat16, so every training step runs in float32"
+        return (
+            f"{key}: {device_type} has no native bfloat16, so every training step runs in float32"
+        )
     return (
         f"{key}: training batches of {limit:,} cells or more run the transformer layers in "
         f"bfloat16 ({reason})"
