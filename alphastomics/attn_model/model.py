@@ -134,12 +134,13 @@ class Denoiser(nn.Module):
         same gradients, one more forward pass of the layers). ``None`` never, 0 always.
     bf16_min_cells
         While gradients are recorded, a batch with at least this many cells in all (B * N) runs
-        the transformer layers under bfloat16 autocast (their matrix products in bfloat16, about
-        three times the float32 rate on a CPU with AVX512-BF16), where the device multiplies
-        bfloat16 natively (:func:`~alphastomics.utils.hardware.native_bf16`; elsewhere float32).
-        The residual stream, the attention's key softmax and context, the cell embeddings, the
-        output heads and the loss stay float32, so inputs and predicted coordinates keep full
-        precision. ``None`` never, 0 for every training batch. Inference is always float32.
+        the transformer layers, the expression encoder and the expression head under bfloat16
+        autocast (their matrix products in bfloat16, about three times the float32 rate on a CPU
+        with AVX512-BF16), where the device multiplies bfloat16 natively
+        (:func:`~alphastomics.utils.hardware.native_bf16`; elsewhere float32). The residual
+        stream, the attention's key softmax and context, the position encoder and head, the
+        outputs and the loss stay float32, so coordinates keep full precision. ``None`` never,
+        0 for every training batch. Inference is always float32.
 
     Examples
     --------
@@ -249,22 +250,24 @@ class Denoiser(nn.Module):
         time_pos = self.position_time(t_position)  # (B, H)
         cond = time_expr + time_pos  # (B, H)
         recompute = self._checkpoints(mask)
+        bf16 = self._bf16(mask)
+        embed = functools.partial(self._embed, measured=measured, bf16=bf16)
         if recompute:  # per-cell stages a chunk at a time, recomputed in backward
             size = chunk_cells(*mask.shape, max(self.n_genes, 2 * self.hidden_dim), 4)
-            expr_emb, pos_emb = checkpointed_chunks(
-                functools.partial(self._embed, measured=measured), (expr_t, pos_in, mask), size
-            )
+            expr_emb, pos_emb = checkpointed_chunks(embed, (expr_t, pos_in, mask), size)
         else:
-            expr_emb, pos_emb = self._embed(expr_t, pos_in, mask, measured=measured)
+            expr_emb, pos_emb = embed(expr_t, pos_in, mask)
 
         # the neighbours of every cell in the positions of this evaluation (noisy or clean)
         graph = knn_graph(pos_in, mask, self.local_neighbors) if self.local_neighbors else None
         h = expr_emb + pos_emb  # (B, N, H)
-        with self._layer_precision(mask):
+        with _autocast_bf16(mask.device.type, bf16):
             for layer in self.layers:
                 h = layer(h, cond, mask, graph, recompute=recompute)
         h = h.to(expr_emb.dtype)
-        heads = functools.partial(self._heads, cond=cond, time_expr=time_expr, time_pos=time_pos)
+        heads = functools.partial(
+            self._heads, cond=cond, time_expr=time_expr, time_pos=time_pos, bf16=bf16
+        )
         if recompute:
             h, expr_hat, pos_free = checkpointed_chunks(heads, (h, expr_t, pos_t, mask), size)
         else:
@@ -283,10 +286,14 @@ class Denoiser(nn.Module):
         )
 
     def _embed(
-        self, expr_t: Tensor, pos_in: Tensor, mask: Tensor, *, measured: Tensor
+        self, expr_t: Tensor, pos_in: Tensor, mask: Tensor, *, measured: Tensor, bf16: bool
     ) -> tuple[Tensor, Tensor]:
-        """Per-cell embeddings (B, n, H) of expression and positions; padded rows 0."""
-        expr_emb = apply_mask(self.expression_encoder(expr_t, measured, premasked=True), mask)
+        """Per-cell embeddings (B, n, H) of expression and positions; padded rows 0.
+
+        With ``bf16`` the expression encoder's products run in bfloat16; positions never do."""
+        with _autocast_bf16(expr_t.device.type, bf16):
+            expr_emb = self.expression_encoder(expr_t, measured, premasked=True)
+        expr_emb = apply_mask(expr_emb.to(pos_in.dtype), mask)
         return expr_emb, apply_mask(self.position_encoder(pos_in), mask)
 
     def _heads(
@@ -299,13 +306,17 @@ class Denoiser(nn.Module):
         cond: Tensor,
         time_expr: Tensor,
         time_pos: Tensor,
+        bf16: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-cell read-out of states ``h`` (B, n, H): normalised states, expression (B, n, G)
-        and positions (B, n, D) before the neighbour displacement and centring."""
+        and positions (B, n, D) before the neighbour displacement and centring. With ``bf16``
+        the expression head's product runs in bfloat16; the position head never does."""
         h = apply_mask(self.final_norm(h, cond), mask)  # (B, n, H)
         # expression: per-gene skip of the noisy input + correction from the cell state
         gate_expr = torch.sigmoid(self.expression_skip(F.silu(time_expr))).unsqueeze(1)  # (B, 1, G)
-        expr_hat = apply_mask(torch.addcmul(self.expression_head(h), gate_expr, expr_t), mask)
+        with _autocast_bf16(h.device.type, bf16):
+            correction = self.expression_head(h)  # (B, n, G)
+        expr_hat = apply_mask(torch.addcmul(correction.to(expr_t.dtype), gate_expr, expr_t), mask)
         # positions: free update path, then a radial correction of the norm
         gate_pos = torch.sigmoid(self.position_skip(F.silu(time_pos))).unsqueeze(1)  # (B, 1, 1)
         pos_free = gate_pos * pos_t + self.position_head(h)  # (B, n, D)
@@ -314,19 +325,15 @@ class Denoiser(nn.Module):
         delta_radius = activation_linear(first(torch.cat([h, radius], dim=-1)), "silu", last)
         return h, expr_hat, pos_free + pos_free / radius * delta_radius
 
-    def _layer_precision(self, mask: Tensor) -> contextlib.AbstractContextManager[None]:
-        """bfloat16 autocast for the layers of a large training batch (``bf16_min_cells``),
-        else no change (an autocast the caller opened, such as Lightning's, stays as it is)."""
+    def _bf16(self, mask: Tensor) -> bool:
+        """Whether this forward pass runs its expression and layer products in bfloat16."""
         limit = self.bf16_min_cells
-        device = mask.device.type
-        if (
-            limit is None
-            or not torch.is_grad_enabled()
-            or mask.numel() < limit
-            or native_bf16(device) is None
-        ):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return (
+            limit is not None
+            and torch.is_grad_enabled()
+            and mask.numel() >= limit
+            and native_bf16(mask.device.type) is not None
+        )
 
     def _checkpoints(self, mask: Tensor) -> bool:
         """Whether this forward pass recomputes layer activations in backward."""
@@ -351,6 +358,14 @@ class Denoiser(nn.Module):
                     f"Denoiser: {name} must have shape {want} (from node_mask {(b, n)}, "
                     f"n_genes={self.n_genes}, n_dims={self.n_dims}), got {tuple(got)}"
                 )
+
+
+def _autocast_bf16(device_type: str, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """bfloat16 autocast where ``enabled``, else no change (so an autocast the caller opened,
+    such as Lightning's ``bf16-mixed``, stays as it is)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 class NeighborDisplacement(nn.Module):

@@ -67,11 +67,14 @@ def context_part(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Te
         with :func:`combine_context_parts`.
     """
     with torch.autocast(device_type=k.device.type, enabled=False):
-        keep = mask[:, None, :, None]  # (B, 1, n_c, 1)
-        k_max = k.detach().float().masked_fill(~keep, float("-inf")).amax(dim=2)  # (B, K, d)
+        k, v = k.float(), v.float()
+        if not bool(mask.all()):  # a whole slice has no padding: no masked copies then
+            keep = mask[:, None, :, None]  # (B, 1, n_c, 1)
+            k = k.masked_fill(~keep, float("-inf"))
+            v = v.masked_fill(~keep, 0.0)
+        k_max = k.detach().amax(dim=2)  # (B, K, d)
         shift = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max)).unsqueeze(2)
-        weights = torch.exp(k.float().masked_fill(~keep, float("-inf")) - shift)  # (B, K, n_c, d)
-        v = v.float().masked_fill(~keep, 0.0)
+        weights = torch.exp(k - shift)  # (B, K, n_c, d)
         part = torch.einsum("bknd,bkne->bkde", weights, v)  # (B, K, d, d)
         return part, weights.sum(dim=2), k_max
 
