@@ -239,7 +239,10 @@ class Denoiser(nn.Module):
         measured = gene_mask.bool()
 
         # inputs: padded cells and unmeasured genes read as 0, positions re-centred
-        expr_t = apply_mask(expression_t * measured.unsqueeze(1).to(expression_t.dtype), mask)
+        expr_t = expression_t
+        if measured.device.type != "cpu" or not bool(measured.all()):  # as apply_mask: no copy
+            expr_t = expression_t * measured.unsqueeze(1).to(expression_t.dtype)
+        expr_t = apply_mask(expr_t, mask)
         pos_t = center(positions_t, mask)  # (B, N, D)
         # clean positions are read where they lie in their frame (a slab of a registered tissue
         # is not its neighbour); noisy ones only relative to their centroid

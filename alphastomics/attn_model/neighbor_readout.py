@@ -113,14 +113,21 @@ class NeighborReadout(nn.Module):
         self.gene_mix = nn.Parameter(torch.zeros(n_genes, READOUT_KERNELS))  # (G, K) logits
 
     def forward(
-        self, query_positions: Tensor, reference_positions: Tensor, reference_expression: Tensor
+        self,
+        query_positions: Tensor,
+        reference_positions: Tensor,
+        reference_expression: Tensor,
+        index: Tensor | None = None,
     ) -> Tensor:
         """Expression (Q, G) at ``query_positions`` (Q, D) from the references.
 
         ``reference_positions`` (R, D) and ``reference_expression`` (R, G), R >= 1, in the same
-        frame and units as the queries (only differences of positions are read).
+        frame and units as the queries (only differences of positions are read). ``index``
+        (Q, k) long: rows of each query's nearest references, nearest first, when the caller
+        has them already (default: searched here, k = ``n_neighbors``).
         """
-        index = nearest_references(query_positions, reference_positions, self.n_neighbors)
+        if index is None:
+            index = nearest_references(query_positions, reference_positions, self.n_neighbors)
         offset = reference_positions[index] - query_positions.unsqueeze(1)  # (Q, k, D)
         features = torch.cat([offset, offset.norm(dim=-1, keepdim=True)], dim=-1)
         weights = self.offset_mlp(features).softmax(dim=1)  # (Q, k, K) over neighbours
@@ -164,11 +171,17 @@ def readout_loss(
         real = node_mask[b].bool()
         if int(real.sum()) < 2:
             continue
-        item_positions = positions[b][real]  # (n, D)
-        item_expression = expression[b][real]  # (n, G)
+        # no (n, G) copies of a whole slice: the read-out gathers its neighbours' rows itself
+        unpadded = bool(real.all())
+        item_positions = positions[b] if unpadded else positions[b][real]  # (n, D)
+        item_expression = expression[b] if unpadded else expression[b][real]  # (n, G)
         queries, references = readout_split(item_positions, max_queries, generator)
+        query_positions = item_positions[queries]  # (Q, D)
+        nearest = nearest_references(
+            query_positions, item_positions[references], readout.n_neighbors
+        )  # (Q, k) into references
         predicted = readout(
-            item_positions[queries], item_positions[references], item_expression[references]
+            query_positions, item_positions, item_expression, index=references[nearest]
         )  # (Q, G)
         error = (predicted - item_expression[queries])[:, gene_mask[b].bool()]
         sse = sse + error.float().square().sum()
