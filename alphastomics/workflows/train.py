@@ -265,10 +265,12 @@ def bf16_layers_note(limit: int | None, device_type: str) -> str | None:
         return (
             f"{key}: {device_type} has no native bfloat16, so every training step runs in float32"
         )
-    return (
-        f"{key}: training batches of {limit:,} cells or more run the transformer layers in "
-        f"bfloat16 ({reason})"
+    which = (
+        "every training batch runs"
+        if limit == 0
+        else f"training batches of {limit:,} cells or more run"
     )
+    return f"{key}: {which} the transformer layers in bfloat16 ({reason})"
 
 
 _RESUMABLE_CHANGES = (

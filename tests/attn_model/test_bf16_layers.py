@@ -109,6 +109,9 @@ def test_the_train_log_says_what_the_limit_does(monkeypatch):
         "model.bf16_min_cells=200000: training batches of 200,000 cells or more run the "
         "transformer layers in bfloat16 (this CPU multiplies bfloat16 (X))"
     )
+    assert bf16_layers_note(0, "cpu").startswith(
+        "model.bf16_min_cells=0: every training batch runs"
+    )
     monkeypatch.setattr(train, "native_bf16", lambda device: None)
     assert "cpu has no native bfloat16" in bf16_layers_note(0, "cpu")
 
