@@ -28,7 +28,7 @@ from alphastomics.attn_model.transformer import (
     checkpointed_chunks,
     chunk_cells,
 )
-from alphastomics.data.batch import apply_mask, center
+from alphastomics.data.batch import apply_mask, center, keeps_everything
 from alphastomics.utils.hardware import native_bf16
 
 # Smoothing of the radius in the position head, in position units. Coordinates are scaled to unit
@@ -240,7 +240,7 @@ class Denoiser(nn.Module):
 
         # inputs: padded cells and unmeasured genes read as 0, positions re-centred
         expr_t = expression_t
-        if measured.device.type != "cpu" or not bool(measured.all()):  # as apply_mask: no copy
+        if not keeps_everything(measured):
             expr_t = expression_t * measured.unsqueeze(1).to(expression_t.dtype)
         expr_t = apply_mask(expr_t, mask)
         pos_t = center(positions_t, mask)  # (B, N, D)
@@ -267,7 +267,6 @@ class Denoiser(nn.Module):
         with _autocast_bf16(mask.device.type, bf16):
             for layer in self.layers:
                 h = layer(h, cond, mask, graph, recompute=recompute)
-        h = h.to(expr_emb.dtype)
         heads = functools.partial(
             self._heads, cond=cond, time_expr=time_expr, time_pos=time_pos, bf16=bf16
         )
@@ -330,18 +329,12 @@ class Denoiser(nn.Module):
 
     def _bf16(self, mask: Tensor) -> bool:
         """Whether this forward pass runs its expression and layer products in bfloat16."""
-        limit = self.bf16_min_cells
-        return (
-            limit is not None
-            and torch.is_grad_enabled()
-            and mask.numel() >= limit
-            and native_bf16(mask.device.type) is not None
-        )
+        large = _large_training_batch(mask, self.bf16_min_cells)
+        return large and native_bf16(mask.device.type) is not None
 
     def _checkpoints(self, mask: Tensor) -> bool:
         """Whether this forward pass recomputes layer activations in backward."""
-        limit = self.checkpoint_min_cells
-        return limit is not None and torch.is_grad_enabled() and mask.numel() >= limit
+        return _large_training_batch(mask, self.checkpoint_min_cells)
 
     def _check_shapes(self, node_mask: Tensor, **inputs: Tensor) -> None:
         """Raise unless each of :meth:`forward`'s ``inputs`` has the shape ``node_mask`` (B, N)
@@ -361,6 +354,12 @@ class Denoiser(nn.Module):
                     f"Denoiser: {name} must have shape {want} (from node_mask {(b, n)}, "
                     f"n_genes={self.n_genes}, n_dims={self.n_dims}), got {tuple(got)}"
                 )
+
+
+def _large_training_batch(mask: Tensor, limit: int | None) -> bool:
+    """Gradients are recorded and the batch ``mask`` (B, N) holds at least ``limit`` cells
+    (padding included); never for a ``None`` limit."""
+    return limit is not None and torch.is_grad_enabled() and mask.numel() >= limit
 
 
 def _autocast_bf16(device_type: str, enabled: bool) -> contextlib.AbstractContextManager[None]:

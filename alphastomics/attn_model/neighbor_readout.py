@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from alphastomics.attn_model.neighbors import nearest_references
+from alphastomics.data.batch import keeps_everything
 
 READOUT_HIDDEN = 64  # width of the offset MLP
 READOUT_KERNELS = 4  # weighting kernels mixed per gene
@@ -172,7 +173,7 @@ def readout_loss(
         if int(real.sum()) < 2:
             continue
         # no (n, G) copies of a whole slice: the read-out gathers its neighbours' rows itself
-        unpadded = bool(real.all())
+        unpadded = keeps_everything(real)
         item_positions = positions[b] if unpadded else positions[b][real]  # (n, D)
         item_expression = expression[b] if unpadded else expression[b][real]  # (n, G)
         queries, references = readout_split(item_positions, max_queries, generator)

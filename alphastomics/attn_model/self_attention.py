@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alphastomics.attn_model.multihead import MultiHeadProjections
+from alphastomics.data.batch import keeps_everything
 
 
 def attention_context(
@@ -68,7 +69,7 @@ def context_part(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Te
     """
     with torch.autocast(device_type=k.device.type, enabled=False):
         k, v = k.float(), v.float()
-        if not bool(mask.all()):  # a whole slice has no padding: no masked copies then
+        if not keeps_everything(mask):  # a whole slice has no padding: no masked copies then
             keep = mask[:, None, :, None]  # (B, 1, n_c, 1)
             k = k.masked_fill(~keep, float("-inf"))
             v = v.masked_fill(~keep, 0.0)

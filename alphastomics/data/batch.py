@@ -32,14 +32,23 @@ def center(pos: Tensor, mask: Tensor) -> Tensor:
     return centred * mask.unsqueeze(-1).to(pos.dtype)
 
 
+def keeps_everything(mask: Tensor) -> bool:
+    """True when the bool ``mask`` is known to keep every entry, so masking can be skipped.
+
+    Checked on CPU only: a whole slice has no padded rows (and usually every gene measured), and
+    each (B, N, G) copy of a million-cell slice is over a gigabyte; on GPU the check would cost
+    a device sync per call, so there it is False and the masking is always done.
+    """
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
 def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
     """Zero the padded rows of ``x`` (B, N, F).
 
-    On CPU a mask without padding returns ``x`` itself: a whole slice has no padded rows, and
-    each (B, N, G) copy of a million-cell slice is over a gigabyte (on GPU the check would
-    cost a device sync, so the product is always formed there). Treat the result as read-only.
+    A mask without padding returns ``x`` itself (:func:`keeps_everything`). Treat the result as
+    read-only.
     """
-    if mask.device.type == "cpu" and bool(mask.all()):
+    if keeps_everything(mask):
         return x
     return x * mask.unsqueeze(-1).to(x.dtype)
 
