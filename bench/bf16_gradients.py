@@ -1,6 +1,6 @@
 """How far bfloat16 layers (``model.bf16_min_cells``) move a training step's loss and gradient.
 
-For one slice of N cells (the 3D slab and standardised expression of ``bench/scaling.py``) and the
+For one slice of N cells (``bench/scaling.py``'s ``slab_batch``: a 3D slab, standardised expression) and the
 default model, each draw noises the batch once and takes the loss and the parameter gradient
 twice from the same noise: with float32 layers (``model.bf16_min_cells=null``) and with bfloat16
 layers (``=0``). It prints the relative loss difference and the cosine similarity and relative
@@ -18,25 +18,12 @@ import argparse
 import sys
 
 import torch
+from scaling import slab_batch  # `python bench/SCRIPT.py` puts bench/ first on sys.path
 
 from alphastomics.config import load_config
 from alphastomics.data.batch import DataHolder
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.hardware import native_bf16
-
-
-def _slab(n_cells: int, n_genes: int, seed: int) -> DataHolder:
-    gen = torch.Generator().manual_seed(seed)
-    positions = torch.rand(1, n_cells, 3, generator=gen) * torch.tensor([4.0, 3.0, 0.4])
-    positions = positions - positions.mean(dim=1, keepdim=True)
-    positions = positions / positions.square().sum(-1).mean().sqrt()
-    return DataHolder(
-        expression=torch.randn(1, n_cells, n_genes, generator=gen),
-        positions=positions,
-        node_mask=torch.ones(1, n_cells, dtype=torch.bool),
-        cell_index=torch.arange(n_cells).unsqueeze(0),
-        slice_index=torch.zeros(1, dtype=torch.long),
-    )
 
 
 def _loss_and_gradient(
@@ -65,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     module = AlphaSTomicsModule(load_config(), args.genes)
     module.train()
-    batch = _slab(args.n_cells, args.genes, args.seed)
+    batch = slab_batch(args.n_cells, args.genes, args.seed)
     print(f"# N = {args.n_cells}, G = {args.genes}, default model; {reason}")
     columns = ("loss rel. diff", "grad cosine", "|dg|/|g|", "cos(g, g_next draw)")
     print(f"{'draw':>4} {columns[0]:>15} {columns[1]:>12} {columns[2]:>9} {columns[3]:>20}")

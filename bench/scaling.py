@@ -73,6 +73,26 @@ def _current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def slab_batch(n_cells: int, n_genes: int, seed: int) -> Any:
+    """One whole-slice ``DataHolder``: a 3D slab like a registered section, scaled to unit RMS
+    radius, with standardised expression (N x G) and its ``slice_index``."""
+    import torch
+
+    from alphastomics.data.batch import DataHolder
+
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.rand(1, n_cells, 3, generator=gen) * torch.tensor([4.0, 3.0, 0.4])
+    positions = positions - positions.mean(dim=1, keepdim=True)
+    positions = positions / positions.square().sum(-1).mean().sqrt()
+    return DataHolder(
+        expression=torch.randn(1, n_cells, n_genes, generator=gen),
+        positions=positions,
+        node_mask=torch.ones(1, n_cells, dtype=torch.bool),
+        cell_index=torch.arange(n_cells).unsqueeze(0),
+        slice_index=torch.zeros(1, dtype=torch.long),
+    )
+
+
 def _worker(
     kind: str,
     n_cells: int,
@@ -96,7 +116,6 @@ def _worker(
             tuned = tune_malloc()
 
     from alphastomics.config import load_config
-    from alphastomics.data.batch import DataHolder
     from alphastomics.training.module import AlphaSTomicsModule
 
     torch.manual_seed(seed)
@@ -106,19 +125,7 @@ def _worker(
     cfg = load_config(overrides=overrides)
     module = AlphaSTomicsModule(cfg, n_genes).to(device)
 
-    # a 3D slab like a registered section, scaled to unit RMS radius; standardised expression
-    gen = torch.Generator().manual_seed(seed)
-    positions = torch.rand(1, n_cells, 3, generator=gen) * torch.tensor([4.0, 3.0, 0.4])
-    positions = positions - positions.mean(dim=1, keepdim=True)
-    positions = positions / positions.square().sum(-1).mean().sqrt()
-    expression = torch.randn(1, n_cells, n_genes, generator=gen)
-    batch = DataHolder(
-        expression=expression,
-        positions=positions,
-        node_mask=torch.ones(1, n_cells, dtype=torch.bool),
-        cell_index=torch.arange(n_cells).unsqueeze(0),
-        slice_index=torch.zeros(1, dtype=torch.long),
-    ).to(device)
+    batch = slab_batch(n_cells, n_genes, seed).to(device)
     cuda = device.startswith("cuda")
 
     def sync() -> None:
