@@ -135,9 +135,9 @@ class Denoiser(nn.Module):
     bf16_min_cells
         While gradients are recorded, a batch with at least this many cells in all (B * N) runs
         the transformer layers, the expression encoder and the expression head under bfloat16
-        autocast (their matrix products in bfloat16, about three times the float32 rate on a CPU
-        with AVX512-BF16), where the device multiplies bfloat16 natively
-        (:func:`~alphastomics.utils.hardware.native_bf16`; elsewhere float32). The residual
+        autocast (their matrix products in bfloat16, much faster than float32 where the device
+        multiplies bfloat16 natively
+        (:func:`~alphastomics.utils.hardware.native_bf16`); elsewhere float32). The residual
         stream, the attention's key softmax and context, the position encoder and head, the
         outputs and the loss stay float32, so coordinates keep full precision. ``None`` never,
         0 for every training batch. Inference is always float32.

@@ -56,7 +56,7 @@ def nearest_neighbors(positions: Tensor, k: int) -> Tensor:
     points = _points(positions)
     tree = cKDTree(points)
     # asked in the tree's own order, consecutive queries walk the same branches (cache-warm):
-    # 2.4x faster at 1,000,000 cells, the same answers
+    # the same answers, much sooner for large slices (docs/benchmarks.md, "Whole sections")
     order = tree.indices
     index = np.empty((n, k + 1), dtype=np.intp)
     index[order] = _query(tree, points[order], k + 1)  # (n, k + 1), usually self first
