@@ -123,6 +123,7 @@ class SamplingConfig:
     expression_estimate: Literal["mean", "sample"] = "mean"
     warm_start: float = 0.0
     grid_power: float = 4.0
+    expression_start: float = 0.5
 
 
 @dataclass
@@ -305,6 +306,10 @@ def _check(cfg: Config) -> None:
         (0 <= cfg.sampling.eta <= 1, "sampling.eta must be in [0, 1]"),
         (0 <= cfg.sampling.warm_start <= 1, "sampling.warm_start must be in [0, 1]"),
         (cfg.sampling.grid_power > 0, "sampling.grid_power must be > 0 (1 = even spacing)"),
+        (
+            0 <= cfg.sampling.expression_start < 1,
+            "sampling.expression_start must be in [0, 1) (0 = joint expression from noise)",
+        ),
         (cfg.distributed.num_nodes >= 1, "distributed.num_nodes must be >= 1"),
         (cfg.distributed.devices >= 1, "distributed.devices must be >= 1"),
         (cfg.distributed.deepspeed_stage in (1, 2, 3), "distributed.deepspeed_stage must be 1-3"),
@@ -380,7 +385,8 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     without alignment; one without ``training.p_hide_genes`` was never trained to impute
     genes, so it has 0; one without ``sampling.grid_power`` sampled with quadratic spacing, so
     it keeps 2 (the same seed gives the same sample as before); one without
-    ``model.bf16_min_cells`` trained in float32, so it has null.
+    ``model.bf16_min_cells`` trained in float32, so it has null; one without
+    ``sampling.expression_start`` started joint expression from noise, so it has 0.
     """
     upgraded = dict(saved)
     loss = dict(upgraded.get("loss") or {})
@@ -396,6 +402,7 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     upgraded["training"] = training
     sampling = dict(upgraded.get("sampling") or {})
     sampling.setdefault("grid_power", 2.0)  # sampled with quadratic spacing before grid_power
+    sampling.setdefault("expression_start", 0.0)  # joint expression started from noise
     upgraded["sampling"] = sampling
     return upgraded
 

@@ -20,6 +20,7 @@ EXPRESSION_STD = "alphastomics_expression_std"  # layers: spread of several draw
 IMPUTED = "alphastomics_imputed"  # var: True for the genes that were imputed
 GENERATED_POSITIONS = "spatial"  # obsm of a generated (joint) tissue
 PREDICTED_CELL_TYPE = "alphastomics_predicted_cell_type"  # obs of a generated tissue
+DENOISED_EXPRESSION = "alphastomics_denoised"  # layers of a generated tissue: expression states
 REFERENCE_SLICE = "alphastomics_reference_slice"  # obs of a generated tissue
 EMBEDDING = "X_alphastomics"  # obsm: cell embeddings (extract)
 EMBEDDING_INFO = "alphastomics_embedding"  # uns: how the embeddings were made

@@ -132,8 +132,9 @@ class AlphaSTomics:
     ) -> ad.AnnData:
         """``joint``: a virtual tissue per slice of ``reference`` (its cell count and extent).
 
-        Returns a new AnnData: ``X``, ``obsm["spatial"]``, ``obs["slice"]``,
-        ``obs["alphastomics_reference_slice"]`` (see
+        Returns a new AnnData: ``X`` (measurement-like expression),
+        ``layers["alphastomics_denoised"]`` (the denoised states), ``obsm["spatial"]``,
+        ``obs["slice"]``, ``obs["alphastomics_reference_slice"]`` (see
         :func:`~alphastomics.workflows.generate.generate_tissue`).
         """
         from alphastomics.keys import UNS

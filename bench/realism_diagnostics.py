@@ -17,7 +17,8 @@ median ratio of per-gene standard deviations (generated / real) and, for real an
 cells, the mean absolute correlation of gene pairs and the variance share of the top 10
 principal components (how low-rank the cells are) are printed beside it.
 
-Usage::
+Usage (``--layer alphastomics_denoised`` scores the denoised expression states instead of the
+measurement-like ``X``)::
 
     python bench/realism_diagnostics.py --output_dir runs/virtual_seqfish --slice embryo3_z2
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True, help="virtual_tissue output")
     parser.add_argument("--slice", required=True, help="held-out slice to score")
     parser.add_argument("--seed", type=int, default=0, help="seed of the AUC's forest and folds")
+    parser.add_argument(
+        "--layer",
+        default=None,
+        help=f"score this layer of the generated cells instead of X (e.g. {keys.DENOISED_EXPRESSION})",
+    )
     return parser
 
 
@@ -98,7 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cells.any():
         print(f"no generated cells of slice {source!r} in {args.output_dir}", file=sys.stderr)
         return 2
-    generated = np.asarray(tissue.X[cells], dtype=np.float32)[:, genes]
+    if args.layer is not None and args.layer not in tissue.layers:
+        print(
+            f"--layer {args.layer!r} is not a layer of {args.output_dir / 'generated_seed0.h5ad'} "
+            f"(its layers: {list(tissue.layers)})",
+            file=sys.stderr,
+        )
+        return 2
+    values = tissue.X if args.layer is None else tissue.layers[args.layer]
+    generated = np.asarray(values[cells], dtype=np.float32)[:, genes]
     candidates = {
         "as generated": generated,
         "clipped at 0": np.clip(generated, 0.0, None),

@@ -13,7 +13,11 @@ fresh subprocess per measurement, so every peak-memory number is that of one kin
   modalities; ``module.predictor.sample(batch, "joint", sampler="ddim", steps=1)``);
 - ``neighbors``: the k-nearest-neighbour graph of the slice's cells
   (``attn_model.neighbors.knn_graph``, k-d tree, the search the local attention runs at every
-  network evaluation; k = ``model.local_neighbors``, or 16 while that is 0).
+  network evaluation; k = ``model.local_neighbors``, or 16 while that is 0);
+- ``observe``: the measured values a ``joint`` sample writes to ``X``
+  (:meth:`alphastomics.diffusion_model.observation.ObservationModel.draw` of the N cells'
+  expression states, from the largest bank of training cells ``train`` stores: ``MAX_CELLS``,
+  here synthetic slab cells; the warm-up step also fits its PCA and neighbour index).
 
 The batch is one whole slice with its ``slice_index``, as the ``slice`` data mode yields it, so
 the module's neighbour cache of the sampled distance loss works as in training (the warm-up step
@@ -52,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("train", "train_exact", "sample", "neighbors")
+KINDS = ("train", "train_exact", "sample", "neighbors", "observe")
 # k of the neighbour search while model.local_neighbors is 0 (the neighbour read-out reads 32)
 NEIGHBORS_K = 16
 
@@ -104,6 +108,7 @@ def _worker(
     overrides: list[str],
 ) -> dict[str, Any]:
     """Run one measurement in this (fresh) process; returns the numbers as a dict."""
+    import numpy as np
     import torch
 
     tuned = False
@@ -154,6 +159,17 @@ def _worker(
 
         def step() -> None:
             knn_graph(batch.positions, batch.node_mask, k)
+
+    elif kind == "observe":
+        from alphastomics.diffusion_model import observation
+
+        n_bank = min(observation.MAX_CELLS, observation.MAX_VALUES // n_genes)
+        bank = slab_batch(n_bank, n_genes, seed + 1).expression[0].numpy()
+        measured = observation.ObservationModel(bank, np.ones(bank.shape, bool))
+        states = batch.expression[0].cpu().numpy()
+
+        def step() -> None:
+            measured.draw(states, seed=seed)
 
     elif kind == "sample":
         module.eval()

@@ -91,6 +91,7 @@ class Predictor:
         known: Tensor | None = None,
         expression_estimate: Literal["mean", "sample"] = "sample",
         warm_start: float | None = None,
+        expression_start: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
 
@@ -122,6 +123,7 @@ class Predictor:
             generator=generator,
             known=None if known is None else known.to(self.device),
             warm_start=warm_start,
+            expression_start=expression_start,
         )
         expr_out = apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask)
         return expr_out, pos_out

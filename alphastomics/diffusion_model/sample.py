@@ -115,6 +115,7 @@ class DiffusionSampler:
         known: Tensor | None = None,
         warm_start: float | None = None,
         known_genes: Tensor | None = None,
+        expression_start: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Run the reverse process for one sample per item.
 
@@ -149,6 +150,13 @@ class DiffusionSampler:
             every cell (a panel's measured genes); like ``known`` cells, their state is
             replaced by the forward-noised truth at every step, so the other genes are drawn
             conditioned on them. Pass a ``gene_mask`` that includes the genes to draw.
+        expression_start
+            ``joint`` only, in [0, 1): with s > 0, ``expression`` holds measured cells' states
+            and generation starts them forward-noised to step ``s * T`` (SDEdit), while the
+            positions start from pure noise at ``T``; the expression waits at step ``s * T``
+            until the positions reach it, then both descend together. The cells' mix of types
+            is then the given cells', their states and all positions are generated. 0 = both
+            from noise.
 
         Returns
         -------
@@ -202,6 +210,17 @@ class DiffusionSampler:
                 expr = sample_masked_gaussian(expr.shape, mask, generator=generator, device=device)
             if gen_pos:
                 pos = sample_centered_gaussian(pos.shape, mask, generator=generator, device=device)
+        expr_top = T
+        if not 0 <= expression_start < 1:
+            raise ValueError(f"expression_start must be in [0, 1), got {expression_start}")
+        if expression_start > 0:
+            if mode != "joint":
+                raise ValueError(f"expression_start needs joint mode, not {mode}")
+            expr_top = max(1, round(expression_start * T))
+            start = torch.full((b,), expr_top, dtype=torch.long, device=device)
+            eps = sample_masked_gaussian(expr.shape, mask, generator=generator, device=device)
+            clean = apply_mask(expression, mask)
+            expr = apply_mask(self.noise_model.q_sample("expression", clean, start, eps), mask)
         zeros = torch.zeros(b, dtype=torch.long, device=device)
 
         known = None if known is None else (known.bool() & mask)
@@ -219,17 +238,20 @@ class DiffusionSampler:
         for t, s in steps_shown:
             step_t = torch.full((b,), t, dtype=torch.long, device=device)
             step_s = torch.full((b,), s, dtype=torch.long, device=device)
-            t_expr = (step_t if gen_expr else zeros).float() / T
+            expr_t = torch.clamp(step_t, max=expr_top)  # a started expression waits
+            t_expr = (expr_t if gen_expr else zeros).float() / T
             t_pos = (step_t if gen_pos else zeros).float() / T
             out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
-            if gen_expr:
+            if gen_expr and s >= expr_top:
+                expr_hat = apply_mask(out.expression, mask)
+            elif gen_expr:
                 expr_hat = apply_mask(out.expression, mask)
                 if known is not None:
                     expr_hat = torch.where(known.unsqueeze(-1), true_expr, expr_hat)
                 if given is not None:
                     expr_hat = apply_mask(torch.where(given, true_expr, expr_hat), mask)
                 expr = self._step(
-                    "expression", expr_hat, expr, step_t, step_s, sampler, eta, generator
+                    "expression", expr_hat, expr, expr_t, step_s, sampler, eta, generator
                 )
                 if known is not None:
                     expr = self._replace_known(

@@ -36,6 +36,7 @@ from alphastomics.data.units import ExpressionScaler
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
+from alphastomics.diffusion_model.observation import CHECKPOINT_KEY, ObservationModel
 from alphastomics.diffusion_model.predict import Predictor
 from alphastomics.utils.memory import tune_malloc
 
@@ -116,6 +117,8 @@ class AlphaSTomicsModule(pl.LightningModule):
         self.n_skipped_steps = 0
         # true neighbours of whole slices for the sampled distance loss, reused across epochs
         self._neighbor_cache = NeighborCache(cfg.loss.n_neighbor_pairs)
+        # measured training cells for joint generation's expression (set by `train`)
+        self.observation_model: ObservationModel | None = None
 
     # ------------------------------------------------------------------ expression units
     def on_after_batch_transfer(self, batch: DataHolder, dataloader_idx: int) -> DataHolder:
@@ -416,8 +419,13 @@ class AlphaSTomicsModule(pl.LightningModule):
             "skipped_steps": self.n_skipped_steps,
             "in_a_row": self._nonfinite_in_a_row,
         }
+        if self.observation_model is not None:
+            checkpoint[CHECKPOINT_KEY] = self.observation_model.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counts = checkpoint.get("alphastomics_nonfinite") or {}
         self.n_skipped_steps = int(counts.get("skipped_steps", 0))
         self._nonfinite_in_a_row = int(counts.get("in_a_row", 0))
+        stored = ObservationModel.from_state(checkpoint.get(CHECKPOINT_KEY))
+        if stored is not None:
+            self.observation_model = stored

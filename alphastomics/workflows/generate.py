@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from copy import deepcopy
 from typing import Any
 
@@ -14,9 +15,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from alphastomics.data.anndata import MIN_SLICE_CELLS, NormalizeMode, PreparedSlice
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
+from alphastomics.diffusion_model.observation import N_NEIGHBORS
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.figures import TissuePanel
 from alphastomics.keys import (
+    DENOISED_EXPRESSION,
     GENERATED_POSITIONS,
     PREDICTED_CELL_TYPE,
     REFERENCE_SLICE,
@@ -26,6 +29,8 @@ from alphastomics.keys import (
 from alphastomics.training.module import AlphaSTomicsModule
 from alphastomics.utils.progress import progress_bar
 from alphastomics.workflows.inputs import prepare_input, sampling_record
+
+log = logging.getLogger(__name__)
 
 NCells = int | dict[str, int] | None  # joint: cells per generated slice, for all or by name
 _N_CELLS_EXAMPLE = "e.g. --n_cells 2000, or per slice --n_cells embryo3_z2=2483,embryo3_z5=2124"
@@ -156,7 +161,10 @@ def generate_tissue(
     Returns
     -------
     AnnData
-        Generated cells: ``X`` log-normalised expression on the model's genes,
+        Generated cells: ``X`` log-normalised expression on the model's genes, measurement-like
+        (each gene drawn from training cells near the cell's state:
+        :class:`~alphastomics.diffusion_model.observation.ObservationModel`),
+        ``layers["alphastomics_denoised"]`` the denoised expression states,
         ``obsm["spatial"]`` positions in the reference's units and columns,
         ``obs["slice"]`` the generated slice, ``obs["alphastomics_reference_slice"]`` the
         reference slice it was made for, ``obs["alphastomics_predicted_cell_type"]`` (with
@@ -212,19 +220,32 @@ def generate_for_file(
     given = reference.obsm.get(prepared.keys["position_key"], None)
     out_dims = module.n_dims if given is None else np.shape(given)[1]
     out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
-    exprs, poss, slice_of, reference_of, predicted = [], [], [], [], []
+    observation = module.observation_model
+    if observation is None:
+        log.info(
+            "the checkpoint stores no training cells (written before joint samples drew "
+            "measured values): X holds the denoised expression states; train again for "
+            "measurement-like expression"
+        )
+    expression_start = 0.0 if observation is None else module.cfg.sampling.expression_start
+    exprs, states, poss, slice_of, reference_of, predicted = [], [], [], [], [], []
     per_slice: dict[str, dict[str, Any]] = {}
     rows: list[list[TissuePanel]] = []
     for i, (piece, n) in enumerate(zip(prepared.slices, counts, strict=True)):
         has_pos = piece.positions is not None
         scale = piece.scale if has_pos else module.data_info.typical_scale
         center = piece.center if has_pos else np.zeros(module.n_dims)
-        # only the shapes are read: joint generation starts from noise, on every gene
-        holder = DataHolder.from_arrays(
-            np.zeros((n, len(genes)), np.float32), np.zeros((n, module.n_dims), np.float32)
-        )
         for k in range(num_samples):
-            generator = torch.Generator(device=module.device).manual_seed(seed + 1000 * i + k)
+            draw_seed = seed + 1000 * i + k
+            # positions start from noise; expression from noise, or from training cells
+            # noised part of the way (sampling.expression_start)
+            start = (
+                np.zeros((n, len(genes)), np.float32)
+                if expression_start == 0
+                else observation.starting_states(n, draw_seed)
+            )
+            holder = DataHolder.from_arrays(start, np.zeros((n, module.n_dims), np.float32))
+            generator = torch.Generator(device=module.device).manual_seed(draw_seed)
             expr, pos = module.predictor.sample(
                 holder,
                 "joint",
@@ -232,12 +253,14 @@ def generate_for_file(
                 steps=steps,
                 generator=generator,
                 progress=progress_bar,
+                expression_start=expression_start,
             )
-            expr = expr[0].cpu().numpy()
+            state = expr[0].cpu().numpy()
             pos = to_user_units(pos[0].cpu().numpy(), center, scale, out_dims)
             name = piece.name if num_samples == 1 else f"{piece.name}_sample{k}"
-            types = predict_cell_types(piece, expr, type_names)
-            exprs.append(expr)
+            types = predict_cell_types(piece, state, type_names)
+            states.append(state)
+            exprs.append(state if observation is None else observation.draw(state, draw_seed))
             poss.append(pos.astype(out_dtype))
             slice_of += [name] * n
             reference_of += [piece.name] * n
@@ -269,6 +292,7 @@ def generate_for_file(
         X=np.concatenate(exprs), obs=obs, var=var, uns=deepcopy(dict(reference.uns))
     )
     tissue.obsm[GENERATED_POSITIONS] = np.concatenate(poss)
+    tissue.layers[DENOISED_EXPRESSION] = np.concatenate(states)
     record = sampling_record(
         module,
         "joint",
@@ -283,6 +307,13 @@ def generate_for_file(
         "missing_gene_share": len(prepared.missing_genes) / len(genes),
         "normalization": prepared.normalization or "not read",
         "expression_key": "X",
+        "expression": (
+            f"X: measured values drawn per gene from the {N_NEIGHBORS} of "
+            f"{observation.n_cells} stored training cells nearest to each cell's state; "
+            f"layers['{DENOISED_EXPRESSION}']: the states"
+            if observation is not None
+            else f"X and layers['{DENOISED_EXPRESSION}']: the denoised expression states"
+        ),
         "slices": per_slice,
     }
     return tissue, rows

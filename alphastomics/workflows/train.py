@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
 from alphastomics.data.loader import create_dataloaders
 from alphastomics.data.store import DataInfo, ProcessedStore, training_frames
+from alphastomics.diffusion_model.observation import ObservationModel
 from alphastomics.errors import TrainingStopped, UserInputError
 from alphastomics.training.callbacks import GracefulInterrupt
 from alphastomics.training.checkpoint import checkpoint_config, read_checkpoint
@@ -142,6 +143,16 @@ def _fit(
         data_info=data_info,
         n_dims=meta.get("n_dims", 3),
     )
+    if cfg.training_mode == "joint":
+        module.observation_model = ObservationModel.from_store(
+            ProcessedStore(data_dir), seed=cfg.training.seed
+        )
+        if module.observation_model is not None:
+            log.info(
+                "joint samples draw measured values from %s training cells stored in the "
+                "checkpoint (alphastomics.diffusion_model.observation)",
+                f"{module.observation_model.n_cells:,}",
+            )
     if world_size > 1:
         # same initial weights everywhere (above), a different noise stream per rank (below)
         pl.seed_everything(cfg.training.seed + rank, workers=True, verbose=False)

@@ -156,6 +156,12 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
         "quantile-mapped to training",
     ]
     assert diagnostics.main(["--output_dir", str(out), "--slice", "nope"]) == 2
+    states = ["--output_dir", str(out), "--slice", "slice_2", "--layer"]
+    assert diagnostics.main([*states, "alphastomics_denoised"]) == 0
+    printed = capsys.readouterr().out
+    assert "| as generated |" in printed and "zeros real" in printed
+    assert diagnostics.main([*states, "nope"]) == 2
+    assert "'nope' is not a layer" in capsys.readouterr().err
     guidance = load_bench_script("guidance")
     argv = ["--data_dir", str(out / "data"), "--checkpoint", str(out / "run/checkpoints/last.ckpt")]
     assert guidance.main([*argv, "--weights", "0", "1", "--seeds", "0"]) == 0

@@ -167,3 +167,42 @@ def test_progress_wraps_every_reverse_step_once():
     sampler.progress = progress
     sampler.sample(expr, pos, mask, "joint", steps=5, generator=torch.Generator().manual_seed(0))
     assert seen == [(5, "sampling joint")]
+
+
+def test_joint_expression_start_waits_then_descends_with_the_positions():
+    """With expression_start, the network reads the given states noised to that step, at that
+    step, until the positions (from T) reach it; then both descend at the same step."""
+    sampler, expr, pos, mask = _setup(T=50)
+    seen, inputs = [], []
+    forward = sampler.model.forward
+
+    def recording(*args):
+        seen.append((float(args[2][0]), float(args[3][0])))
+        inputs.append(args[0].clone())
+        return forward(*args)
+
+    sampler.model.forward = recording
+    generator = torch.Generator().manual_seed(0)
+    started, _ = sampler.sample(
+        expr, pos, mask, "joint", sampler="ddpm", expression_start=0.2, generator=generator
+    )
+    assert seen[0] == (pytest.approx(0.2), 1.0) and len(seen) == 50
+    assert all(te == pytest.approx(min(tp, 0.2)) for te, tp in seen)
+    waiting = 50 - 10  # steps while the positions descend from T to 0.2 T
+    assert all(torch.equal(inputs[0], x) for x in inputs[:waiting])
+    assert not torch.equal(inputs[waiting], inputs[waiting + 1])
+    assert (started[1, 6:] == 0).all()
+    real = mask.unsqueeze(-1).expand_as(expr)
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a[real], b[real]]))[0, 1])
+
+    assert corr(inputs[0], expr) > 0.5  # the given states, noised to 0.2 T
+    inputs.clear()
+    sampler.sample(expr, pos, mask, "joint", sampler="ddpm", generator=generator)
+    assert corr(inputs[0], expr) < 0.3  # from noise
+    for bad in ({"expression_start": 1.0}, {"expression_start": -0.1}):
+        with pytest.raises(ValueError, match="expression_start"):
+            sampler.sample(expr, pos, mask, "joint", **bad)
+    with pytest.raises(ValueError, match="joint"):
+        sampler.sample(expr, pos, mask, "pos_to_expr", expression_start=0.5)

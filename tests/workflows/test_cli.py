@@ -284,6 +284,39 @@ def test_joint_cli_and_python_api_generate_the_same_tissue(trained, tmp_path):
     assert list(tissue.obs["slice"]) == ["slice_3"] * 13
 
 
+def test_joint_expression_is_measured_values_near_the_denoised_states(trained, tmp_path, caplog):
+    """X of a generated tissue holds training cells' measured values, gene by gene; the
+    denoised states are a layer; a checkpoint without stored cells writes the states."""
+    from alphastomics.data.store import ProcessedStore
+    from alphastomics.diffusion_model.observation import CHECKPOINT_KEY
+    from alphastomics.training.checkpoint import load_module
+    from alphastomics.workflows.generate import generate_tissue
+
+    store = ProcessedStore(trained["store"])
+    train = np.concatenate(
+        [np.asarray(store.load_slice(i).expression) for i in store.slice_indices("train")]
+    )
+    module = load_module(trained["ckpt"])
+    assert module.observation_model is not None and module.observation_model.n_cells == len(train)
+    reference = ad.read_h5ad(trained["test_h5ad"])
+    tissue = generate_tissue(module, reference, steps=2, seed=1)
+    states = tissue.layers["alphastomics_denoised"]
+    assert states.shape == tissue.shape and not np.array_equal(tissue.X, states)
+    for g in range(tissue.n_vars):
+        assert np.isin(tissue.X[:, g], train[:, g]).all()
+    assert "measured values drawn per gene" in tissue.uns["alphastomics"]["expression"]
+
+    old = torch.load(trained["ckpt"], weights_only=False)
+    del old[CHECKPOINT_KEY]  # as written before joint samples drew measured values
+    torch.save(old, tmp_path / "old.ckpt")
+    old_module = load_module(tmp_path / "old.ckpt")
+    assert old_module.observation_model is None
+    with caplog.at_level(logging.INFO):
+        again = generate_tissue(old_module, reference, steps=2, seed=1)
+    np.testing.assert_array_equal(again.X, again.layers["alphastomics_denoised"])
+    assert "stores no training cells" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["no genes", "zero expression"])
 def test_pos_to_expr_needs_no_expression(trained, tmp_path, kind):
     adata = ad.read_h5ad(trained["test_h5ad"])

@@ -1,0 +1,151 @@
+"""`ObservationModel`: measurement-like expression for generated cells.
+
+A joint (virtual-tissue) sample's expression is the denoiser's estimate of each cell's
+expression *state*: smooth, varying along a few programmes. Measured cells are not smooth: a
+seqFISH or MERFISH cell is mostly exact zeros and counting noise around its state, gene by
+gene. This model adds that measurement step, as single-cell generative models do with a
+likelihood that is independent across genes given the cell's state, but nonparametrically:
+each gene of a generated cell takes the measured value of that gene in one of the ``k``
+training cells nearest to the cell's state (PCA of log-normalised expression), drawn
+independently per gene. So the state comes from the diffusion and the noise from real
+measurements; no generated cell copies a training cell.
+
+The training cells it draws from (at most :data:`MAX_CELLS`, and at most :data:`MAX_VALUES`
+values) are stored in the checkpoint by ``train``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+
+from alphastomics.data.store import ProcessedStore
+
+MAX_CELLS = 20_000  # training cells kept for drawing measured values
+MAX_VALUES = 10_000_000  # and at most this many values (cells x genes), 40 MB in a checkpoint
+N_NEIGHBORS = 15  # training cells a generated cell draws its genes from
+N_COMPONENTS = 50  # PCA dimensions of the neighbour search
+_CHUNK_VALUES = 4_000_000  # generated cells x genes handled at once
+CHECKPOINT_KEY = "alphastomics_observation_model"
+
+
+class ObservationModel:
+    """Measured training cells, and the draw of measurement-like expression from them.
+
+    Parameters
+    ----------
+    expression
+        (n, G) log-normalised expression of training cells on the model's genes.
+    gene_mask
+        (n, G) bool, True where the cell's slice measured the gene.
+    """
+
+    def __init__(self, expression: np.ndarray, gene_mask: np.ndarray) -> None:
+        expression = np.asarray(expression, dtype=np.float32)
+        gene_mask = np.asarray(gene_mask, dtype=bool)
+        if expression.ndim != 2 or expression.shape != gene_mask.shape or len(expression) < 2:
+            raise ValueError(
+                f"expected (n, G) expression and gene mask with n >= 2; got {expression.shape} "
+                f"and {gene_mask.shape}"
+            )
+        self.expression = expression
+        self.gene_mask = gene_mask
+        self._search: tuple[PCA, NearestNeighbors] | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.expression)
+
+    @classmethod
+    def from_store(cls, store: ProcessedStore, seed: int = 0) -> ObservationModel | None:
+        """The training cells of ``store`` (a random subset beyond :data:`MAX_CELLS` or
+        :data:`MAX_VALUES`); None when the training split has fewer than 2 cells."""
+        entries = store.slice_indices("train")
+        sizes = [store.load_slice(i).expression.shape[0] for i in entries]
+        total = sum(sizes)
+        n_genes = int(store.metadata["n_genes"])
+        keep = min(total, MAX_CELLS, max(2, MAX_VALUES // max(n_genes, 1)))
+        if keep < 2:
+            return None
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(total, size=keep, replace=False))
+        starts = np.cumsum([0, *sizes])
+        expression, gene_mask = [], []
+        for entry, start, stop in zip(entries, starts[:-1], starts[1:], strict=True):
+            rows = chosen[(chosen >= start) & (chosen < stop)] - start
+            if len(rows) == 0:
+                continue
+            part = store.load_slice(entry)
+            expression.append(np.asarray(part.expression[rows], dtype=np.float32))
+            gene_mask.append(
+                np.broadcast_to(np.asarray(part.gene_mask, bool), (len(rows), n_genes))
+            )
+        return cls(np.concatenate(expression), np.concatenate(gene_mask))
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores (tensors, so ``torch.load`` reads it back)."""
+        return {
+            "expression": torch.from_numpy(self.expression),
+            "gene_mask": torch.from_numpy(self.gene_mask),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> ObservationModel | None:
+        """The model stored by :meth:`state`; None for a checkpoint without one."""
+        if not state:
+            return None
+        return cls(
+            np.asarray(state["expression"], dtype=np.float32),
+            np.asarray(state["gene_mask"], dtype=bool),
+        )
+
+    def _neighbor_search(self) -> tuple[PCA, NearestNeighbors]:
+        if self._search is None:
+            filled = self._filled(self.expression, self.gene_mask)
+            n_components = max(1, min(N_COMPONENTS, filled.shape[1], self.n_cells - 1))
+            pca = PCA(n_components=n_components, random_state=0).fit(filled)
+            search = NearestNeighbors(n_neighbors=min(N_NEIGHBORS, self.n_cells))
+            self._search = (pca, search.fit(pca.transform(filled)))
+        return self._search
+
+    def _filled(self, expression: np.ndarray, gene_mask: np.ndarray) -> np.ndarray:
+        """(n, G) ``expression`` with unmeasured values set to the gene's mean where measured."""
+        measured = self.gene_mask.sum(0)
+        means = np.where(self.gene_mask, self.expression, 0.0).sum(0) / np.maximum(measured, 1)
+        return np.where(gene_mask, expression, means.astype(np.float32))
+
+    def starting_states(self, n_cells: int, seed: int = 0) -> np.ndarray:
+        """(n_cells, G) expression of training cells drawn at random (with replacement beyond
+        the stored count), unmeasured genes at the gene's mean: where joint sampling starts."""
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(self.n_cells, size=n_cells, replace=n_cells > self.n_cells)
+        return self._filled(self.expression[rows], self.gene_mask[rows])
+
+    def draw(self, states: np.ndarray, seed: int = 0) -> np.ndarray:
+        """(N, G) measurement-like expression for cells in the expression ``states`` (N, G).
+
+        Each gene of cell i takes that gene's value in one of the ``k`` training cells
+        nearest to ``states[i]``, drawn independently per gene; a gene that the chosen
+        training cell did not measure keeps the state's value.
+        """
+        states = np.asarray(states, dtype=np.float32)
+        if states.ndim != 2 or states.shape[1] != self.expression.shape[1]:
+            raise ValueError(f"expected (N, {self.expression.shape[1]}) states; got {states.shape}")
+        pca, search = self._neighbor_search()
+        rng = np.random.default_rng(seed)
+        n_genes = states.shape[1]
+        genes = np.arange(n_genes)[None, :]
+        out = np.empty_like(states)
+        chunk = max(1, _CHUNK_VALUES // max(n_genes, 1))
+        for start in range(0, len(states), chunk):
+            part = states[start : start + chunk]
+            nearest = search.kneighbors(pca.transform(part), return_distance=False)  # (c, k)
+            pick = rng.integers(0, nearest.shape[1], size=part.shape)  # (c, G)
+            rows = np.take_along_axis(nearest, pick, axis=1)
+            measured = self.gene_mask[rows, genes]
+            out[start : start + chunk] = np.where(measured, self.expression[rows, genes], part)
+        return out

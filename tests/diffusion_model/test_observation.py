@@ -1,0 +1,89 @@
+"""The observation model: measured values for generated cells, drawn near their state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alphastomics.data.store import ProcessedStore
+from alphastomics.diffusion_model import observation
+from alphastomics.diffusion_model.observation import ObservationModel
+
+
+def two_types(n: int = 200, n_genes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(2n, G) sparse measured cells of two types (type A expresses the first half of the
+    genes, type B the second) and (2n,) their type."""
+    rng = np.random.default_rng(seed)
+    half = n_genes // 2
+    cells = np.zeros((2 * n, n_genes), np.float32)
+    detected = rng.random(cells.shape) < 0.4
+    values = rng.gamma(2.0, 1.0, cells.shape).astype(np.float32)
+    cells[:n, :half] = np.where(detected[:n, :half], 2.0 + values[:n, :half], 0.0)
+    cells[n:, half:] = np.where(detected[n:, half:], 2.0 + values[n:, half:], 0.0)
+    return cells, np.repeat([0, 1], n)
+
+
+def test_each_gene_is_a_measured_value_of_a_cell_near_the_state():
+    cells, kind = two_types()
+    model = ObservationModel(cells, np.ones_like(cells, bool))
+    state_a = cells[kind == 0].mean(0)
+    draws = model.draw(np.repeat(state_a[None], 300, axis=0), seed=1)
+    for g in range(cells.shape[1]):
+        # every value is type A's measurement of that gene, never type B's
+        assert np.isin(draws[:, g], cells[kind == 0, g]).all()
+    half = cells.shape[1] // 2
+    assert (draws[:, half:] == 0).all()  # type A never expresses type B's genes
+    # its own genes are drawn with the exact zeros of measurements, which the state lacks
+    assert (state_a[:half] > 0).all() and 0.2 < (draws[:, :half] > 0).mean() < 0.8
+
+
+def test_genes_are_drawn_independently_not_as_copies_of_cells():
+    cells, kind = two_types(n_genes=40)
+    model = ObservationModel(cells, np.ones_like(cells, bool))
+    draws = model.draw(np.repeat(cells[kind == 0].mean(0)[None], 200, axis=0), seed=2)
+    copies = (draws[:, None, :] == cells[None, :, :]).all(-1).any(-1)
+    assert not copies.any()
+    # the states are all the same cell; the draws vary gene by gene like measurements
+    assert (draws.std(0)[:5] > 0.5).all()
+
+
+def test_a_gene_the_neighbours_did_not_measure_keeps_the_state():
+    cells, _ = two_types()
+    mask = np.ones_like(cells, bool)
+    mask[:, 3] = False
+    model = ObservationModel(cells, mask)
+    states = cells[:20] + 0.25
+    draws = model.draw(states, seed=0)
+    np.testing.assert_array_equal(draws[:, 3], states[:, 3])
+    assert not np.isin(draws[:, 0], states[:, 0]).any()
+
+
+def test_draws_follow_the_seed_and_the_state_round_trips():
+    cells, _ = two_types()
+    model = ObservationModel(cells, np.ones_like(cells, bool))
+    states = cells[::7]
+    np.testing.assert_array_equal(model.draw(states, seed=3), model.draw(states, seed=3))
+    assert not np.array_equal(model.draw(states, seed=3), model.draw(states, seed=4))
+    again = ObservationModel.from_state(model.state())
+    np.testing.assert_array_equal(again.expression, model.expression)
+    np.testing.assert_array_equal(again.gene_mask, model.gene_mask)
+    np.testing.assert_array_equal(again.draw(states, seed=3), model.draw(states, seed=3))
+    assert ObservationModel.from_state(None) is None
+    with pytest.raises(ValueError, match=r"\(N, 10\)"):
+        model.draw(states[:, :4])
+
+
+def test_from_store_keeps_training_cells_only_and_caps_them(tiny_store, monkeypatch):
+    store = ProcessedStore(tiny_store)
+    train = [store.load_slice(i) for i in store.slice_indices("train")]
+    train_cells = np.concatenate([np.asarray(part.expression) for part in train])
+    model = ObservationModel.from_store(store)
+    assert model.n_cells == len(train_cells)
+    np.testing.assert_array_equal(np.sort(model.expression, 0), np.sort(train_cells, 0))
+    monkeypatch.setattr(observation, "MAX_CELLS", 30)
+    capped = ObservationModel.from_store(store, seed=1)
+    assert capped.n_cells == 30
+    rows = (capped.expression[:, None, :] == train_cells[None]).all(-1)
+    assert rows.any(1).all()  # each kept cell is a training cell
+    monkeypatch.setattr(observation, "MAX_VALUES", 20 * store.metadata["n_genes"])
+    assert ObservationModel.from_store(store).n_cells == 20
