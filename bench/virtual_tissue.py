@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("model")
     run.add_argument("--budget_minutes", type=float, default=15.0, help="training budget")
     add_sampling_arguments(run, held_out="slices", seeds_help="generation seeds of the model")
+    run.add_argument(
+        "--expression_start",
+        type=float,
+        default=None,
+        help="joint expression starts from training cells noised to this share of T "
+        "(default: the checkpoint's sampling.expression_start; 0 = from noise)",
+    )
 
     score = parser.add_argument_group("scores")
     score.add_argument(
@@ -410,6 +417,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             steps=args.steps,
             seed=args.seed + SEED_STRIDE * s,
             source=str(args.h5ad),
+            expression_start=args.expression_start,
         )
         sampling_seconds.append(time.perf_counter() - start)
         tissue.uns[keys.UNS]["checkpoint"] = str(checkpoint)
@@ -488,6 +496,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "overrides": overrides,
         "sampler": args.sampler or module.cfg.sampling.sampler,
         "steps": args.steps or module.cfg.sampling.steps,
+        "expression_start": generated[0].uns[keys.UNS]["expression_start"],
         "seeds": [args.seed + SEED_STRIDE * s for s in range(args.num_seeds)],
         "sampling_seconds": float(np.mean(sampling_seconds)),
         "held_out": held_out,
@@ -605,7 +614,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         f"- command: `{' '.join(result['command'])}`",
         f"- model: {result['checkpoint']}, {trained}; sampling {result['sampler']} "
-        f"{result['steps']} steps, seeds {result['seeds']}, "
+        f"{result['steps']} steps, expression from training cells at "
+        f"{result['expression_start']} T (0: from noise), seeds {result['seeds']}, "
         f"{result['sampling_seconds']:.1f} s per generation of all slices",
         f"- generated slices: {slices}"
         + ("" if result["held_out"] else " (not held out: the model was trained on them)"),

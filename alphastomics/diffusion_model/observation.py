@@ -1,4 +1,4 @@
-"""`ObservationModel`: measurement-like expression for generated cells.
+"""`ObservationModel`: stored training cells, and measurement-like expression for generated cells.
 
 A joint (virtual-tissue) sample's expression is the denoiser's estimate of each cell's
 expression *state*: smooth, varying along a few programmes. Measured cells are not smooth: a
@@ -10,20 +10,21 @@ training cells nearest to the cell's state (PCA of log-normalised expression), d
 independently per gene. So the state comes from the diffusion and the noise from real
 measurements; no generated cell copies a training cell.
 
-The training cells it draws from (at most :data:`MAX_CELLS`, and at most :data:`MAX_VALUES`
-values) are stored in the checkpoint by ``train``.
+The same stored training cells are where joint sampling starts its expression
+(:meth:`ObservationModel.starting_states`, noised to ``sampling.expression_start``), which
+gives a generated tissue the training data's mix of cell types. ``train`` stores them in the
+checkpoint (at most :data:`MAX_CELLS`, and at most :data:`MAX_VALUES` values).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
-
-from alphastomics.data.store import ProcessedStore
 
 MAX_CELLS = 20_000  # training cells kept for drawing measured values
 MAX_VALUES = 10_000_000  # and at most this many values (cells x genes), 40 MB in a checkpoint
@@ -61,13 +62,15 @@ class ObservationModel:
         return len(self.expression)
 
     @classmethod
-    def from_store(cls, store: ProcessedStore, seed: int = 0) -> ObservationModel | None:
-        """The training cells of ``store`` (a random subset beyond :data:`MAX_CELLS` or
-        :data:`MAX_VALUES`); None when the training split has fewer than 2 cells."""
-        entries = store.slice_indices("train")
-        sizes = [store.load_slice(i).expression.shape[0] for i in entries]
+    def from_slices(
+        cls, slices: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0
+    ) -> ObservationModel | None:
+        """The cells of ``slices`` (each (n_i, G) log-normalised expression, array-like such as
+        a memory map, and its (G,) measured-gene mask), a random subset beyond
+        :data:`MAX_CELLS` or :data:`MAX_VALUES` values; None with fewer than 2 cells."""
+        sizes = [len(expression) for expression, _ in slices]
         total = sum(sizes)
-        n_genes = int(store.metadata["n_genes"])
+        n_genes = int(np.shape(slices[0][0])[1]) if slices else 0
         keep = min(total, MAX_CELLS, max(2, MAX_VALUES // max(n_genes, 1)))
         if keep < 2:
             return None
@@ -75,15 +78,13 @@ class ObservationModel:
         chosen = np.sort(rng.choice(total, size=keep, replace=False))
         starts = np.cumsum([0, *sizes])
         expression, gene_mask = [], []
-        for entry, start, stop in zip(entries, starts[:-1], starts[1:], strict=True):
+        for (values, measured), start, stop in zip(slices, starts[:-1], starts[1:], strict=True):
             rows = chosen[(chosen >= start) & (chosen < stop)] - start
             if len(rows) == 0:
                 continue
-            part = store.load_slice(entry)
-            expression.append(np.asarray(part.expression[rows], dtype=np.float32))
-            gene_mask.append(
-                np.broadcast_to(np.asarray(part.gene_mask, bool), (len(rows), n_genes))
-            )
+            expression.append(np.asarray(values[rows], dtype=np.float32))
+            mask = np.asarray(measured, bool)
+            gene_mask.append(np.broadcast_to(mask, (len(rows), n_genes)))
         return cls(np.concatenate(expression), np.concatenate(gene_mask))
 
     def state(self) -> dict[str, Any]:

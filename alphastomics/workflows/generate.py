@@ -126,16 +126,20 @@ def generate_tissue(
     normalize: NormalizeMode | None = None,
     min_gene_overlap: float = 0.5,
     source: str = "the reference AnnData",
+    expression_start: float | None = None,
 ) -> ad.AnnData:
-    """Generate a virtual tissue (``joint``: expression and positions from noise) for each
+    """Generate a virtual tissue (``joint``: expression and positions together) for each
     slice of ``reference``, all in one new AnnData.
 
-    A reference slice gives only the cell count (unless ``n_cells`` says otherwise) and the
-    extent: positions come back at the slice's centre and scale (its size; more or fewer
-    cells fill it more or less densely; a reference without positions gets the training
-    slices' median scale). Its expression labels the generated cells with a predicted cell
-    type (:func:`predict_cell_types`) and is never read by the generation itself, which
-    generates every model gene.
+    Positions start from noise. Expression starts from training cells stored in the
+    checkpoint, drawn at random and noised to step ``expression_start * T``, so the mix of
+    cell types is the training data's while each cell's state is generated anew (0: from
+    noise, as do checkpoints without stored cells). A reference slice gives only the cell
+    count (unless ``n_cells`` says otherwise) and the extent: positions come back at the
+    slice's centre and scale (its size; more or fewer cells fill it more or less densely; a
+    reference without positions gets the training slices' median scale). Its expression
+    labels the generated cells with a predicted cell type (:func:`predict_cell_types`) and is
+    never read by the generation itself, which generates every model gene.
 
     Parameters
     ----------
@@ -157,6 +161,8 @@ def generate_tissue(
         Slice ``i`` (in the reference's order), draw ``k`` uses seed ``seed + 1000 i + k``.
     source
         Name of the reference in messages.
+    expression_start
+        In [0, 1); default the checkpoint's ``sampling.expression_start``.
 
     Returns
     -------
@@ -183,6 +189,7 @@ def generate_tissue(
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
+        expression_start=expression_start,
     )
     return tissue
 
@@ -200,6 +207,7 @@ def generate_for_file(
     keys: dict[str, str | None] | None,
     normalize: NormalizeMode | None,
     min_gene_overlap: float,
+    expression_start: float | None = None,
 ) -> tuple[ad.AnnData, list[list[TissuePanel]]]:
     """:func:`generate_tissue`, and the rows of its figure (reference beside generated)."""
     if num_samples < 1:
@@ -227,7 +235,14 @@ def generate_for_file(
             "measured values): X holds the denoised expression states; train again for "
             "measurement-like expression"
         )
-    expression_start = 0.0 if observation is None else module.cfg.sampling.expression_start
+    if expression_start is None:
+        expression_start = module.cfg.sampling.expression_start
+    if not 0 <= expression_start < 1:
+        raise UserInputError(
+            f"expression_start {expression_start} must be in [0, 1) (0 = expression from noise)"
+        )
+    if observation is None:
+        expression_start = 0.0
     exprs, states, poss, slice_of, reference_of, predicted = [], [], [], [], [], []
     per_slice: dict[str, dict[str, Any]] = {}
     rows: list[list[TissuePanel]] = []
@@ -307,6 +322,7 @@ def generate_for_file(
         "missing_gene_share": len(prepared.missing_genes) / len(genes),
         "normalization": prepared.normalization or "not read",
         "expression_key": "X",
+        "expression_start": expression_start,
         "expression": (
             f"X: measured values drawn per gene from the {N_NEIGHBORS} of "
             f"{observation.n_cells} stored training cells nearest to each cell's state; "

@@ -144,8 +144,10 @@ def _fit(
         n_dims=meta.get("n_dims", 3),
     )
     if cfg.training_mode == "joint":
-        module.observation_model = ObservationModel.from_store(
-            ProcessedStore(data_dir), seed=cfg.training.seed
+        store = ProcessedStore(data_dir)
+        parts = [store.load_slice(i) for i in store.slice_indices("train")]
+        module.observation_model = ObservationModel.from_slices(
+            [(part.expression, part.gene_mask) for part in parts], seed=cfg.training.seed
         )
         if module.observation_model is not None:
             log.info(

@@ -102,6 +102,8 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
     generated = ad.read_h5ad(out / "generated_seed0.h5ad")
     assert generated.obs["slice"].value_counts().to_dict() == {s: counts[s] for s in held_out}
     assert generated.obs["alphastomics_predicted_cell_type"].notna().all()
+    assert result["expression_start"] == 0.5  # the default: from stored training cells
+    assert generated.layers["alphastomics_denoised"].shape == generated.shape
     store = json.loads((out / "data" / "metadata.json").read_text())
     scales = {e["name"]: e["scale"] for e in store["slices"]}
     for name in held_out:  # each generated slice at the scale of the slice it stands for
@@ -172,8 +174,9 @@ def test_bench_trains_generates_and_scores_then_takes_a_checkpoint(
     # the same checkpoint, every slice scored as trained on, types from clusters (as BDTNP)
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
     rerun = [*common, "--checkpoint", str(checkpoint), "--overwrite", *FAST_SCORES]
-    assert bench.main(rerun) == 0
+    assert bench.main([*rerun, "--expression_start", "0"]) == 0
     again = json.loads((out / "results.json").read_text())
+    assert again["expression_start"] == 0.0 and "at 0.0 T" in (out / "results.md").read_text()
     assert not again["held_out"] and list(again["per_slice"]) == sorted(counts.index)
     assert again["classifier"].startswith("k-means")
     assert {t["against"] for t in again["targets"]} == set(methods[2:])  # no ceiling row

@@ -73,17 +73,32 @@ def test_draws_follow_the_seed_and_the_state_round_trips():
         model.draw(states[:, :4])
 
 
-def test_from_store_keeps_training_cells_only_and_caps_them(tiny_store, monkeypatch):
+def test_from_slices_keeps_the_given_cells_and_caps_them(tiny_store, monkeypatch):
     store = ProcessedStore(tiny_store)
     train = [store.load_slice(i) for i in store.slice_indices("train")]
+    slices = [(part.expression, part.gene_mask) for part in train]
     train_cells = np.concatenate([np.asarray(part.expression) for part in train])
-    model = ObservationModel.from_store(store)
+    model = ObservationModel.from_slices(slices)
     assert model.n_cells == len(train_cells)
     np.testing.assert_array_equal(np.sort(model.expression, 0), np.sort(train_cells, 0))
     monkeypatch.setattr(observation, "MAX_CELLS", 30)
-    capped = ObservationModel.from_store(store, seed=1)
+    capped = ObservationModel.from_slices(slices, seed=1)
     assert capped.n_cells == 30
     rows = (capped.expression[:, None, :] == train_cells[None]).all(-1)
-    assert rows.any(1).all()  # each kept cell is a training cell
-    monkeypatch.setattr(observation, "MAX_VALUES", 20 * store.metadata["n_genes"])
-    assert ObservationModel.from_store(store).n_cells == 20
+    assert rows.any(1).all()  # each kept cell is a given cell
+    monkeypatch.setattr(observation, "MAX_VALUES", 20 * train_cells.shape[1])
+    assert ObservationModel.from_slices(slices).n_cells == 20
+    assert ObservationModel.from_slices([]) is None
+
+
+def test_starting_states_are_stored_cells_with_unmeasured_genes_at_their_mean():
+    cells, _ = two_types(n=20)
+    mask = np.ones_like(cells, bool)
+    mask[:10, 2] = False  # ten cells did not measure gene 2
+    model = ObservationModel(cells, mask)
+    start = model.starting_states(100, seed=5)  # more than stored: with replacement
+    assert start.shape == (100, cells.shape[1])
+    filled = cells.copy()
+    filled[:10, 2] = cells[10:, 2].mean()
+    assert (start[:, None, :] == filled[None]).all(-1).any(1).all()
+    np.testing.assert_array_equal(start, model.starting_states(100, seed=5))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, cli, make_tiny_adata
 
+from alphastomics.errors import UserInputError
 from alphastomics.main import build_parser, main
 
 TINY = [
@@ -305,6 +306,9 @@ def test_joint_expression_is_measured_values_near_the_denoised_states(trained, t
     for g in range(tissue.n_vars):
         assert np.isin(tissue.X[:, g], train[:, g]).all()
     assert "measured values drawn per gene" in tissue.uns["alphastomics"]["expression"]
+    assert tissue.uns["alphastomics"]["expression_start"] == 0.5
+    with pytest.raises(UserInputError, match=r"expression_start 1.0 must be in \[0, 1\)"):
+        generate_tissue(module, reference, steps=2, expression_start=1.0)
 
     old = torch.load(trained["ckpt"], weights_only=False)
     del old[CHECKPOINT_KEY]  # as written before joint samples drew measured values
@@ -314,6 +318,7 @@ def test_joint_expression_is_measured_values_near_the_denoised_states(trained, t
     with caplog.at_level(logging.INFO):
         again = generate_tissue(old_module, reference, steps=2, seed=1)
     np.testing.assert_array_equal(again.X, again.layers["alphastomics_denoised"])
+    assert again.uns["alphastomics"]["expression_start"] == 0.0  # nothing stored to start from
     assert "stores no training cells" in caplog.text
 
 
