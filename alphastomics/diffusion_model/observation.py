@@ -32,6 +32,7 @@ N_NEIGHBORS = 15  # training cells a generated cell draws its genes from
 N_COMPONENTS = 50  # PCA dimensions of the neighbour search
 _CHUNK_VALUES = 4_000_000  # generated cells x genes handled at once
 CHECKPOINT_KEY = "alphastomics_observation_model"
+_STARTS, _DRAWS = 0, 1  # separate random streams of one seed: starting cells, measured draws
 
 
 class ObservationModel:
@@ -122,7 +123,7 @@ class ObservationModel:
     def starting_states(self, n_cells: int, seed: int = 0) -> np.ndarray:
         """(n_cells, G) expression of training cells drawn at random (with replacement beyond
         the stored count), unmeasured genes at the gene's mean: where joint sampling starts."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, _STARTS])
         rows = rng.choice(self.n_cells, size=n_cells, replace=n_cells > self.n_cells)
         return self._filled(self.expression[rows], self.gene_mask[rows])
 
@@ -137,7 +138,7 @@ class ObservationModel:
         if states.ndim != 2 or states.shape[1] != self.expression.shape[1]:
             raise ValueError(f"expected (N, {self.expression.shape[1]}) states; got {states.shape}")
         pca, search = self._neighbor_search()
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, _DRAWS])
         n_genes = states.shape[1]
         genes = np.arange(n_genes)[None, :]
         out = np.empty_like(states)

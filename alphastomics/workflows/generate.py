@@ -285,7 +285,7 @@ def generate_for_file(
                 "n_cells": n,
                 "reference_n_cells": piece.n_cells,
                 "scale": float(scale),
-                "seed": seed + 1000 * i + k,
+                "seed": draw_seed,
             }
             if len(rows) < _MAX_FIGURE_ROWS:
                 rows.append(_figure_row(piece, given, type_names, name, pos, types))
