@@ -56,6 +56,9 @@ class ObservationModel:
             )
         self.expression = expression
         self.gene_mask = gene_mask
+        # (G,) each gene's mean over the cells that measured it: the value of unmeasured genes
+        measured = np.where(gene_mask, expression, 0.0).sum(0) / np.maximum(gene_mask.sum(0), 1)
+        self._gene_means = measured.astype(np.float32)
         self._search: tuple[PCA, NearestNeighbors] | None = None
 
     @property
@@ -116,9 +119,7 @@ class ObservationModel:
 
     def _filled(self, expression: np.ndarray, gene_mask: np.ndarray) -> np.ndarray:
         """(n, G) ``expression`` with unmeasured values set to the gene's mean where measured."""
-        measured = self.gene_mask.sum(0)
-        means = np.where(self.gene_mask, self.expression, 0.0).sum(0) / np.maximum(measured, 1)
-        return np.where(gene_mask, expression, means.astype(np.float32))
+        return np.where(gene_mask, expression, self._gene_means)
 
     def starting_states(self, n_cells: int, seed: int = 0) -> np.ndarray:
         """(n_cells, G) expression of training cells drawn at random (with replacement beyond

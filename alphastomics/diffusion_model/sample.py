@@ -217,10 +217,7 @@ class DiffusionSampler:
             if mode != "joint":
                 raise ValueError(f"expression_start needs joint mode, not {mode}")
             expr_top = max(1, round(expression_start * T))
-            start = torch.full((b,), expr_top, dtype=torch.long, device=device)
-            eps = sample_masked_gaussian(expr.shape, mask, generator=generator, device=device)
-            clean = apply_mask(expression, mask)
-            expr = apply_mask(self.noise_model.q_sample("expression", clean, start, eps), mask)
+            expr = self._noised_expression(apply_mask(expression, mask), mask, expr_top, generator)
         zeros = torch.zeros(b, dtype=torch.long, device=device)
 
         known = None if known is None else (known.bool() & mask)
@@ -393,14 +390,19 @@ class DiffusionSampler:
         mean_expr, mean_pos = self.predict_mean(
             expr, pos, mask, mode, gene_mask=gene_mask, generator=generator, n_draws=1
         )
+        if mode == "pos_to_expr":  # the condition keeps its own frame
+            return self._noised_expression(mean_expr, mask, top, generator), pos
         step = torch.full((expr.shape[0],), top, dtype=torch.long, device=expr.device)
-        if mode == "pos_to_expr":
-            eps = sample_masked_gaussian(expr.shape, mask, generator=generator, device=expr.device)
-            return apply_mask(
-                self.noise_model.q_sample("expression", mean_expr, step, eps), mask
-            ), pos  # the condition, in its own frame
         eps = sample_centered_gaussian(pos.shape, mask, generator=generator, device=pos.device)
         return expr, center(self.noise_model.q_sample("position", mean_pos, step, eps), mask)
+
+    def _noised_expression(
+        self, x0: Tensor, mask: Tensor, step: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """(B, N, G) expression ``x0`` forward-noised to ``step`` (padded rows zero)."""
+        at = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
+        eps = sample_masked_gaussian(x0.shape, mask, generator=generator, device=x0.device)
+        return apply_mask(self.noise_model.q_sample("expression", x0, at, eps), mask)
 
     def _replace_known(
         self,

@@ -11,8 +11,6 @@ import torch
 
 from alphastomics import __version__
 from alphastomics.config import Config, load_config, upgrade_saved_config
-from alphastomics.diffusion_model.observation import CHECKPOINT_KEY as OBSERVATION_KEY
-from alphastomics.diffusion_model.observation import ObservationModel
 from alphastomics.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -101,7 +99,7 @@ def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModu
             f"{path}: weights do not fit the model described by its own config ({err}); the file "
             "is damaged or was edited"
         ) from err
-    module.observation_model = ObservationModel.from_state(ckpt.get(OBSERVATION_KEY))
+    module.on_load_checkpoint(ckpt)  # what the module keeps beside its weights
     module.to(map_location)
     module.eval()
     return module

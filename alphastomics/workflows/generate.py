@@ -228,20 +228,19 @@ def generate_for_file(
     given = reference.obsm.get(prepared.keys["position_key"], None)
     out_dims = module.n_dims if given is None else np.shape(given)[1]
     out_dtype = np.result_type(np.float32, getattr(given, "dtype", np.float32))
-    observation = module.observation_model
-    if observation is None:
-        log.info(
-            "the checkpoint stores no training cells (written before joint samples drew "
-            "measured values): X holds the denoised expression states; train again for "
-            "measurement-like expression"
-        )
     if expression_start is None:
         expression_start = module.cfg.sampling.expression_start
     if not 0 <= expression_start < 1:
         raise UserInputError(
             f"expression_start {expression_start} must be in [0, 1) (0 = expression from noise)"
         )
+    observation = module.observation_model
     if observation is None:
+        log.info(
+            "the checkpoint stores no training cells (written before joint samples drew "
+            "measured values): expression starts from noise and X holds the denoised "
+            "expression states; train again for measurement-like expression"
+        )
         expression_start = 0.0
     exprs, states, poss, slice_of, reference_of, predicted = [], [], [], [], [], []
     per_slice: dict[str, dict[str, Any]] = {}
