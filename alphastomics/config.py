@@ -52,7 +52,8 @@ class ModelConfig:
     fourier_scale: float = 1.0
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
-    local_neighbors: int = 0
+    local_neighbors: int = 16
+    local_graph: str = "cleaner"
     checkpoint_min_cells: int | None = 200_000
     bf16_min_cells: int | None = 200_000
 
@@ -213,6 +214,11 @@ def _check(cfg: Config) -> None:
         (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.model.local_neighbors >= 0, "model.local_neighbors must be >= 0"),
+        (
+            cfg.model.local_graph in ("positions", "expression", "cleaner"),
+            "model.local_graph must be positions, expression or cleaner, got "
+            f"{cfg.model.local_graph!r}",
+        ),
         (
             cfg.model.checkpoint_min_cells is None or cfg.model.checkpoint_min_cells >= 0,
             "model.checkpoint_min_cells must be >= 0 (0 = always) or null (never)",
@@ -395,6 +401,7 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     upgraded.setdefault("neighbor_readout", {"n_neighbors": 0})
     model = dict(upgraded.get("model") or {})
     model.setdefault("local_neighbors", 0)  # written before local attention existed
+    model.setdefault("local_graph", "positions")  # neighbours were always found in positions
     model.setdefault("bf16_min_cells", None)  # trained in float32 before bf16 layers existed
     upgraded["model"] = model
     training = dict(upgraded.get("training") or {})

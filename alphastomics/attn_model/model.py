@@ -22,7 +22,7 @@ from alphastomics.attn_model.local_attention import (
     distance_features,
     gather_cells,
 )
-from alphastomics.attn_model.neighbors import NeighborGraph, knn_graph
+from alphastomics.attn_model.neighbors import NeighborGraph, expression_coordinates, knn_graph
 from alphastomics.attn_model.transformer import (
     TransformerLayer,
     checkpointed_chunks,
@@ -36,6 +36,10 @@ from alphastomics.utils.hardware import native_bf16
 # smoothly to 0 instead of blowing up its gradient (LUNA divides by ||x|| + 1e-9).
 _RADIUS_EPS = 1e-2
 _DISPLACEMENT_RANK = 16  # features of the pairwise gate of the neighbour displacement
+LOCAL_GRAPHS = ("positions", "expression", "cleaner")
+_PCA_AXES = (
+    16  # principal axes of expression in which the local graph finds cells of similar expression
+)
 
 
 @dataclass
@@ -127,6 +131,13 @@ class Denoiser(nn.Module):
         k of the local attention: each cell also attends to its k nearest cells in the current
         positions, in every layer, and the position head adds a displacement along the offsets
         to them (0 disables both).
+    local_graph
+        Where those k nearest cells are found: ``"positions"``, the current positions;
+        ``"expression"``, the top principal axes of the item's current expression
+        (:func:`~alphastomics.attn_model.neighbors.expression_coordinates`), so a cell reads the
+        cells most like it wherever they currently lie; ``"cleaner"``, per item, whichever of
+        the two has the lower diffusion time (expression in ``expr_to_pos``, positions in
+        ``pos_to_expr``). Distances and offsets are read in the current positions always.
     checkpoint_min_cells
         Activation checkpointing: while gradients are recorded, a batch with at least this many
         cells in all (B * N) keeps only each layer's input for the backward pass and recomputes
@@ -163,6 +174,7 @@ class Denoiser(nn.Module):
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
         local_neighbors: int = 16,
+        local_graph: str = "cleaner",
         checkpoint_min_cells: int | None = None,
         bf16_min_cells: int | None = None,
     ) -> None:
@@ -171,6 +183,9 @@ class Denoiser(nn.Module):
         self.n_dims = n_dims
         self.hidden_dim = hidden_dim
         self.local_neighbors = local_neighbors
+        if local_graph not in LOCAL_GRAPHS:
+            raise ValueError(f"local_graph must be one of {LOCAL_GRAPHS}, got {local_graph!r}")
+        self.local_graph = local_graph
         self.checkpoint_min_cells = checkpoint_min_cells
         self.bf16_min_cells = bf16_min_cells
 
@@ -261,8 +276,7 @@ class Denoiser(nn.Module):
         else:
             expr_emb, pos_emb = embed(expr_t, pos_in, mask)
 
-        # the neighbours of every cell in the positions of this evaluation (noisy or clean)
-        graph = knn_graph(pos_in, mask, self.local_neighbors) if self.local_neighbors else None
+        graph = self._neighbor_graph(expr_t, pos_in, mask, t_expression, t_position)
         h = expr_emb + pos_emb  # (B, N, H)
         with _autocast_bf16(mask.device.type, bf16):
             for layer in self.layers:
@@ -286,6 +300,34 @@ class Denoiser(nn.Module):
             expression_embedding=expr_emb,
             position_embedding=pos_emb,
         )
+
+    def _neighbor_graph(
+        self,
+        expr_t: Tensor,
+        pos_in: Tensor,
+        mask: Tensor,
+        t_expression: Tensor,
+        t_position: Tensor,
+    ) -> NeighborGraph | None:
+        """Every cell's ``local_neighbors`` nearest cells at this evaluation (None when 0).
+
+        Found in the current positions ``pos_in`` (B, N, D) or in the principal axes of the
+        current expression ``expr_t`` (B, N, G), per ``local_graph``; ``"cleaner"`` takes, item
+        by item, the modality with the lower diffusion time (expression on a tie)."""
+        if not self.local_neighbors:
+            return None
+        if self.local_graph == "positions":
+            return knn_graph(pos_in, mask, self.local_neighbors)
+        from_expression = t_expression <= t_position  # (B,)
+        searched = mask & from_expression.unsqueeze(1)  # (B, N)
+        coords = expression_coordinates(expr_t, searched, _PCA_AXES)
+        if self.local_graph == "expression":  # the other items read no neighbours
+            return knn_graph(pos_in, searched, self.local_neighbors, search=coords)
+        width = max(coords.shape[-1], pos_in.shape[-1])
+        coords = F.pad(coords, (0, width - coords.shape[-1]))
+        spatial = F.pad(pos_in.detach().float(), (0, width - pos_in.shape[-1]))
+        search = torch.where(from_expression.view(-1, 1, 1), coords, spatial)  # (B, N, width)
+        return knn_graph(pos_in, mask, self.local_neighbors, search=search)
 
     def _embed(
         self, expr_t: Tensor, pos_in: Tensor, mask: Tensor, *, measured: Tensor, bf16: bool

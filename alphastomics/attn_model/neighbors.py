@@ -102,7 +102,9 @@ class NeighborGraph:
         return self.index.shape[2]
 
 
-def knn_graph(positions: Tensor, node_mask: Tensor, k: int) -> NeighborGraph:
+def knn_graph(
+    positions: Tensor, node_mask: Tensor, k: int, search: Tensor | None = None
+) -> NeighborGraph:
     """The k-nearest-neighbour graph of the real cells of every item (no gradient).
 
     Distances are divided by each item's mean neighbour distance, so they read the same
@@ -119,6 +121,10 @@ def knn_graph(positions: Tensor, node_mask: Tensor, k: int) -> NeighborGraph:
         (B, N) bool, True for a real cell.
     k
         Neighbours per cell.
+    search
+        (B, N, F) coordinates in which the nearest cells are found instead of ``positions``
+        (for example :func:`expression_coordinates`); distances are still measured in
+        ``positions``.
 
     Returns
     -------
@@ -136,7 +142,8 @@ def knn_graph(positions: Tensor, node_mask: Tensor, k: int) -> NeighborGraph:
             if counts[item] < 2:
                 continue
             rows = torch.nonzero(mask[item]).squeeze(1)  # (n_b,)
-            neighbors = nearest_neighbors(positions[item, rows], k)  # (n_b, k_b)
+            space = positions if search is None else search
+            neighbors = nearest_neighbors(space[item, rows], k)  # (n_b, k_b)
             k_b = neighbors.shape[1]
             index[item, rows, :k_b] = rows[neighbors]
             valid[item, rows, :k_b] = True
@@ -148,3 +155,41 @@ def knn_graph(positions: Tensor, node_mask: Tensor, k: int) -> NeighborGraph:
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         distance = distance / scale.view(b, 1, 1)
     return NeighborGraph(index=index, valid=valid, distance=distance)
+
+
+def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: int) -> Tensor:
+    """Each item's cells on the top principal axes of its own standardised expression.
+
+    The space in which :func:`knn_graph` finds cells of similar expression: per item, genes
+    are centred and scaled over its real cells, and the cells projected on the top
+    ``n_components`` eigenvectors of the gene covariance (exact, O(N·G² + G³) per item; no
+    N x N tensor). Signs of the axes do not matter to a neighbour search.
+
+    Parameters
+    ----------
+    expression
+        (B, N, G) expression (noisy or clean), padded cells and unmeasured genes 0.
+    node_mask
+        (B, N) bool, True for a real cell.
+    n_components
+        Principal axes kept (capped at G).
+
+    Returns
+    -------
+    Tensor
+        (B, N, min(n_components, G)) float32, no gradient; padded rows 0.
+    """
+    b, n, g = expression.shape
+    q = min(n_components, g)
+    out = torch.zeros(b, n, q, dtype=torch.float32, device=expression.device)
+    with torch.no_grad():
+        for item in range(b):
+            rows = torch.nonzero(node_mask[item]).squeeze(1)
+            if len(rows) < 2:
+                continue
+            x = expression[item, rows].to(torch.float64)  # (n_b, G)
+            x = x - x.mean(dim=0)
+            x = x / x.square().mean(dim=0).sqrt().clamp(min=1e-8)
+            _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+            out[item, rows] = (x @ vectors[:, -q:]).float()
+    return out

@@ -13,7 +13,11 @@ from alphastomics.attn_model import local_attention
 from alphastomics.attn_model import model as model_module
 from alphastomics.attn_model.local_attention import LocalAttention
 from alphastomics.attn_model.model import Denoiser
-from alphastomics.attn_model.neighbors import knn_graph, nearest_references
+from alphastomics.attn_model.neighbors import (
+    expression_coordinates,
+    knn_graph,
+    nearest_references,
+)
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
@@ -21,7 +25,7 @@ from alphastomics.diffusion_model.sample import DiffusionSampler
 N_GENES = 8
 
 
-def _net(seed: int = 0, k: int = 6, n_dims: int = 2) -> Denoiser:
+def _net(seed: int = 0, k: int = 6, n_dims: int = 2, graph: str = "positions") -> Denoiser:
     torch.manual_seed(seed)
     net = Denoiser(
         n_genes=N_GENES,
@@ -31,6 +35,7 @@ def _net(seed: int = 0, k: int = 6, n_dims: int = 2) -> Denoiser:
         n_heads=2,
         n_fourier_features=4,
         local_neighbors=k,
+        local_graph=graph,
     )
     return net.eval()
 
@@ -115,8 +120,77 @@ def test_local_block_is_rotation_invariant_and_ignores_padding(n_dims: int) -> N
     torch.testing.assert_close(out[0, :18], clean[0], atol=1e-5, rtol=0)
 
 
-def test_denoiser_with_local_attention_ignores_padding_beside_real_cells() -> None:
-    net = _net()
+def test_expression_coordinates_are_each_items_principal_axes_and_skip_padding() -> None:
+    gen = torch.Generator().manual_seed(0)
+    expression = torch.randn(2, 40, N_GENES, generator=gen)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    expression[1, 30:] = 50.0  # padded rows must not move the axes
+    coords = expression_coordinates(expression, mask, 3)
+    assert coords.shape == (2, 40, 3) and (coords[1, 30:] == 0).all()
+    alone = expression_coordinates(expression[1:, :30], mask[1:, :30], 3)
+    # the same axes up to sign: the same distances between cells
+    torch.testing.assert_close(
+        torch.cdist(coords[1, :30], coords[1, :30]),
+        torch.cdist(alone[0], alone[0]),
+        atol=1e-4,
+        rtol=0,
+    )
+    x = expression[0].double()
+    x = (x - x.mean(0)) / x.std(0, unbiased=False)
+    top = torch.linalg.svdvals(x)[:3].square()
+    torch.testing.assert_close(coords[0].double().square().sum(0).sort(descending=True).values, top)
+    assert expression_coordinates(expression, mask, 99).shape[-1] == N_GENES  # capped at G
+
+
+def test_graph_found_in_expression_keeps_distances_of_the_positions() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # two expression groups, scattered in space: neighbours come from the cell's own group
+    groups = torch.arange(30) % 2
+    expression = groups.float().unsqueeze(1) * 10 + 0.1 * torch.randn(30, N_GENES, generator=gen)
+    positions = torch.randn(1, 30, 2, generator=gen)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    search = expression_coordinates(expression.unsqueeze(0), mask, 4)
+    graph = knn_graph(positions, mask, 5, search=search)
+    assert (groups[graph.index[0]] == groups.unsqueeze(1)).all()
+    spatial = knn_graph(positions, mask, 5)
+    assert not torch.equal(graph.index.sort(-1).values, spatial.index.sort(-1).values)
+    offset = positions[0, graph.index[0]] - positions[0].unsqueeze(1)  # (30, 5, 2)
+    ratio = offset.norm(dim=-1) / graph.distance[0]
+    torch.testing.assert_close(ratio, ratio[0, 0].expand_as(ratio))  # one scale for the item
+
+
+def test_cleaner_graph_reads_expression_in_expr_to_pos_and_positions_in_pos_to_expr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    searched: list[torch.Tensor | None] = []
+    real = model_module.knn_graph
+
+    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int, search=None):
+        searched.append(search)
+        return real(positions, node_mask, k, search=search)
+
+    monkeypatch.setattr(model_module, "knn_graph", spy)
+    net = _net(graph="cleaner")
+    inputs = _inputs(25)
+    both = {
+        **inputs,
+        **{key: inputs[key].expand(2, *inputs[key].shape[1:]) for key in inputs},
+        "t_expression": torch.tensor([0.0, 0.7]),
+        "t_position": torch.tensor([0.6, 0.0]),
+    }
+    net(**both)
+    search = searched[-1]
+    assert search is not None
+    want_expr = expression_coordinates(both["expression_t"][:1], both["node_mask"][:1], 16)
+    torch.testing.assert_close(search[0, :, : want_expr.shape[-1]], want_expr[0])
+    torch.testing.assert_close(search[1, :, :2], both["positions_t"][1])  # clean: as given
+    assert (search[1, :, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("graph", ["positions", "expression", "cleaner"])
+def test_denoiser_with_local_attention_ignores_padding_beside_real_cells(graph: str) -> None:
+    net = _net(graph=graph)
     inputs = _inputs(20)
     extra = 6
     padded = dict(inputs)
@@ -133,8 +207,9 @@ def test_denoiser_with_local_attention_ignores_padding_beside_real_cells() -> No
     assert (out_padded.positions[:, 20:] == 0).all()
 
 
-def test_denoiser_with_local_attention_is_permutation_equivariant() -> None:
-    net = _net()
+@pytest.mark.parametrize("graph", ["positions", "expression", "cleaner"])
+def test_denoiser_with_local_attention_is_permutation_equivariant(graph: str) -> None:
+    net = _net(graph=graph)
     inputs = _inputs(40)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
     permuted = {**inputs, **{k: inputs[k][:, perm] for k in ("expression_t", "positions_t")}}
@@ -188,9 +263,9 @@ def test_neighbors_are_recomputed_at_every_network_evaluation(
     seen: list[torch.Tensor] = []
     real = model_module.knn_graph
 
-    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int):
+    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int, search=None):
         seen.append(positions.clone())
-        return real(positions, node_mask, k)
+        return real(positions, node_mask, k, search=search)
 
     monkeypatch.setattr(model_module, "knn_graph", spy)
     net = _net()
