@@ -143,6 +143,19 @@ def test_expression_coordinates_are_each_items_principal_axes_and_skip_padding()
     assert expression_coordinates(expression, mask, 99).shape[-1] == N_GENES  # capped at G
 
 
+def test_expression_coordinates_read_in_chunks_are_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from alphastomics.attn_model import neighbors
+
+    gen = torch.Generator().manual_seed(2)
+    expression = 5 * torch.rand(1, 300, N_GENES, generator=gen)
+    mask = torch.ones(1, 300, dtype=torch.bool)
+    whole = expression_coordinates(expression, mask, 4)
+    monkeypatch.setattr(neighbors, "_PCA_CHUNK", 7)
+    torch.testing.assert_close(expression_coordinates(expression, mask, 4), whole)
+
+
 def test_graph_found_in_expression_keeps_distances_of_the_positions() -> None:
     gen = torch.Generator().manual_seed(1)
     # two expression groups, scattered in space: neighbours come from the cell's own group
