@@ -52,7 +52,7 @@ class ModelConfig:
     fourier_scale: float = 1.0
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
-    local_neighbors: int = 16
+    local_neighbors: int = 0
     local_graph: str = "cleaner"
     checkpoint_min_cells: int | None = 200_000
     bf16_min_cells: int | None = 200_000

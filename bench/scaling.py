@@ -14,6 +14,11 @@ fresh subprocess per measurement, so every peak-memory number is that of one kin
 - ``neighbors``: the k-nearest-neighbour graph of the slice's cells
   (``attn_model.neighbors.knn_graph``, k-d tree, the search the local attention runs at every
   network evaluation; k = ``model.local_neighbors``, or 16 while that is 0);
+- ``expression_neighbors``: the same graph found in expression, as ``model.local_graph``
+  ``expression``/``cleaner`` searches it (``neighbors.expression_coordinates`` on the top 16
+  principal axes, then ``knn_graph(..., search=...)``: exact up to ``_EXACT_SEARCH_CELLS``
+  cells, approximate above); the synthetic expression is isotropic noise, a k-d tree's worst
+  case;
 - ``observe``: the measured values a ``joint`` sample writes to ``X``
   (:meth:`alphastomics.diffusion_model.observation.ObservationModel.draw` of the N cells'
   expression states, from the largest bank of training cells ``train`` stores: ``MAX_CELLS``,
@@ -56,7 +61,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("train", "train_exact", "sample", "neighbors", "observe")
+KINDS = ("train", "train_exact", "sample", "neighbors", "expression_neighbors", "observe")
 # k of the neighbour search while model.local_neighbors is 0 (the neighbour read-out reads 32)
 NEIGHBORS_K = 16
 
@@ -159,6 +164,16 @@ def _worker(
 
         def step() -> None:
             knn_graph(batch.positions, batch.node_mask, k)
+
+    elif kind == "expression_neighbors":
+        from alphastomics.attn_model.model import EXPRESSION_AXES
+        from alphastomics.attn_model.neighbors import expression_coordinates, knn_graph
+
+        k = cfg.model.local_neighbors or NEIGHBORS_K
+
+        def step() -> None:
+            axes = expression_coordinates(batch.expression, batch.node_mask, EXPRESSION_AXES)
+            knn_graph(batch.positions, batch.node_mask, k, search=axes)
 
     elif kind == "observe":
         from alphastomics.diffusion_model import observation

@@ -9,6 +9,7 @@ from alphastomics.config import (
     default_config_path,
     load_config,
     resolve_auto,
+    upgrade_saved_config,
 )
 from alphastomics.errors import UserInputError
 
@@ -44,6 +45,7 @@ def test_overrides_are_applied_and_typed():
         ("sampling.steps=5000", "sampling.steps"),
         ("training_mode=sideways", "training_mode"),
         ("distributed.strategy=horovod", "distributed.strategy"),
+        ("model.local_graph=time", "model.local_graph"),
     ],
 )
 def test_bad_values_name_the_key(override, named):
@@ -102,3 +104,10 @@ def test_settings_the_user_chose_are_kept():
 def test_align_rotation_rejects_other_words():
     with pytest.raises(UserInputError, match=r"loss\.align_rotation must be true, false or auto"):
         load_config(overrides=["loss.align_rotation=sometimes"])
+
+
+def test_a_checkpoint_written_before_local_graph_found_neighbours_in_positions():
+    old = upgrade_saved_config({"model": {"local_neighbors": 16}})["model"]
+    assert old["local_graph"] == "positions" and old["local_neighbors"] == 16
+    kept = upgrade_saved_config({"model": {"local_neighbors": 16, "local_graph": "cleaner"}})
+    assert kept["model"]["local_graph"] == "cleaner"

@@ -37,9 +37,8 @@ from alphastomics.utils.hardware import native_bf16
 _RADIUS_EPS = 1e-2
 _DISPLACEMENT_RANK = 16  # features of the pairwise gate of the neighbour displacement
 LOCAL_GRAPHS = ("positions", "expression", "cleaner")
-_PCA_AXES = (
-    16  # principal axes of expression in which the local graph finds cells of similar expression
-)
+# principal axes of expression in which the local graph finds cells of similar expression
+EXPRESSION_AXES = 16
 
 
 @dataclass
@@ -135,9 +134,13 @@ class Denoiser(nn.Module):
         Where those k nearest cells are found: ``"positions"``, the current positions;
         ``"expression"``, the top principal axes of the item's current expression
         (:func:`~alphastomics.attn_model.neighbors.expression_coordinates`), so a cell reads the
-        cells most like it wherever they currently lie; ``"cleaner"``, per item, whichever of
-        the two has the lower diffusion time (expression in ``expr_to_pos``, positions in
-        ``pos_to_expr``). Distances and offsets are read in the current positions always.
+        cells most like it wherever they currently lie, in items whose expression is no noisier
+        than their positions (the others read none); ``"cleaner"``, per item, whichever of the
+        two has the lower diffusion time (expression in ``expr_to_pos``, positions in
+        ``pos_to_expr``). Distances and offsets are read in the current positions always. The
+        search in expression costs O(N·G²) for the axes and a k-d tree in 16 dimensions, exact
+        up to a few tens of thousands of cells per item and approximate above
+        (:func:`~alphastomics.attn_model.neighbors.knn_graph`; costs in docs/benchmarks.md).
     checkpoint_min_cells
         Activation checkpointing: while gradients are recorded, a batch with at least this many
         cells in all (B * N) keeps only each layer's input for the backward pass and recomputes
@@ -320,7 +323,7 @@ class Denoiser(nn.Module):
             return knn_graph(pos_in, mask, self.local_neighbors)
         from_expression = t_expression <= t_position  # (B,)
         searched = mask & from_expression.unsqueeze(1)  # (B, N)
-        coords = expression_coordinates(expr_t, searched, _PCA_AXES)
+        coords = expression_coordinates(expr_t, searched, EXPRESSION_AXES)
         if self.local_graph == "expression":  # the other items read no neighbours
             return knn_graph(pos_in, searched, self.local_neighbors, search=coords)
         width = max(coords.shape[-1], pos_in.shape[-1])

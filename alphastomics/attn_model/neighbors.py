@@ -18,6 +18,9 @@ from torch import Tensor
 
 # Below this many query cells one thread answers faster than a pool of workers starts.
 _PARALLEL_QUERIES = 20_000
+# Items with more cells than this search ``knn_graph(search=...)`` approximately (k-d tree eps).
+_EXACT_SEARCH_CELLS = 20_000
+_APPROXIMATE_EPS = 2.0
 # Cells per chunk of the expression principal axes (float64, G columns: 46 MB at G = 351).
 _PCA_CHUNK = 16_384
 
@@ -29,13 +32,13 @@ def _points(x: Tensor) -> np.ndarray:
     return np.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _query(tree: cKDTree, points: np.ndarray, k: int) -> np.ndarray:
+def _query(tree: cKDTree, points: np.ndarray, k: int, eps: float = 0.0) -> np.ndarray:
     workers = -1 if len(points) >= _PARALLEL_QUERIES else 1
-    _, index = tree.query(points, k=k, workers=workers)
+    _, index = tree.query(points, k=k, eps=eps, workers=workers)
     return np.asarray(index).reshape(len(points), k)
 
 
-def nearest_neighbors(positions: Tensor, k: int) -> Tensor:
+def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
     """Each cell's ``k`` nearest other cells (no gradient).
 
     Parameters
@@ -44,6 +47,10 @@ def nearest_neighbors(positions: Tensor, k: int) -> Tensor:
         (n, D) coordinates of one item's real cells.
     k
         Neighbours per cell; capped at n - 1.
+    eps
+        0 for the exact neighbours; above 0 an approximate search whose i-th neighbour is within
+        (1 + eps) times the exact i-th distance (``cKDTree.query``), much faster in many
+        dimensions.
 
     Returns
     -------
@@ -61,7 +68,7 @@ def nearest_neighbors(positions: Tensor, k: int) -> Tensor:
     # the same answers, much sooner for large slices (docs/benchmarks.md, "Whole sections")
     order = tree.indices
     index = np.empty((n, k + 1), dtype=np.intp)
-    index[order] = _query(tree, points[order], k + 1)  # (n, k + 1), usually self first
+    index[order] = _query(tree, points[order], k + 1, eps)  # (n, k + 1), usually self first
     drop = index == np.arange(n)[:, None]
     drop[~drop.any(axis=1), -1] = True  # self not returned (duplicates): drop the farthest
     return torch.from_numpy(index[~drop].reshape(n, k)).to(positions.device)
@@ -126,7 +133,8 @@ def knn_graph(
     search
         (B, N, F) coordinates in which the nearest cells are found instead of ``positions``
         (for example :func:`expression_coordinates`); distances are still measured in
-        ``positions``.
+        ``positions``. Items of more than ``_EXACT_SEARCH_CELLS`` cells search it
+        approximately (``eps = _APPROXIMATE_EPS``, see :func:`nearest_neighbors`).
 
     Returns
     -------
@@ -145,7 +153,13 @@ def knn_graph(
                 continue
             rows = torch.nonzero(mask[item]).squeeze(1)  # (n_b,)
             space = positions if search is None else search
-            neighbors = nearest_neighbors(space[item, rows], k)  # (n_b, k_b)
+            # above a few tens of thousands of cells an exact search in many dimensions grows
+            # much faster than N: approximate it there (each neighbour within (1 + eps) times
+            # the distance of the exact k-th one)
+            eps = (
+                _APPROXIMATE_EPS if search is not None and len(rows) > _EXACT_SEARCH_CELLS else 0.0
+            )
+            neighbors = nearest_neighbors(space[item, rows], k, eps)  # (n_b, k_b)
             k_b = neighbors.shape[1]
             index[item, rows, :k_b] = rows[neighbors]
             valid[item, rows, :k_b] = True

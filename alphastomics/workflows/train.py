@@ -118,6 +118,7 @@ def _fit(
     cfg, decisions = resolve_auto(cfg, training_frames(ProcessedStore(data_dir).metadata))
     for decision in decisions:
         log.info(decision)
+    log.info(local_attention_note(cfg.model.local_neighbors, cfg.model.local_graph))
     bf16_note = bf16_layers_note(cfg.model.bf16_min_cells, trainer.strategy.root_device.type)
     if bf16_note:
         log.info(bf16_note)
@@ -265,6 +266,29 @@ def _stop_message(
         f"training stopped by {guard.stop_reason} at step {guard.saved_step}: saved "
         f"{guard.saved_path}; resume with {resume}",
         code,
+    )
+
+
+_LOCAL_GRAPH_WORDS = {
+    "positions": "the nearest in the current positions",
+    "expression": (
+        "the most similar in the current expression (items whose positions are less noisy "
+        "read none)"
+    ),
+    "cleaner": (
+        "in whichever modality is less noisy: the most similar in expression in expr_to_pos, "
+        "the nearest in positions in pos_to_expr"
+    ),
+}
+
+
+def local_attention_note(k: int, graph: str) -> str:
+    """The log line that says which cells each cell attends to besides the global attention."""
+    if k == 0:
+        return "model.local_neighbors=0: global attention only (no local attention)"
+    return (
+        f"model.local_neighbors={k}, model.local_graph={graph}: every layer also attends to "
+        f"{k} cells per cell, {_LOCAL_GRAPH_WORDS[graph]}, found anew at every network evaluation"
     )
 
 

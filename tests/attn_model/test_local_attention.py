@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from alphastomics.attn_model import local_attention
+from alphastomics.attn_model import local_attention, neighbors
 from alphastomics.attn_model import model as model_module
 from alphastomics.attn_model.local_attention import LocalAttention
 from alphastomics.attn_model.model import Denoiser
@@ -21,6 +21,7 @@ from alphastomics.attn_model.neighbors import (
 from alphastomics.attn_model.transformer import TransformerLayer
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
+from alphastomics.workflows.train import local_attention_note
 
 N_GENES = 8
 
@@ -146,8 +147,6 @@ def test_expression_coordinates_are_each_items_principal_axes_and_skip_padding()
 def test_expression_coordinates_read_in_chunks_are_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from alphastomics.attn_model import neighbors
-
     gen = torch.Generator().manual_seed(2)
     expression = 5 * torch.rand(1, 300, N_GENES, generator=gen)
     mask = torch.ones(1, 300, dtype=torch.bool)
@@ -347,3 +346,29 @@ def test_attention_blocks_keep_their_parameter_names_shapes_and_order() -> None:
         ("local.out.bias", (16,)),
     ]
     assert list(layer.state_dict()) == [name for name, _ in layer.named_parameters()]
+
+
+def test_the_train_log_says_which_cells_each_cell_reads() -> None:
+    assert "global attention only" in local_attention_note(0, "cleaner")
+    note = local_attention_note(16, "cleaner")
+    assert "16 cells per cell" in note and "expression in expr_to_pos" in note
+    assert "current positions" in local_attention_note(8, "positions")
+
+
+def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    search = torch.randn(1, 400, 6, generator=gen)
+    positions = torch.randn(1, 400, 2, generator=gen)
+    mask = torch.ones(1, 400, dtype=torch.bool)
+    exact = knn_graph(positions, mask, 8, search=search)
+    monkeypatch.setattr(neighbors, "_EXACT_SEARCH_CELLS", 100)
+    approximate = knn_graph(positions, mask, 8, search=search)
+    assert approximate.valid.all() and (approximate.index != torch.arange(400).view(1, -1, 1)).all()
+    kept = [
+        len(set(a.tolist()) & set(b.tolist())) / 8
+        for a, b in zip(exact.index[0], approximate.index[0], strict=True)
+    ]
+    assert 0.5 < np.mean(kept) < 1.0  # mostly the same cells, not all: the search did change
+    dist = torch.cdist(positions[0], positions[0]).fill_diagonal_(math.inf)
+    spatial = knn_graph(positions, mask, 8).index[0].sort(-1).values  # positions: still exact
+    assert torch.equal(spatial, dist.topk(8, largest=False).indices.sort(-1).values)

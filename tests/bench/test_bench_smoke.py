@@ -16,7 +16,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
     # `train_exact` (the exact pairwise-distance loss), `sample`, the neighbour search and the
     # measured-value draw; `train` is cheaper still
     args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
-    args += ["--kinds", "train_exact", "sample", "neighbors", "observe"]
+    args += ["--kinds", "train_exact", "sample", "neighbors", "expression_neighbors", "observe"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
         capture_output=True,
@@ -25,7 +25,13 @@ def test_scaling_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
-    assert {r["kind"] for r in results} == {"train_exact", "sample", "neighbors", "observe"}
+    assert {r["kind"] for r in results} == {
+        "train_exact",
+        "sample",
+        "neighbors",
+        "expression_neighbors",
+        "observe",
+    }
     assert all("error" not in r and r["seconds"] > 0 for r in results), results
 
 

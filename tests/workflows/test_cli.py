@@ -89,6 +89,7 @@ def test_train_shows_progress_on_stderr_without_lightning_noise(
     assert stdout == "" and ("Epoch 1: 100%" in stderr) is terminal
     assert terminal or "\r" not in stderr
     assert "Tip" not in caplog.text and "checkpoints in" in caplog.text
+    assert "model.local_neighbors=0: global attention only" in caplog.text
     noise = [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
     noise += [str(w.message) for w in recwarn if "logging interval" in str(w.message)]
     assert noise == []
