@@ -53,7 +53,7 @@ class ModelConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     local_neighbors: int = 0
-    local_graph: str = "cleaner"
+    local_graph: Literal["positions", "expression", "cleaner"] = "cleaner"
     checkpoint_min_cells: int | None = 200_000
     bf16_min_cells: int | None = 200_000
 
@@ -214,11 +214,6 @@ def _check(cfg: Config) -> None:
         (cfg.model.n_fourier_features >= 0, "model.n_fourier_features must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.model.local_neighbors >= 0, "model.local_neighbors must be >= 0"),
-        (
-            cfg.model.local_graph in ("positions", "expression", "cleaner"),
-            "model.local_graph must be positions, expression or cleaner, got "
-            f"{cfg.model.local_graph!r}",
-        ),
         (
             cfg.model.checkpoint_min_cells is None or cfg.model.checkpoint_min_cells >= 0,
             "model.checkpoint_min_cells must be >= 0 (0 = always) or null (never)",

@@ -147,12 +147,12 @@ def knn_graph(
     index = torch.arange(n, device=device).view(1, n, 1).expand(b, n, k).clone()
     valid = torch.zeros(b, n, k, dtype=torch.bool, device=device)
     counts = mask.sum(dim=1).tolist()
+    space = positions if search is None else search
     with torch.no_grad():
         for item in range(b):
             if counts[item] < 2:
                 continue
             rows = torch.nonzero(mask[item]).squeeze(1)  # (n_b,)
-            space = positions if search is None else search
             # above a few tens of thousands of cells an exact search in many dimensions grows
             # much faster than N: approximate it there (each neighbour within (1 + eps) times
             # the distance of the exact k-th one)
