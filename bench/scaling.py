@@ -11,6 +11,9 @@ fresh subprocess per measurement, so every peak-memory number is that of one kin
   N <= ``--exact_max``;
 - ``sample``: one DDIM step in ``joint`` mode (one network evaluation + update of both
   modalities; ``module.predictor.sample(batch, "joint", sampler="ddim", steps=1)``);
+- ``place``: a whole ``expr_to_pos`` sample with the default sampler (``sampling.steps`` DDIM
+  steps, ``module.predictor.sample(batch, "expr_to_pos")``): with local attention over
+  expression its search runs once per sample, at the first step (``Denoiser.constant_expression``);
 - ``neighbors``: the k-nearest-neighbour graph of the slice's cells
   (``attn_model.neighbors.knn_graph``, k-d tree, the search the local attention runs at every
   network evaluation; k = ``model.local_neighbors``, or 16 while that is 0);
@@ -61,7 +64,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("train", "train_exact", "sample", "neighbors", "expression_neighbors", "observe")
+KINDS = (
+    "train",
+    "train_exact",
+    "sample",
+    "place",
+    "neighbors",
+    "expression_neighbors",
+    "observe",
+)
 # k of the neighbour search while model.local_neighbors is 0 (the neighbour read-out reads 32)
 NEIGHBORS_K = 16
 
@@ -194,6 +205,13 @@ def _worker(
                 module.predictor.sample(
                     batch, "joint", sampler="ddim", steps=1, generator=gen_device
                 )
+
+    elif kind == "place":
+        module.eval()
+
+        def step() -> None:
+            with autocast():
+                module.predictor.sample(batch, "expr_to_pos", generator=gen_device)
 
     else:
         module.train()

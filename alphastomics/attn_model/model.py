@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,13 @@ from alphastomics.attn_model.local_attention import (
     distance_features,
     gather_cells,
 )
-from alphastomics.attn_model.neighbors import NeighborGraph, expression_coordinates, knn_graph
+from alphastomics.attn_model.neighbors import (
+    NeighborGraph,
+    expression_coordinates,
+    graph_at,
+    knn_graph,
+    neighbor_index,
+)
 from alphastomics.attn_model.transformer import (
     TransformerLayer,
     checkpointed_chunks,
@@ -189,6 +196,9 @@ class Denoiser(nn.Module):
         if local_graph not in LOCAL_GRAPHS:
             raise ValueError(f"local_graph must be one of {LOCAL_GRAPHS}, got {local_graph!r}")
         self.local_graph = local_graph
+        # the search in expression kept within constant_expression()
+        self._reuse_expression_search = False
+        self._expression_search: tuple[Tensor, Tensor, Tensor] | None = None
         self.checkpoint_min_cells = checkpoint_min_cells
         self.bf16_min_cells = bf16_min_cells
 
@@ -319,18 +329,52 @@ class Denoiser(nn.Module):
         by item, the modality with the lower diffusion time (expression on a tie)."""
         if not self.local_neighbors:
             return None
-        if self.local_graph == "positions":
-            return knn_graph(pos_in, mask, self.local_neighbors)
         from_expression = t_expression <= t_position  # (B,)
+        if self.local_graph == "positions" or (
+            self.local_graph == "cleaner" and not bool(from_expression.any())
+        ):
+            return knn_graph(pos_in, mask, self.local_neighbors)
         searched = mask & from_expression.unsqueeze(1)  # (B, N)
+        if self.local_graph == "expression" or bool(from_expression.all()):
+            index, valid = self._expression_neighbors(expr_t, searched)
+            return graph_at(pos_in, index, valid)  # other items read no neighbours
         coords = expression_coordinates(expr_t, searched, EXPRESSION_AXES)
-        if self.local_graph == "expression":  # the other items read no neighbours
-            return knn_graph(pos_in, searched, self.local_neighbors, search=coords)
         width = max(coords.shape[-1], pos_in.shape[-1])
         coords = F.pad(coords, (0, width - coords.shape[-1]))
         spatial = F.pad(pos_in.detach().float(), (0, width - pos_in.shape[-1]))
         search = torch.where(from_expression.view(-1, 1, 1), coords, spatial)  # (B, N, width)
         return knn_graph(pos_in, mask, self.local_neighbors, search=search)
+
+    @contextlib.contextmanager
+    def constant_expression(self) -> Iterator[None]:
+        """Within this block the caller promises the same expression and masks at every call.
+
+        Sampling ``expr_to_pos`` evaluates the network at every step with the same clean
+        expression: the search in expression of the local graph is then done once, at the
+        first evaluation, and reused (the distances, in the current positions, are measured at
+        every evaluation). Outside the block every evaluation searches anew.
+        """
+        self._expression_search = None
+        self._reuse_expression_search = True
+        try:
+            yield
+        finally:
+            self._reuse_expression_search = False
+            self._expression_search = None
+
+    def _expression_neighbors(self, expr_t: Tensor, searched: Tensor) -> tuple[Tensor, Tensor]:
+        """Neighbours (B, N, k) index and valid of the ``searched`` (B, N) cells in expression.
+
+        Reused within :meth:`constant_expression` while ``searched`` is the same.
+        """
+        cached = self._expression_search
+        if cached is not None and torch.equal(cached[0], searched):
+            return cached[1], cached[2]
+        coords = expression_coordinates(expr_t, searched, EXPRESSION_AXES)
+        index, valid = neighbor_index(coords, searched, self.local_neighbors, approximate=True)
+        if self._reuse_expression_search:
+            self._expression_search = (searched, index, valid)
+        return index, valid
 
     def _embed(
         self, expr_t: Tensor, pos_in: Tensor, mask: Tensor, *, measured: Tensor, bf16: bool

@@ -141,13 +141,26 @@ def knn_graph(
     NeighborGraph
         On the device of ``positions``.
     """
-    b, n, _ = positions.shape
-    device = positions.device
+    space = positions if search is None else search
+    index, valid = neighbor_index(space, node_mask, k, approximate=search is not None)
+    return graph_at(positions, index, valid)
+
+
+def neighbor_index(
+    space: Tensor, node_mask: Tensor, k: int, approximate: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Each real cell's ``k`` nearest real cells of its item in ``space`` (no gradient).
+
+    ``space`` (B, N, F) and ``node_mask`` (B, N) bool give ``index`` (B, N, k) long and
+    ``valid`` (B, N, k) bool as in :class:`NeighborGraph`. With ``approximate``, items of more
+    than ``_EXACT_SEARCH_CELLS`` cells are searched with ``eps = _APPROXIMATE_EPS``.
+    """
+    b, n, _ = space.shape
+    device = space.device
     mask = node_mask.bool()
     index = torch.arange(n, device=device).view(1, n, 1).expand(b, n, k).clone()
     valid = torch.zeros(b, n, k, dtype=torch.bool, device=device)
     counts = mask.sum(dim=1).tolist()
-    space = positions if search is None else search
     with torch.no_grad():
         for item in range(b):
             if counts[item] < 2:
@@ -156,14 +169,20 @@ def knn_graph(
             # above a few tens of thousands of cells an exact search in many dimensions grows
             # much faster than N: approximate it there (each neighbour within (1 + eps) times
             # the distance of the exact k-th one)
-            eps = (
-                _APPROXIMATE_EPS if search is not None and len(rows) > _EXACT_SEARCH_CELLS else 0.0
-            )
+            eps = _APPROXIMATE_EPS if approximate and len(rows) > _EXACT_SEARCH_CELLS else 0.0
             neighbors = nearest_neighbors(space[item, rows], k, eps)  # (n_b, k_b)
             k_b = neighbors.shape[1]
             index[item, rows, :k_b] = rows[neighbors]
             valid[item, rows, :k_b] = True
-        flat = index + (torch.arange(b, device=device) * n).view(b, 1, 1)
+    return index, valid
+
+
+def graph_at(positions: Tensor, index: Tensor, valid: Tensor) -> NeighborGraph:
+    """The graph of neighbours ``index``/``valid`` (B, N, k) with distances in ``positions``
+    (B, N, D), divided by each item's mean neighbour distance (no gradient)."""
+    b, n, k = index.shape
+    with torch.no_grad():
+        flat = index + (torch.arange(b, device=index.device) * n).view(b, 1, 1)
         points = positions.detach().reshape(b * n, -1)
         distance = points[flat.reshape(-1)].view(b, n, k, -1) - positions.detach().unsqueeze(2)
         distance = distance.float().norm(dim=-1) * valid  # (B, N, k)

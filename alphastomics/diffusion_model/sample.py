@@ -8,8 +8,10 @@ user's units is done by :mod:`alphastomics.data.units`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import numpy as np
@@ -232,41 +234,47 @@ class DiffusionSampler:
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
         steps_shown = pairs if self.progress is None else self.progress(pairs, f"sampling {mode}")
-        for t, s in steps_shown:
-            step_t = torch.full((b,), t, dtype=torch.long, device=device)
-            step_s = torch.full((b,), s, dtype=torch.long, device=device)
-            expr_t = torch.clamp(step_t, max=expr_top)  # a started expression waits
-            t_expr = (expr_t if gen_expr else zeros).float() / T
-            t_pos = (step_t if gen_pos else zeros).float() / T
-            out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
-            if gen_expr and s >= expr_top:
-                expr_hat = apply_mask(out.expression, mask)
-            elif gen_expr:
-                expr_hat = apply_mask(out.expression, mask)
-                if known is not None:
-                    expr_hat = torch.where(known.unsqueeze(-1), true_expr, expr_hat)
-                if given is not None:
-                    expr_hat = apply_mask(torch.where(given, true_expr, expr_hat), mask)
-                expr = self._step(
-                    "expression", expr_hat, expr, expr_t, step_s, sampler, eta, generator
-                )
-                if known is not None:
-                    expr = self._replace_known(
-                        "expression", expr, expr_hat, known, step_s, generator
+        # expr_to_pos: the expression is the same at every step (its neighbour search, once)
+        with _constant_expression(self.model, mode == "expr_to_pos"):
+            for t, s in steps_shown:
+                step_t = torch.full((b,), t, dtype=torch.long, device=device)
+                step_s = torch.full((b,), s, dtype=torch.long, device=device)
+                expr_t = torch.clamp(step_t, max=expr_top)  # a started expression waits
+                t_expr = (expr_t if gen_expr else zeros).float() / T
+                t_pos = (step_t if gen_pos else zeros).float() / T
+                out = self.model(expr, pos, t_expr, t_pos, mask, gene_mask)
+                if gen_expr and s >= expr_top:
+                    expr_hat = apply_mask(out.expression, mask)
+                elif gen_expr:
+                    expr_hat = apply_mask(out.expression, mask)
+                    if known is not None:
+                        expr_hat = torch.where(known.unsqueeze(-1), true_expr, expr_hat)
+                    if given is not None:
+                        expr_hat = apply_mask(torch.where(given, true_expr, expr_hat), mask)
+                    expr = self._step(
+                        "expression", expr_hat, expr, expr_t, step_s, sampler, eta, generator
                     )
-                if given is not None:
-                    expr = self._replace_known(
-                        "expression", expr, expr_hat, given, step_s, generator
+                    if known is not None:
+                        expr = self._replace_known(
+                            "expression", expr, expr_hat, known, step_s, generator
+                        )
+                    if given is not None:
+                        expr = self._replace_known(
+                            "expression", expr, expr_hat, given, step_s, generator
+                        )
+                    expr = apply_mask(expr, mask)
+                if gen_pos:
+                    pos_hat = center(out.positions, mask)
+                    if known is not None:
+                        pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
+                    pos = self._step(
+                        "position", pos_hat, pos, step_t, step_s, sampler, eta, generator
                     )
-                expr = apply_mask(expr, mask)
-            if gen_pos:
-                pos_hat = center(out.positions, mask)
-                if known is not None:
-                    pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
-                pos = self._step("position", pos_hat, pos, step_t, step_s, sampler, eta, generator)
-                if known is not None:
-                    pos = self._replace_known("position", pos, pos_hat, known, step_s, generator)
-                pos = center(pos, mask)
+                    if known is not None:
+                        pos = self._replace_known(
+                            "position", pos, pos_hat, known, step_s, generator
+                        )
+                    pos = center(pos, mask)
         if known is not None and gen_pos:
             pos_hat = apply_mask(_paste_known(pos_hat, true_pos, known, to_input_frame=True), mask)
         return (expr_hat if gen_expr else expr), (pos_hat if gen_pos else center(pos, mask))
@@ -451,3 +459,10 @@ def _paste_known(
     if to_input_frame:
         return torch.where(known.unsqueeze(-1), true_pos, pos_hat - shift.unsqueeze(1))
     return torch.where(known.unsqueeze(-1), true_pos + shift.unsqueeze(1), pos_hat)
+
+
+def _constant_expression(model: nn.Module, constant: bool) -> AbstractContextManager[None]:
+    """``model.constant_expression()`` (the Denoiser's) when ``constant``; else nothing."""
+    if constant and hasattr(model, "constant_expression"):
+        return model.constant_expression()
+    return contextlib.nullcontext()

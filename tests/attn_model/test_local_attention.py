@@ -372,3 +372,71 @@ def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyP
     dist = torch.cdist(positions[0], positions[0]).fill_diagonal_(math.inf)
     spatial = knn_graph(positions, mask, 8).index[0].sort(-1).values  # positions: still exact
     assert torch.equal(spatial, dist.topk(8, largest=False).indices.sort(-1).values)
+
+
+def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_coordinates, real_graph_at = model_module.expression_coordinates, model_module.graph_at
+
+    def count(expression: torch.Tensor, node_mask: torch.Tensor, n_components: int):
+        calls.append(1)
+        return real_coordinates(expression, node_mask, n_components)
+
+    def record(positions: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
+        graphs.append((positions.clone(), index.clone()))
+        return real_graph_at(positions, index, valid)
+
+    monkeypatch.setattr(model_module, "expression_coordinates", count)
+    monkeypatch.setattr(model_module, "graph_at", record)
+    net = _net(graph="cleaner")
+    inputs = _inputs(30)
+    sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
+    with torch.no_grad():
+        sampler.sample(
+            inputs["expression_t"],
+            inputs["positions_t"],
+            inputs["node_mask"],
+            "expr_to_pos",
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert len(calls) == 1 and len(graphs) == 6
+    assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
+    mask = inputs["node_mask"]
+    search = real_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
+    fresh = knn_graph(graphs[-1][0], mask, 6, search=search)
+    assert torch.equal(fresh.index, graphs[-1][1])
+
+
+def test_the_expression_search_is_kept_only_within_constant_expression(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    real = model_module.expression_coordinates
+
+    def count(expression: torch.Tensor, node_mask: torch.Tensor, n_components: int):
+        calls.append(1)
+        return real(expression, node_mask, n_components)
+
+    monkeypatch.setattr(model_module, "expression_coordinates", count)
+    net = _net(graph="cleaner")
+    inputs = {**_inputs(30), "t_expression": torch.tensor([0.0])}
+    with torch.no_grad():
+        first = net(**inputs)
+        net(**inputs)
+        assert len(calls) == 2  # outside the block: searched at every evaluation
+        with net.constant_expression():
+            within = net(**inputs)
+            moved = net(**{**inputs, "positions_t": inputs["positions_t"] * 2 + 1})
+            assert len(calls) == 3
+            # pos_to_expr items search positions: nothing read from the kept search
+            net(
+                **{**inputs, "t_expression": torch.tensor([0.5]), "t_position": torch.tensor([0.0])}
+            )
+            assert len(calls) == 3
+        net(**inputs)
+        assert len(calls) == 4 and net._expression_search is None
+    torch.testing.assert_close(first.positions, within.positions)
+    assert not torch.allclose(moved.positions, within.positions)

@@ -13,10 +13,11 @@ from conftest import BENCH, load_bench_script
 
 def test_scaling_runs(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    # `train_exact` (the exact pairwise-distance loss), `sample`, the neighbour search and the
-    # measured-value draw; `train` is cheaper still
+    # `train_exact` (the exact pairwise-distance loss), `sample`, `place`, the neighbour search
+    # and the measured-value draw; `train` is cheaper still
     args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
-    args += ["--kinds", "train_exact", "sample", "neighbors", "expression_neighbors", "observe"]
+    args += ["--kinds", "train_exact", "sample", "place", "neighbors", "expression_neighbors"]
+    args += ["observe", "--override", "model.local_neighbors=4"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
         capture_output=True,
@@ -28,6 +29,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
     assert {r["kind"] for r in results} == {
         "train_exact",
         "sample",
+        "place",
         "neighbors",
         "expression_neighbors",
         "observe",
