@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alphastomics import keys
+from alphastomics.attn_model.local_graphs import LocalGraph
 from alphastomics.errors import ConfigKeyError, UserInputError
 
 TrainingMode = Literal["joint", "expr_to_pos", "pos_to_expr"]
@@ -53,7 +54,7 @@ class ModelConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     local_neighbors: int = 0
-    local_graph: Literal["positions", "expression", "cleaner"] = "cleaner"
+    local_graph: LocalGraph = "cleaner"
     checkpoint_min_cells: int | None = 200_000
     bf16_min_cells: int | None = 200_000
 

@@ -23,6 +23,7 @@ from alphastomics.attn_model.local_attention import (
     distance_features,
     gather_cells,
 )
+from alphastomics.attn_model.local_graphs import LOCAL_GRAPHS
 from alphastomics.attn_model.neighbors import (
     NeighborGraph,
     expression_coordinates,
@@ -43,7 +44,6 @@ from alphastomics.utils.hardware import native_bf16
 # smoothly to 0 instead of blowing up its gradient (LUNA divides by ||x|| + 1e-9).
 _RADIUS_EPS = 1e-2
 _DISPLACEMENT_RANK = 16  # features of the pairwise gate of the neighbour displacement
-LOCAL_GRAPHS = ("positions", "expression", "cleaner")
 # principal axes of expression in which the local graph finds cells of similar expression
 EXPRESSION_AXES = 16
 

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from alphastomics.attn_model.local_graphs import LOCAL_GRAPH_WORDS
 from alphastomics.config import Config, config_to_dict, config_to_yaml, resolve_auto
 from alphastomics.data.loader import create_dataloaders
 from alphastomics.data.store import DataInfo, ProcessedStore, training_frames
@@ -269,26 +270,13 @@ def _stop_message(
     )
 
 
-_LOCAL_GRAPH_WORDS = {
-    "positions": "the nearest in the current positions",
-    "expression": (
-        "the most similar in the current expression (items whose positions are less noisy "
-        "read none)"
-    ),
-    "cleaner": (
-        "in whichever modality is less noisy: the most similar in expression in expr_to_pos, "
-        "the nearest in positions in pos_to_expr"
-    ),
-}
-
-
 def local_attention_note(k: int, graph: str) -> str:
     """The log line that says which cells each cell attends to besides the global attention."""
     if k == 0:
         return "model.local_neighbors=0: global attention only (no local attention)"
     return (
         f"model.local_neighbors={k}, model.local_graph={graph}: every layer also attends to "
-        f"{k} cells per cell, {_LOCAL_GRAPH_WORDS[graph]}, found anew at every network evaluation"
+        f"{k} cells per cell, {LOCAL_GRAPH_WORDS[graph]}, found anew at every network evaluation"
     )
 
 

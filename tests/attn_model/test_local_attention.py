@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,6 +13,7 @@ import torch
 from alphastomics.attn_model import local_attention, neighbors
 from alphastomics.attn_model import model as model_module
 from alphastomics.attn_model.local_attention import LocalAttention
+from alphastomics.attn_model.local_graphs import LOCAL_GRAPH_WORDS, LOCAL_GRAPHS
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbors import (
     expression_coordinates,
@@ -19,6 +21,7 @@ from alphastomics.attn_model.neighbors import (
     nearest_references,
 )
 from alphastomics.attn_model.transformer import TransformerLayer
+from alphastomics.config import load_config
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler
 from alphastomics.workflows.train import local_attention_note
@@ -353,6 +356,15 @@ def test_the_train_log_says_which_cells_each_cell_reads() -> None:
     note = local_attention_note(16, "cleaner")
     assert "16 cells per cell" in note and "expression in expr_to_pos" in note
     assert "current positions" in local_attention_note(8, "positions")
+
+
+@pytest.mark.parametrize("graph", LOCAL_GRAPHS)
+def test_every_local_graph_is_accepted_by_the_config_the_network_and_the_log(graph: str) -> None:
+    cfg = load_config(overrides=[f"model.local_graph={graph}", "model.local_neighbors=4"])
+    net = Denoiser(n_genes=N_GENES, n_dims=2, **dataclasses.asdict(cfg.model))
+    assert net.local_graph == graph
+    assert LOCAL_GRAPH_WORDS[graph] in local_attention_note(4, graph)
+    assert set(LOCAL_GRAPH_WORDS) == set(LOCAL_GRAPHS)
 
 
 def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyPatch) -> None:
