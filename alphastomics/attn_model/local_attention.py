@@ -103,8 +103,8 @@ class LocalAttention(MultiHeadProjections):
         v_near = gather_cells(values.reshape(b * heads, n_all, d), head_index)  # (BK, n, k, d)
         mixed = torch.matmul(weights.reshape(b * heads, n, 1, k), v_near)  # (BK, n, 1, d)
         mixed = mixed.view(b, heads, n, d).transpose(1, 2).reshape(b, n, heads * d)
-        # an einsum batches over cells ((K x k) @ (k x F) per cell), about 5x faster on a CPU
-        # than a matmul broadcast over heads
+        # an einsum batches over cells ((K x k) @ (k x F) per cell) instead of broadcasting the
+        # distance features over the heads
         geometry = torch.einsum("bhnk,bnkf->bnhf", weights, rbf).reshape(b, n, -1)  # (B, n, K·F)
         return mixed + self.distance_value(geometry)  # (B, n, H / 2)
 

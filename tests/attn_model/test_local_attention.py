@@ -386,22 +386,29 @@ def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyP
     assert torch.equal(spatial, dist.topk(8, largest=False).indices.sort(-1).values)
 
 
-def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_step(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _count_expression_searches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every computation of the expression axes by the denoiser."""
     calls: list[int] = []
-    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real_coordinates, real_graph_at = model_module.expression_coordinates, model_module.graph_at
 
     def count(expression: torch.Tensor, node_mask: torch.Tensor, n_components: int):
         calls.append(1)
-        return real_coordinates(expression, node_mask, n_components)
+        return expression_coordinates(expression, node_mask, n_components)
+
+    monkeypatch.setattr(model_module, "expression_coordinates", count)
+    return calls
+
+
+def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _count_expression_searches(monkeypatch)
+    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_coordinates, real_graph_at = expression_coordinates, model_module.graph_at
 
     def record(positions: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
         graphs.append((positions.clone(), index.clone()))
         return real_graph_at(positions, index, valid)
 
-    monkeypatch.setattr(model_module, "expression_coordinates", count)
     monkeypatch.setattr(model_module, "graph_at", record)
     net = _net(graph="cleaner")
     inputs = _inputs(30)
@@ -425,14 +432,7 @@ def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_st
 def test_the_expression_search_is_kept_only_within_constant_expression(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[int] = []
-    real = model_module.expression_coordinates
-
-    def count(expression: torch.Tensor, node_mask: torch.Tensor, n_components: int):
-        calls.append(1)
-        return real(expression, node_mask, n_components)
-
-    monkeypatch.setattr(model_module, "expression_coordinates", count)
+    calls = _count_expression_searches(monkeypatch)
     net = _net(graph="cleaner")
     inputs = {**_inputs(30), "t_expression": torch.tensor([0.0])}
     with torch.no_grad():

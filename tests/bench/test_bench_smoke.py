@@ -16,8 +16,8 @@ def test_scaling_runs(tmp_path: Path) -> None:
     # `train_exact` (the exact pairwise-distance loss), `sample`, `place`, the neighbour search
     # and the measured-value draw; `train` is cheaper still
     args = ["--sizes", "200", "--repeats", "1", "--genes", "20", "--exact_max", "200"]
-    args += ["--kinds", "train_exact", "sample", "place", "neighbors", "expression_neighbors"]
-    args += ["observe", "--override", "model.local_neighbors=4"]
+    kinds = ["train_exact", "sample", "place", "neighbors", "expression_neighbors", "observe"]
+    args += ["--kinds", *kinds, "--override", "model.local_neighbors=4"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "scaling.py"), *args, "--json", str(out)],
         capture_output=True,
@@ -26,14 +26,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
-    assert {r["kind"] for r in results} == {
-        "train_exact",
-        "sample",
-        "place",
-        "neighbors",
-        "expression_neighbors",
-        "observe",
-    }
+    assert {r["kind"] for r in results} == set(kinds)
     assert all("error" not in r and r["seconds"] > 0 for r in results), results
 
 
