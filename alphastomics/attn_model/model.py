@@ -28,7 +28,6 @@ from alphastomics.attn_model.neighbors import (
     NeighborGraph,
     expression_coordinates,
     graph_at,
-    knn_graph,
     neighbor_index,
 )
 from alphastomics.attn_model.transformer import (
@@ -147,7 +146,7 @@ class Denoiser(nn.Module):
         ``pos_to_expr``). Distances and offsets are read in the current positions always. The
         search in expression costs O(N·G²) for the axes and a k-d tree in 16 dimensions, exact
         up to a few tens of thousands of cells per item and approximate above
-        (:func:`~alphastomics.attn_model.neighbors.knn_graph`; costs in docs/benchmarks.md).
+        (:func:`~alphastomics.attn_model.neighbors.neighbor_index`; costs in docs/benchmarks.md).
     checkpoint_min_cells
         Activation checkpointing: while gradients are recorded, a batch with at least this many
         cells in all (B * N) keeps only each layer's input for the backward pass and recomputes
@@ -324,26 +323,25 @@ class Denoiser(nn.Module):
     ) -> NeighborGraph | None:
         """Every cell's ``local_neighbors`` nearest cells at this evaluation (None when 0).
 
-        Found in the current positions ``pos_in`` (B, N, D) or in the principal axes of the
-        current expression ``expr_t`` (B, N, G), per ``local_graph``; ``"cleaner"`` takes, item
-        by item, the modality with the lower diffusion time (expression on a tie)."""
+        Per item, found in the principal axes of the current expression ``expr_t`` (B, N, G)
+        or in the current positions ``pos_in`` (B, N, D), per ``local_graph``: ``"cleaner"``
+        takes the modality with the lower diffusion time (expression on a tie),
+        ``"expression"`` reads none in the other items. Distances are in ``pos_in``."""
         if not self.local_neighbors:
             return None
-        from_expression = t_expression <= t_position  # (B,)
-        if self.local_graph == "positions" or (
-            self.local_graph == "cleaner" and not bool(from_expression.any())
-        ):
-            return knn_graph(pos_in, mask, self.local_neighbors)
-        searched = mask & from_expression.unsqueeze(1)  # (B, N)
-        if self.local_graph == "expression" or bool(from_expression.all()):
-            index, valid = self._expression_neighbors(expr_t, searched)
-            return graph_at(pos_in, index, valid)  # other items read no neighbours
-        coords = expression_coordinates(expr_t, searched, EXPRESSION_AXES)
-        width = max(coords.shape[-1], pos_in.shape[-1])
-        coords = F.pad(coords, (0, width - coords.shape[-1]))
-        spatial = F.pad(pos_in.detach().float(), (0, width - pos_in.shape[-1]))
-        search = torch.where(from_expression.view(-1, 1, 1), coords, spatial)  # (B, N, width)
-        return knn_graph(pos_in, mask, self.local_neighbors, search=search)
+        k = self.local_neighbors
+        in_expression = (t_expression <= t_position).view(-1, 1)  # (B, 1)
+        if self.local_graph == "positions":
+            in_expression = torch.zeros_like(in_expression)
+        spatial = mask & ~in_expression  # (B, N)
+        if self.local_graph == "expression":
+            spatial = torch.zeros_like(spatial)
+        index, valid = neighbor_index(pos_in, spatial, k)  # (B, N, k)
+        if bool(in_expression.any()):
+            expr_index, expr_valid = self._expression_neighbors(expr_t, mask & in_expression)
+            index = torch.where(in_expression.unsqueeze(-1), expr_index, index)
+            valid = torch.where(in_expression.unsqueeze(-1), expr_valid, valid)
+        return graph_at(pos_in, index, valid)
 
     @contextlib.contextmanager
     def constant_expression(self) -> Iterator[None]:

@@ -175,32 +175,41 @@ def test_graph_found_in_expression_keeps_distances_of_the_positions() -> None:
     torch.testing.assert_close(ratio, ratio[0, 0].expand_as(ratio))  # one scale for the item
 
 
+def _record_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A list of (positions, index) of every neighbour graph the denoiser builds."""
+    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = model_module.graph_at
+
+    def record(positions: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
+        graphs.append((positions.clone(), index.clone()))
+        return real(positions, index, valid)
+
+    monkeypatch.setattr(model_module, "graph_at", record)
+    return graphs
+
+
 def test_cleaner_graph_reads_expression_in_expr_to_pos_and_positions_in_pos_to_expr(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    searched: list[torch.Tensor | None] = []
-    real = model_module.knn_graph
-
-    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int, search=None):
-        searched.append(search)
-        return real(positions, node_mask, k, search=search)
-
-    monkeypatch.setattr(model_module, "knn_graph", spy)
+    graphs = _record_graphs(monkeypatch)
     net = _net(graph="cleaner")
     inputs = _inputs(25)
     both = {
         **inputs,
         **{key: inputs[key].expand(2, *inputs[key].shape[1:]) for key in inputs},
+        "positions_t": torch.cat([inputs["positions_t"], inputs["positions_t"].flip(1)]),
         "t_expression": torch.tensor([0.0, 0.7]),
         "t_position": torch.tensor([0.6, 0.0]),
     }
     net(**both)
-    search = searched[-1]
-    assert search is not None
-    want_expr = expression_coordinates(both["expression_t"][:1], both["node_mask"][:1], 16)
-    torch.testing.assert_close(search[0, :, : want_expr.shape[-1]], want_expr[0])
-    torch.testing.assert_close(search[1, :, :2], both["positions_t"][1])  # clean: as given
-    assert (search[1, :, 2:] == 0).all()
+    _, index = graphs[-1]
+    mask = inputs["node_mask"]
+    axes = expression_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
+    by_expression = knn_graph(inputs["positions_t"], mask, 6, search=axes).index[0]
+    by_positions = knn_graph(both["positions_t"][1:], mask, 6).index[0]
+    assert not torch.equal(by_expression.sort(-1).values, by_positions.sort(-1).values)
+    assert torch.equal(index[0], by_expression)  # expr_to_pos: the cells of similar expression
+    assert torch.equal(index[1], by_positions)  # pos_to_expr: the nearest cells where they lie
 
 
 @pytest.mark.parametrize("graph", ["positions", "expression", "cleaner"])
@@ -275,14 +284,7 @@ def test_a_cell_reads_exactly_its_current_neighbors() -> None:
 def test_neighbors_are_recomputed_at_every_network_evaluation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    seen: list[torch.Tensor] = []
-    real = model_module.knn_graph
-
-    def spy(positions: torch.Tensor, node_mask: torch.Tensor, k: int, search=None):
-        seen.append(positions.clone())
-        return real(positions, node_mask, k, search=search)
-
-    monkeypatch.setattr(model_module, "knn_graph", spy)
+    graphs = _record_graphs(monkeypatch)
     net = _net()
     inputs = _inputs(25)
     sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
@@ -293,8 +295,8 @@ def test_neighbors_are_recomputed_at_every_network_evaluation(
         "expr_to_pos",
         generator=torch.Generator().manual_seed(0),
     )
-    assert len(seen) == 6
-    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))
+    assert len(graphs) == 6
+    assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
 
 
 def test_recomputed_neighbors_in_backward_give_the_same_gradients(
@@ -402,14 +404,7 @@ def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_st
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = _count_expression_searches(monkeypatch)
-    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real_coordinates, real_graph_at = expression_coordinates, model_module.graph_at
-
-    def record(positions: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
-        graphs.append((positions.clone(), index.clone()))
-        return real_graph_at(positions, index, valid)
-
-    monkeypatch.setattr(model_module, "graph_at", record)
+    graphs = _record_graphs(monkeypatch)
     net = _net(graph="cleaner")
     inputs = _inputs(30)
     sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
@@ -424,7 +419,7 @@ def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_st
     assert len(calls) == 1 and len(graphs) == 6
     assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
     mask = inputs["node_mask"]
-    search = real_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
+    search = expression_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
     fresh = knn_graph(graphs[-1][0], mask, 6, search=search)
     assert torch.equal(fresh.index, graphs[-1][1])
 
