@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BENCH, load_bench_script
+from conftest import BENCH, TINY_OVERRIDES, load_bench_script
+
+from alphastomics.main import main as cli
 
 
 def test_scaling_runs(tmp_path: Path) -> None:
@@ -86,3 +88,23 @@ def test_bf16_gradients_runs(capsys) -> None:
         rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
         assert [row[0] for row in rows] == ["0", "1"]
         assert all(0.9 < float(row[2]) <= 1.0 for row in rows)  # cosine of the two gradients
+
+
+def test_memorisation_scores_training_and_test_entries(tiny_store: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    train = ["train", "--data_dir", str(tiny_store), "--output_dir", str(run)]
+    assert cli([*train, *TINY_OVERRIDES, "training.max_steps=2"]) == 0
+    capsys.readouterr()
+    bench = load_bench_script("memorisation")
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert bench.main(["--data_dir", str(tiny_store), "--checkpoint", str(checkpoint)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [line.split(" | ") for line in table[1:]]
+    assert [(r[0][2:], r[1]) for r in rows] == [
+        ("slice_0", "train"),
+        ("slice_1", "train"),
+        ("slice_3", "test"),
+        ("mean", "train"),
+        ("mean", "test"),
+    ]
+    assert all(-1 <= float(r[3]) <= 1 and 0 <= float(r[4].rstrip(" |")) <= 1 for r in rows)
