@@ -18,7 +18,8 @@ from torch import Tensor
 
 # Below this many query cells one thread answers faster than a pool of workers starts.
 _PARALLEL_QUERIES = 20_000
-# Items with more cells than this search ``knn_graph(search=...)`` approximately (k-d tree eps).
+# Items with more cells than this are searched approximately where asked (k-d tree eps):
+# ``neighbor_index(approximate=True)``, the search in expression.
 _EXACT_SEARCH_CELLS = 20_000
 _APPROXIMATE_EPS = 2.0
 # Cells per chunk of the expression principal axes (float64, G columns: 46 MB at G = 351).
@@ -195,7 +196,7 @@ def graph_at(positions: Tensor, index: Tensor, valid: Tensor) -> NeighborGraph:
 def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: int) -> Tensor:
     """Each item's cells on the top principal axes of its own standardised expression.
 
-    The space in which :func:`knn_graph` finds cells of similar expression: per item, genes
+    The space in which the local graph finds cells of similar expression: per item, genes
     are centred and scaled over its real cells, and the cells projected on the top
     ``n_components`` eigenvectors of the gene correlation matrix (exact, O(N·G² + G³) time per
     item, read in chunks of cells: memory O(N·n_components + G²), no N x N tensor). Signs of
