@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
+from real_data import one_step_mean_scores
 
-from alphastomics.data.batch import DataHolder
 from alphastomics.data.store import ProcessedStore
-from alphastomics.evaluation.evaluate import score_slice
 from alphastomics.training.checkpoint import load_module
 
 SPLITS = ("train", "test")
@@ -42,26 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def score_entries(module: Any, store: ProcessedStore, seed: int) -> list[dict[str, object]]:
+def score_entries(module: Any, store: ProcessedStore, seed: int) -> list[dict[str, Any]]:
     """One row per training and test entry: its one-step mean layout scored."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for split in SPLITS:
         for i in store.slice_indices(split):
-            arrays = store.load_slice(i)
-            positions = np.asarray(arrays.positions)
-            holder = DataHolder.from_arrays(
-                np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
-            )
-            generator = torch.Generator().manual_seed(seed + i)
-            _, placed = module.predictor.predict_mean(holder, "expr_to_pos", generator=generator)
-            scores = score_slice(
-                arrays.expression, positions, predicted_positions=placed[0].cpu().numpy()
-            )["expr_to_pos"]
+            scores = one_step_mean_scores(module, store, i, seed + i)
             rows.append(
                 {
                     "entry": store.metadata["slices"][i]["name"],
                     "split": split,
-                    "cells": len(positions),
+                    "cells": store.n_cells(i),
                     "spearman": scores["distance_spearman_median"],
                     "knn": scores["knn_preservation"],
                 }
@@ -69,7 +58,7 @@ def score_entries(module: Any, store: ProcessedStore, seed: int) -> list[dict[st
     return rows
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows and each split's cell-weighted mean as a markdown table."""
     lines = [
         "| entry | split | cells | dist. Spearman | kNN(10) pres. |",

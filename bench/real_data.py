@@ -454,6 +454,20 @@ def evaluate_model(
     }
 
 
+def one_step_mean_scores(module: Any, store: ProcessedStore, index: int, seed: int) -> dict:
+    """``score_slice``'s ``expr_to_pos`` scores of store entry ``index`` placed by the model's
+    one-step conditional mean (:meth:`Predictor.predict_mean`, prior draws seeded ``seed``)."""
+    arrays = store.load_slice(index)
+    positions = np.asarray(arrays.positions)
+    holder = DataHolder.from_arrays(
+        np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
+    )
+    generator = torch.Generator(device=module.device).manual_seed(seed)
+    _, placed = module.predictor.predict_mean(holder, "expr_to_pos", generator=generator)
+    predicted = placed[0].cpu().numpy()
+    return score_slice(arrays.expression, positions, predicted_positions=predicted)["expr_to_pos"]
+
+
 def evaluate_one_step_mean(
     args: argparse.Namespace, module: Any, checkpoint: Path, data_dir: Path
 ) -> dict[str, Any] | None:
@@ -466,23 +480,10 @@ def evaluate_one_step_mean(
     if module.cfg.training_mode == "pos_to_expr":
         return None
     store = ProcessedStore(data_dir)
-    scores, weights = [], []
     start = time.perf_counter()
-    for i in store.slice_indices("test"):
-        arrays = store.load_slice(i)
-        positions = np.asarray(arrays.positions)
-        holder = DataHolder.from_arrays(
-            np.asarray(arrays.expression), positions, gene_mask=np.asarray(arrays.gene_mask)
-        )
-        generator = torch.Generator(device=module.device).manual_seed(args.seed + i)
-        _, placed = module.predictor.predict_mean(holder, "expr_to_pos", generator=generator)
-        scores.append(
-            score_slice(arrays.expression, positions, predicted_positions=placed[0].cpu().numpy())[
-                "expr_to_pos"
-            ]
-        )
-        weights.append(len(positions))
-    summary = summarize(scores, weights=weights)
+    indices = store.slice_indices("test")
+    scores = [one_step_mean_scores(module, store, i, args.seed + i) for i in indices]
+    summary = summarize(scores, weights=[store.n_cells(i) for i in indices])
     return {
         "checkpoint": str(checkpoint),
         "training_mode": module.cfg.training_mode,
