@@ -65,7 +65,7 @@ class LocalAttention(MultiHeadProjections):
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, graph: NeighborGraph, rows: slice
     ) -> Tensor:
-        """Output (B, n, H / 2) of the cells ``rows`` of the items, queries ``q`` (B, K, n, d).
+        """Output (B, n, H) of the cells ``rows`` of the items, queries ``q`` (B, K, n, d).
 
         ``keys``/``values`` (B, K, N, d) hold every cell of the items; ``graph`` is theirs.
         """
@@ -106,10 +106,10 @@ class LocalAttention(MultiHeadProjections):
         # an einsum batches over cells ((K x k) @ (k x F) per cell) instead of broadcasting the
         # distance features over the heads
         geometry = torch.einsum("bhnk,bnkf->bnhf", weights, rbf).reshape(b, n, -1)  # (B, n, K·F)
-        return mixed + self.distance_value(geometry)  # (B, n, H / 2)
+        return mixed + self.distance_value(geometry)  # (B, n, H)
 
     def project_out(self, out: Tensor) -> Tensor:
-        """(B, n, H / 2) -> (B, n, H) output projection with dropout."""
+        """(B, n, H) -> (B, n, H) output projection with dropout."""
         return self.dropout(self.out(out))
 
     def forward(self, x: Tensor, graph: NeighborGraph) -> Tensor:

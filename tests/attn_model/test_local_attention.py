@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -175,17 +176,24 @@ def test_graph_found_in_expression_keeps_distances_of_the_positions() -> None:
     torch.testing.assert_close(ratio, ratio[0, 0].expand_as(ratio))  # one scale for the item
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str, note: Callable[..., object]) -> list:
+    """A list that gets ``note(*args)`` at every call the denoiser makes to its ``name``."""
+    seen: list = []
+    real = getattr(model_module, name)
+
+    def spy(*args: torch.Tensor | int):
+        seen.append(note(*args))
+        return real(*args)
+
+    monkeypatch.setattr(model_module, name, spy)
+    return seen
+
+
 def _record_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A list of (positions, index) of every neighbour graph the denoiser builds."""
-    graphs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = model_module.graph_at
-
-    def record(positions: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
-        graphs.append((positions.clone(), index.clone()))
-        return real(positions, index, valid)
-
-    monkeypatch.setattr(model_module, "graph_at", record)
-    return graphs
+    return _spy(
+        monkeypatch, "graph_at", lambda positions, index, _: (positions.clone(), index.clone())
+    )
 
 
 def test_cleaner_graph_reads_expression_in_expr_to_pos_and_positions_in_pos_to_expr(
@@ -281,12 +289,8 @@ def test_a_cell_reads_exactly_its_current_neighbors() -> None:
     assert cell0_change(moved, far) > 1e-3
 
 
-def test_neighbors_are_recomputed_at_every_network_evaluation(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    graphs = _record_graphs(monkeypatch)
-    net = _net()
-    inputs = _inputs(25)
+def _place(net: Denoiser, inputs: dict) -> None:
+    """A 6-step ``expr_to_pos`` sample of ``inputs`` with ``net`` (seed 0)."""
     sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
     sampler.sample(
         inputs["expression_t"],
@@ -295,6 +299,15 @@ def test_neighbors_are_recomputed_at_every_network_evaluation(
         "expr_to_pos",
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def test_neighbors_are_recomputed_at_every_network_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    graphs = _record_graphs(monkeypatch)
+    net = _net()
+    inputs = _inputs(25)
+    _place(net, inputs)
     assert len(graphs) == 6
     assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
 
@@ -390,14 +403,7 @@ def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyP
 
 def _count_expression_searches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one at every computation of the expression axes by the denoiser."""
-    calls: list[int] = []
-
-    def count(expression: torch.Tensor, node_mask: torch.Tensor, n_components: int):
-        calls.append(1)
-        return expression_coordinates(expression, node_mask, n_components)
-
-    monkeypatch.setattr(model_module, "expression_coordinates", count)
-    return calls
+    return _spy(monkeypatch, "expression_coordinates", lambda *_: 1)
 
 
 def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_step(
@@ -407,15 +413,8 @@ def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_st
     graphs = _record_graphs(monkeypatch)
     net = _net(graph="cleaner")
     inputs = _inputs(30)
-    sampler = DiffusionSampler(net, NoiseModel(diffusion_steps=50), steps=6)
     with torch.no_grad():
-        sampler.sample(
-            inputs["expression_t"],
-            inputs["positions_t"],
-            inputs["node_mask"],
-            "expr_to_pos",
-            generator=torch.Generator().manual_seed(0),
-        )
+        _place(net, inputs)
     assert len(calls) == 1 and len(graphs) == 6
     assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
     mask = inputs["node_mask"]
