@@ -14,11 +14,17 @@ information can score, and shows how demanding a target is:
 - **same-slice spatial kNN average** (``pos_to_expr``): each cell's expression predicted as the
   mean true expression of its 10 nearest other cells in the slice.
 
+A second table shows how well layouts transfer between slices: the kNN regression baseline of
+``bench/real_data.py`` (:class:`~alphastomics.evaluation.baselines.KNNPositions`, k = 10, PCA 50)
+fitted on one slice alone (each training entry, and each other test entry: another plane of the
+held-out animal, whose true positions no method is given) places every test entry.
+
 Usage (a store written by ``alphastomics preprocess``, e.g. ``runs/bench_seqfish/data``)::
 
     python bench/placement_ceilings.py --data_dir runs/final/seqfish_s0/data
 
-Prints one markdown table, one row per test entry plus the cell-weighted mean. Seconds.
+Prints two markdown tables: the oracle references (one column per test entry plus the
+cell-weighted mean), then the transfer between slices. Seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from alphastomics.data.store import ProcessedStore
+from alphastomics.evaluation.baselines import KNNPositions
 from alphastomics.evaluation.evaluate import score_slice
 from alphastomics.evaluation.metrics import position_metrics
 
@@ -71,6 +78,26 @@ def references(
         "pos_to_expr"
     ]
     out["same-slice spatial kNN average"] = (score["pcc_gene_mean"],)
+    return out
+
+
+def transfer(
+    store: ProcessedStore, sources: Sequence[int], targets: Sequence[int]
+) -> dict[str, list[tuple[float, float] | None]]:
+    """(distance Spearman, kNN preservation) of each ``targets`` entry placed by a kNN
+    regression fitted on one ``sources`` entry alone; None where the two are the same."""
+    loaded = {i: store.load_slice(i) for i in {*sources, *targets}}
+    out: dict[str, list[tuple[float, float] | None]] = {}
+    for r in sources:
+        model = KNNPositions().fit(loaded[r].expression, loaded[r].positions)
+        row: list[tuple[float, float] | None] = []
+        for i in targets:
+            if i == r:
+                row.append(None)
+                continue
+            m = position_metrics(loaded[i].positions, model.predict(loaded[i].expression))
+            row.append((m["distance_spearman_median"], m["knn_preservation"]))
+        out[store.metadata["slices"][r]["name"]] = row
     return out
 
 
@@ -116,6 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "Placement rows: distance Spearman (median) / kNN(10) preservation; expression row: mean gene PCC."
     )
+    print()
+    print("| kNN regression fitted on one slice | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    sources = [*store.slice_indices("train"), *indices]
+    for source, row in transfer(store, sources, indices).items():
+        cells = ["–" if v is None else f"{v[0]:.3f} / {v[1]:.3f}" for v in row]
+        print(f"| {source} | " + " | ".join(cells) + " |")
+    print()
+    print("Distance Spearman (median) / kNN(10) preservation of each test entry.")
     return 0
 
 

@@ -66,8 +66,15 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
 
 def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:
     assert load_bench_script("placement_ceilings").main(["--data_dir", str(tiny_store)]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    split = next(i for i, line in enumerate(lines) if line.startswith("| kNN regression fitted"))
+    table, transfer = lines[:split], lines[split:]
     assert table[0].startswith("| reference | slice_3 |")
+    # transfer: one row per training entry and per test entry; an entry never places itself
+    assert transfer[0] == "| kNN regression fitted on one slice | slice_3 |"
+    rows = dict(line.strip("| ").split(" | ") for line in transfer[1:])
+    assert set(rows) == {"slice_0", "slice_1", "slice_3"} and rows["slice_3"] == "–"
+    assert all(0 <= float(rows[s].split(" / ")[1]) <= 1 for s in ("slice_0", "slice_1"))
     names = [line.split(" | ")[0][2:] for line in table[1:]]  # the rule line starts "|-"
     assert names[0] == "cell types shuffled" and names[-1] == "same-slice spatial kNN average"
     # the exact layout with little jitter keeps most neighbours; a shuffle keeps few
