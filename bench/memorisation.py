@@ -23,10 +23,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from real_data import one_step_mean_scores
 
 from alphastomics.data.store import ProcessedStore
+from alphastomics.evaluation.metrics import summarize
 from alphastomics.training.checkpoint import load_module
 
 SPLITS = ("train", "test")
@@ -73,14 +73,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         part = [row for row in rows if row["split"] == split]
         if not part:
             continue
-        weights = np.array([row["cells"] for row in part], dtype=float)
-        mean = {
-            key: float(np.average([row[key] for row in part], weights=weights))
-            for key in ("spearman", "knn")
-        }
+        cells = [row["cells"] for row in part]
+        scores = [{"spearman": row["spearman"], "knn": row["knn"]} for row in part]
+        mean = summarize(scores, weights=cells)
         lines.append(
-            f"| mean | {split} | {int(weights.sum())} | {mean['spearman']:.3f} | "
-            f"{mean['knn']:.3f} |"
+            f"| mean | {split} | {sum(cells)} | {mean['spearman']:.3f} | {mean['knn']:.3f} |"
         )
     return "\n".join(lines)
 

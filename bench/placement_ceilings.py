@@ -46,6 +46,12 @@ JITTERS = (0.05, 0.1, 0.2)
 K = 10
 
 
+def placement(true: np.ndarray, layout: np.ndarray) -> tuple[float, float]:
+    """(distance Spearman, kNN preservation) of ``layout`` (N, D) against ``true`` (N, D)."""
+    m = position_metrics(true, layout)
+    return m["distance_spearman_median"], m["knn_preservation"]
+
+
 def references(
     expression: np.ndarray,
     positions: np.ndarray,
@@ -58,8 +64,7 @@ def references(
     out: dict[str, tuple[float, ...]] = {}
 
     def placed(name: str, layout: np.ndarray) -> None:
-        m = position_metrics(positions, layout)
-        out[name] = (m["distance_spearman_median"], m["knn_preservation"])
+        out[name] = placement(positions, layout)
 
     if cell_type is not None:
         shuffled = positions.copy()
@@ -95,8 +100,7 @@ def transfer(
             if i == r:
                 row.append(None)
                 continue
-            m = position_metrics(loaded[i].positions, model.predict(loaded[i].expression))
-            row.append((m["distance_spearman_median"], m["knn_preservation"]))
+            row.append(placement(loaded[i].positions, model.predict(loaded[i].expression)))
         out[store.metadata["slices"][r]["name"]] = row
     return out
 
