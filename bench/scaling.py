@@ -177,8 +177,11 @@ def _worker(
             knn_graph(batch.positions, batch.node_mask, k)
 
     elif kind == "expression_neighbors":
-        from alphastomics.attn_model.model import EXPRESSION_AXES
-        from alphastomics.attn_model.neighbors import expression_coordinates, knn_graph
+        from alphastomics.attn_model.neighbors import (
+            EXPRESSION_AXES,
+            expression_coordinates,
+            knn_graph,
+        )
 
         k = cfg.model.local_neighbors or NEIGHBORS_K
 

@@ -26,7 +26,7 @@ from alphastomics.attn_model.local_attention import (
 from alphastomics.attn_model.local_graphs import LOCAL_GRAPHS
 from alphastomics.attn_model.neighbors import (
     NeighborGraph,
-    expression_coordinates,
+    expression_neighbor_index,
     graph_at,
     neighbor_index,
 )
@@ -43,8 +43,6 @@ from alphastomics.utils.hardware import native_bf16
 # smoothly to 0 instead of blowing up its gradient (LUNA divides by ||x|| + 1e-9).
 _RADIUS_EPS = 1e-2
 _DISPLACEMENT_RANK = 16  # features of the pairwise gate of the neighbour displacement
-# principal axes of expression in which the local graph finds cells of similar expression
-EXPRESSION_AXES = 16
 
 
 @dataclass
@@ -368,8 +366,7 @@ class Denoiser(nn.Module):
         cached = self._expression_search
         if cached is not None and torch.equal(cached[0], searched):
             return cached[1], cached[2]
-        coords = expression_coordinates(expr_t, searched, EXPRESSION_AXES)
-        index, valid = neighbor_index(coords, searched, self.local_neighbors, approximate=True)
+        index, valid = expression_neighbor_index(expr_t, searched, self.local_neighbors)
         if self._reuse_expression_search:
             self._expression_search = (searched, index, valid)
         return index, valid

@@ -24,6 +24,8 @@ _EXACT_SEARCH_CELLS = 20_000
 _APPROXIMATE_EPS = 2.0
 # Cells per chunk of the expression principal axes (float64, G columns: 46 MB at G = 351).
 _PCA_CHUNK = 16_384
+# Principal axes of expression in which cells of similar expression are found.
+EXPRESSION_AXES = 16
 
 
 def _points(x: Tensor) -> np.ndarray:
@@ -193,7 +195,9 @@ def graph_at(positions: Tensor, index: Tensor, valid: Tensor) -> NeighborGraph:
     return NeighborGraph(index=index, valid=valid, distance=distance)
 
 
-def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: int) -> Tensor:
+def expression_coordinates(
+    expression: Tensor, node_mask: Tensor, n_components: int, gene_mask: Tensor | None = None
+) -> Tensor:
     """Each item's cells on the top principal axes of its own standardised expression.
 
     The space in which the local graph finds cells of similar expression: per item, genes
@@ -205,11 +209,14 @@ def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: 
     Parameters
     ----------
     expression
-        (B, N, G) expression (noisy or clean), padded cells and unmeasured genes 0.
+        (B, N, G) expression (noisy or clean), padded cells 0, and unmeasured genes 0 unless
+        ``gene_mask`` names them.
     node_mask
         (B, N) bool, True for a real cell.
     n_components
         Principal axes kept (capped at G).
+    gene_mask
+        (B, G) bool, True for a gene to read; the others count as 0 (default: every gene).
 
     Returns
     -------
@@ -228,8 +235,10 @@ def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: 
             spans = [rows[start : start + _PCA_CHUNK] for start in range(0, n_b, _PCA_CHUNK)]
             total = expression.new_zeros(g, dtype=torch.float64)
             products = expression.new_zeros(g, g, dtype=torch.float64)
+            read = None if gene_mask is None else gene_mask[item].to(torch.float64)  # (G,)
             for span in spans:  # one pass, a chunk of cells at a time: memory O(chunk·G + G²)
                 x = expression[item, span].to(torch.float64)  # (n_c, G)
+                x = x if read is None else x * read
                 total += x.sum(dim=0)
                 products += x.T @ x
             mean = total / n_b
@@ -240,5 +249,20 @@ def expression_coordinates(expression: Tensor, node_mask: Tensor, n_components: 
             axes = vectors[:, -q:] / scale.unsqueeze(1)  # standardise, then project
             for span in spans:
                 x = expression[item, span].to(torch.float64)
+                x = x if read is None else x * read
                 out[item, span] = ((x - mean) @ axes).float()
     return out
+
+
+def expression_neighbor_index(
+    expression: Tensor, node_mask: Tensor, k: int, gene_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each real cell's ``k`` most similar real cells of its item in expression (no gradient).
+
+    Found on the top ``EXPRESSION_AXES`` principal axes of each item's standardised
+    ``expression`` (B, N, G) over the genes of ``gene_mask`` (B, G)
+    (:func:`expression_coordinates`), approximately above ``_EXACT_SEARCH_CELLS`` cells;
+    ``index`` and ``valid`` (B, N, k) as in :class:`NeighborGraph`.
+    """
+    coords = expression_coordinates(expression, node_mask, EXPRESSION_AXES, gene_mask)
+    return neighbor_index(coords, node_mask, k, approximate=True)

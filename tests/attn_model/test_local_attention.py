@@ -17,6 +17,7 @@ from alphastomics.attn_model.local_attention import LocalAttention
 from alphastomics.attn_model.local_graphs import LOCAL_GRAPH_WORDS, LOCAL_GRAPHS
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbors import (
+    EXPRESSION_AXES,
     expression_coordinates,
     knn_graph,
     nearest_references,
@@ -157,6 +158,13 @@ def test_expression_coordinates_read_in_chunks_are_the_same(
     whole = expression_coordinates(expression, mask, 4)
     monkeypatch.setattr(neighbors, "_PCA_CHUNK", 7)
     torch.testing.assert_close(expression_coordinates(expression, mask, 4), whole)
+    # genes left out by a gene mask read as 0, without a zeroed copy of the expression
+    read = torch.arange(N_GENES).remainder(3).ne(0).unsqueeze(0)  # (1, G)
+    zeroed = expression * read.unsqueeze(1)
+    torch.testing.assert_close(
+        expression_coordinates(expression, mask, 4, read),
+        expression_coordinates(zeroed, mask, 4),
+    )
 
 
 def test_graph_found_in_expression_keeps_distances_of_the_positions() -> None:
@@ -212,7 +220,7 @@ def test_cleaner_graph_reads_expression_in_expr_to_pos_and_positions_in_pos_to_e
     net(**both)
     _, index = graphs[-1]
     mask = inputs["node_mask"]
-    axes = expression_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
+    axes = expression_coordinates(inputs["expression_t"], mask, EXPRESSION_AXES)
     by_expression = knn_graph(inputs["positions_t"], mask, 6, search=axes).index[0]
     by_positions = knn_graph(both["positions_t"][1:], mask, 6).index[0]
     assert not torch.equal(by_expression.sort(-1).values, by_positions.sort(-1).values)
@@ -403,7 +411,7 @@ def test_large_items_search_expression_approximately(monkeypatch: pytest.MonkeyP
 
 def _count_expression_searches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one at every computation of the expression axes by the denoiser."""
-    return _spy(monkeypatch, "expression_coordinates", lambda *_: 1)
+    return _spy(monkeypatch, "expression_neighbor_index", lambda *_: 1)
 
 
 def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_step(
@@ -418,7 +426,7 @@ def test_expr_to_pos_searches_the_constant_expression_once_and_measures_every_st
     assert len(calls) == 1 and len(graphs) == 6
     assert all(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(graphs))
     mask = inputs["node_mask"]
-    search = expression_coordinates(inputs["expression_t"], mask, model_module.EXPRESSION_AXES)
+    search = expression_coordinates(inputs["expression_t"], mask, EXPRESSION_AXES)
     fresh = knn_graph(graphs[-1][0], mask, 6, search=search)
     assert torch.equal(fresh.index, graphs[-1][1])
 
