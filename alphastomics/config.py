@@ -126,6 +126,8 @@ class SamplingConfig:
     warm_start: float = 0.0
     grid_power: float = 4.0
     expression_start: float = 0.5
+    consensus: float = 0.5
+    consensus_neighbors: int = 10
 
 
 @dataclass
@@ -308,6 +310,8 @@ def _check(cfg: Config) -> None:
         (0 <= cfg.sampling.eta <= 1, "sampling.eta must be in [0, 1]"),
         (0 <= cfg.sampling.warm_start <= 1, "sampling.warm_start must be in [0, 1]"),
         (cfg.sampling.grid_power > 0, "sampling.grid_power must be > 0 (1 = even spacing)"),
+        (0 <= cfg.sampling.consensus <= 1, "sampling.consensus must be in [0, 1] (0 = off)"),
+        (cfg.sampling.consensus_neighbors >= 1, "sampling.consensus_neighbors must be >= 1"),
         (
             0 <= cfg.sampling.expression_start < 1,
             "sampling.expression_start must be in [0, 1) (0 = joint expression from noise)",
@@ -388,7 +392,8 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     genes, so it has 0; one without ``sampling.grid_power`` sampled with quadratic spacing, so
     it keeps 2 (the same seed gives the same sample as before); one without
     ``model.bf16_min_cells`` trained in float32, so it has null; one without
-    ``sampling.expression_start`` started joint expression from noise, so it has 0.
+    ``sampling.expression_start`` started joint expression from noise, so it has 0; one
+    without ``sampling.consensus`` placed each cell on its own estimate alone, so it has 0.
     """
     upgraded = dict(saved)
     loss = dict(upgraded.get("loss") or {})
@@ -406,6 +411,7 @@ def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     sampling = dict(upgraded.get("sampling") or {})
     sampling.setdefault("grid_power", 2.0)  # sampled with quadratic spacing before grid_power
     sampling.setdefault("expression_start", 0.0)  # joint expression started from noise
+    sampling.setdefault("consensus", 0.0)  # placed each cell on its own estimate alone
     upgraded["sampling"] = sampling
     return upgraded
 

@@ -11,8 +11,9 @@ For every held-out slice and every seed, each sampler configuration samples
   per-gene Pearson correlation (``expression_metrics(...)["pcc_gene_mean"]``).
 
 Settings: DDPM over all T steps, then DDIM for every ``--grid_powers`` spacing (``sampling.grid_power``), ``--etas`` value (0 = deterministic,
-1 = ancestral-like noise), ``--warm_starts`` value (``sampling.warm_start``) and
-``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
+1 = ancestral-like noise), ``--warm_starts`` value (``sampling.warm_start``), ``--consensus``
+share and ``--consensus_neighbors`` count (``sampling.consensus*``, ``expr_to_pos`` only; by
+default the checkpoint's) and ``--ddim_steps`` count. Several seeds separate sampler differences from sampling noise: the table
 gives, per setting, the mean over seeds (each seed's value is the cell-weighted mean over
 slices), the standard deviation across seeds, the gap to DDPM in percent, and the wall time per
 slice. On a shared machine use ``--threads 1`` (see docs/benchmarks.md).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -94,6 +96,8 @@ class Setting:
     eta: float = 0.0
     warm_start: float = 0.0
     grid_power: float = 4.0
+    consensus: float | None = None  # sampling.consensus; None = the checkpoint's
+    consensus_neighbors: int | None = None  # sampling.consensus_neighbors; None = the checkpoint's
 
     @property
     def evaluations(self) -> int:
@@ -115,6 +119,10 @@ class Setting:
         if self.sampler == "ddpm":
             return "ddpm"
         name = f"{self.sampler} eta={self.eta:g} p={self.grid_power:g}"
+        if self.consensus is not None:
+            name += f" c={self.consensus:g}"
+        if self.consensus_neighbors is not None:
+            name += f" k={self.consensus_neighbors}"
         return name + (f" ws={self.warm_start:g}" if self.warm_start > 0 else "")
 
 
@@ -125,18 +133,20 @@ def configurations(
     with_ddpm: bool,
     T: int,
     grid_powers: tuple[float, ...] = (4.0,),
+    consensus: tuple[float | None, ...] = (None,),
+    consensus_neighbors: tuple[int | None, ...] = (None,),
 ) -> list[Setting]:
-    """Settings to compare: DDPM over all T steps, then DDIM per warm start, grid spacing, eta
-    and step count."""
+    """Settings to compare: DDPM over all T steps, then DDIM per warm start, grid spacing, eta,
+    consensus share, consensus neighbours and step count (None: the checkpoint's value)."""
     configs = [Setting("ddpm", T, steps_total=T)] if with_ddpm else []
-    for warm in warm_starts:
-        for power in grid_powers:
-            for eta in etas:
-                configs += [
-                    Setting("ddim", s, eta, warm, power, steps_total=T)
-                    for s in ddim_steps
-                    if 1 <= s <= T
-                ]
+    for warm, power, eta, share, k in itertools.product(
+        warm_starts, grid_powers, etas, consensus, consensus_neighbors
+    ):
+        configs += [
+            Setting("ddim", s, eta, warm, power, share, k, steps_total=T)
+            for s in ddim_steps
+            if 1 <= s <= T
+        ]
     return configs
 
 
@@ -148,6 +158,10 @@ def score_slice(
     sampling = dataclasses.replace(
         module.cfg.sampling, eta=setting.eta, grid_power=setting.grid_power
     )
+    if setting.consensus is not None:
+        sampling = dataclasses.replace(sampling, consensus=setting.consensus)
+    if setting.consensus_neighbors is not None:
+        sampling = dataclasses.replace(sampling, consensus_neighbors=setting.consensus_neighbors)
     module.cfg = dataclasses.replace(
         module.cfg, sampling=sampling
     )  # module.predictor.sample reads these
@@ -185,6 +199,8 @@ def run_benchmark(
     with_ddpm: bool,
     modes: list[str],
     grid_powers: tuple[float, ...] = (4.0,),
+    consensus: tuple[float | None, ...] = (None,),
+    consensus_neighbors: tuple[int | None, ...] = (None,),
 ) -> list[dict[str, Any]]:
     """Score every configuration on every slice of ``split`` for every seed."""
     store = ProcessedStore(store_dir)
@@ -202,7 +218,16 @@ def run_benchmark(
     T = module.noise_model.T
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        runs = configurations(ddim_steps, etas, warm_starts, with_ddpm, T, tuple(grid_powers))
+        runs = configurations(
+            ddim_steps,
+            etas,
+            warm_starts,
+            with_ddpm,
+            T,
+            tuple(grid_powers),
+            tuple(consensus) if mode == "expr_to_pos" else (None,),
+            tuple(consensus_neighbors) if mode == "expr_to_pos" else (None,),
+        )
         if mode == "pos_to_expr":
             runs.append(Setting("mean", 4, steps_total=T))  # one-step mean, 4 prior draws
         for setting in runs:
@@ -227,6 +252,8 @@ def run_benchmark(
                     "eta": setting.eta,
                     "warm_start": setting.warm_start,
                     "grid_power": setting.grid_power,
+                    "consensus": setting.consensus,
+                    "consensus_neighbors": setting.consensus_neighbors,
                     "evaluations": setting.evaluations,
                     "mean": statistics.fmean(per_seed[name]),
                     "sd": statistics.stdev(per_seed[name]) if len(seeds) > 1 else math.nan,
@@ -290,6 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[4.0],
         help="step spacings to compare (sampling.grid_power; 2 = quadratic, 1 = even)",
+    )
+    parser.add_argument(
+        "--consensus",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="expr_to_pos: sampling.consensus shares to compare (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--consensus_neighbors",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="expr_to_pos: sampling.consensus_neighbors to compare (default: the checkpoint's)",
     )
     parser.add_argument("--no_ddpm", action="store_true", help="skip the T-step DDPM reference")
     parser.add_argument("--modes", nargs="+", choices=sorted(METRICS), default=sorted(METRICS))
@@ -364,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             with_ddpm=not args.no_ddpm,
             modes=args.modes,
             grid_powers=tuple(args.grid_powers),
+            consensus=tuple(args.consensus),
+            consensus_neighbors=tuple(args.consensus_neighbors),
         )
     for row in rows:
         row["vs_ddpm_percent"] = _gap_percent(row, rows)

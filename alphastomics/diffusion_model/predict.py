@@ -76,6 +76,8 @@ class Predictor:
             eta=self.sampling.eta,
             warm_start=self.sampling.warm_start,
             grid_power=self.sampling.grid_power,
+            consensus=self.sampling.consensus,
+            consensus_neighbors=self.sampling.consensus_neighbors,
             progress=progress,
         )
 

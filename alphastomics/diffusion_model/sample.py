@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from alphastomics.data.batch import apply_mask, center
+from alphastomics.attn_model.local_attention import gather_cells
+from alphastomics.attn_model.neighbors import expression_neighbor_index
+from alphastomics.data.batch import apply_mask, center, keeps_everything
 from alphastomics.diffusion_model.diffusion_utils import (
     sample_centered_gaussian,
     sample_masked_gaussian,
@@ -70,6 +72,11 @@ class DiffusionSampler:
         (ancestral, every one of the ``T`` steps); ``warm_start`` see :meth:`sample`.
     grid_power
         Spacing of DDIM's steps (:func:`step_grid`).
+    consensus, consensus_neighbors
+        ``expr_to_pos``: at every step each cell's estimate of its clean position moves the
+        share ``consensus`` of the way to the mean estimate of its ``consensus_neighbors`` most
+        similar cells in expression, weighted by how near it they are placed
+        (:func:`pull_to_neighbors`); 0 = off.
     progress
         Wraps the reverse steps ``[(t, s), ...]`` for display, called as
         ``progress(pairs, description)`` (e.g. a tqdm bar; the caller owns the display).
@@ -90,6 +97,8 @@ class DiffusionSampler:
         eta: float = 0.0,
         warm_start: float = 0.0,
         grid_power: float = 4.0,
+        consensus: float = 0.0,
+        consensus_neighbors: int = 10,
         progress: Progress | None = None,
     ) -> None:
         self.model = model
@@ -99,6 +108,8 @@ class DiffusionSampler:
         self.eta = eta
         self.warm_start = warm_start
         self.grid_power = grid_power
+        self.consensus = consensus
+        self.consensus_neighbors = consensus_neighbors
         self.progress = progress
 
     @torch.inference_mode()
@@ -231,6 +242,12 @@ class DiffusionSampler:
                 raise ValueError("known_genes needs pos_to_expr or joint and no known cells")
             given = known_genes.bool().unsqueeze(1)
         true_expr, true_pos = apply_mask(expression, mask), positions
+        # expr_to_pos: the cells most like each cell in its (clean) expression, searched once
+        alike = None
+        if self.consensus > 0 and gen_pos and not gen_expr:
+            read = None if keeps_everything(gene_mask.bool()) else gene_mask.bool()
+            alike = expression_neighbor_index(true_expr, mask, self.consensus_neighbors, read)
+        movable = mask if known is None else mask & ~known
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
         steps_shown = pairs if self.progress is None else self.progress(pairs, f"sampling {mode}")
@@ -267,6 +284,9 @@ class DiffusionSampler:
                     pos_hat = center(out.positions, mask)
                     if known is not None:
                         pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
+                    if alike is not None:
+                        pulled = pull_to_neighbors(pos_hat, *alike, self.consensus)
+                        pos_hat = center(torch.where(movable.unsqueeze(-1), pulled, pos_hat), mask)
                     pos = self._step(
                         "position", pos_hat, pos, step_t, step_s, sampler, eta, generator
                     )
@@ -459,6 +479,27 @@ def _paste_known(
     if to_input_frame:
         return torch.where(known.unsqueeze(-1), true_pos, pos_hat - shift.unsqueeze(1))
     return torch.where(known.unsqueeze(-1), true_pos + shift.unsqueeze(1), pos_hat)
+
+
+def pull_to_neighbors(positions: Tensor, index: Tensor, valid: Tensor, share: float) -> Tensor:
+    """Each cell moved ``share`` of the way to the weighted mean position of its neighbours.
+
+    A neighbour's weight falls with its distance from the cell in ``positions`` (a Gaussian
+    whose variance is the item's mean squared distance to the neighbours), so a cell follows
+    the neighbours placed near it, not those placed elsewhere (a cell type found in two
+    regions is not pulled into the gap between them). ``positions`` (B, N, D);
+    ``index``/``valid`` (B, N, k) as in :class:`~alphastomics.attn_model.neighbors.NeighborGraph`.
+    Cells without a valid neighbour stay where they are. Returns (B, N, D).
+    """
+    near = gather_cells(positions, index)  # (B, N, k, D)
+    squared = (near - positions.unsqueeze(2)).square().sum(dim=-1)  # (B, N, k)
+    real = valid.to(positions.dtype)
+    variance = (squared * real).sum(dim=(1, 2)) / real.sum(dim=(1, 2)).clamp(min=1)  # (B,)
+    variance = variance.clamp(min=torch.finfo(positions.dtype).tiny).view(-1, 1, 1)
+    weight = (torch.exp(-0.5 * squared / variance) * real).unsqueeze(-1)  # (B, N, k, 1)
+    total = weight.sum(dim=2)  # (B, N, 1)
+    mean = (near * weight).sum(dim=2) / total.clamp(min=torch.finfo(positions.dtype).tiny)
+    return torch.where(total > 0, torch.lerp(positions, mean, share), positions)
 
 
 def _constant_expression(model: nn.Module, constant: bool) -> AbstractContextManager[None]:

@@ -344,6 +344,9 @@ def sample_anndata(
         "normalization": prepared.normalization or "not read",
         "expression_estimate": module.cfg.sampling.expression_estimate,
     }
+    if mode == "expr_to_pos":  # how far each cell followed the cells alike in expression
+        meta["consensus"] = module.cfg.sampling.consensus
+        meta["consensus_neighbors"] = module.cfg.sampling.consensus_neighbors
     if measured is not None:
         meta["measured_key"] = measured_key
         meta["n_measured"] = int(measured.sum())

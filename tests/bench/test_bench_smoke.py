@@ -47,21 +47,24 @@ def test_sampler_quality_runs(tmp_path: Path) -> None:
     args += ["--seeds", "0", "1", "--ddim_steps", "5", "--workdir", str(tmp_path / "work")]
     args += ["--json", str(out), "--override", "model.hidden_dim=16", "model.n_layers=1"]
     args += ["model.n_heads=2", "diffusion.diffusion_steps=20", "sampling.steps=5"]
-    args += ["training.max_steps=2"]
+    args += ["training.max_steps=2", "--consensus", "0", "0.5"]
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     names = {(r["mode"], r["metric"], r["label"], r["evaluations"]) for r in rows}
-    few_step = [f"ddim eta={eta} p=4" for eta in (0, 1)]
     expected = {("pos_to_expr", "pcc_gene_mean", "mean (1 step)", 4)}
     for mode, metrics in (
         ("expr_to_pos", ("distance_spearman_median", "knn_preservation")),
         ("pos_to_expr", ("pcc_gene_mean",)),
     ):
+        shares = (" c=0", " c=0.5") if mode == "expr_to_pos" else ("",)  # placement only
+        few_step = [f"ddim eta={eta} p=4{c}" for eta in (0, 1) for c in shares]
         for metric in metrics:
             expected |= {(mode, metric, "ddpm", 20)}
             expected |= {(mode, metric, label, 5) for label in few_step}
     assert names == expected
     assert all(len(r["per_seed"]) == 2 for r in rows)
+    placed = {r["label"]: r["per_seed"] for r in rows if r["metric"] == "distance_spearman_median"}
+    assert placed["ddim eta=1 p=4 c=0"] != placed["ddim eta=1 p=4 c=0.5"]
 
 
 def test_placement_ceilings_runs(tiny_store: Path, capsys) -> None:

@@ -200,6 +200,7 @@ def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
     info = ad.read_h5ad(out).uns["alphastomics"]
     assert len(info["missing_genes"]) == 2
     assert info["missing_gene_share"] == pytest.approx(2 / adata.n_vars)
+    assert info["consensus"] == 0.5 and info["consensus_neighbors"] == 10  # the defaults
 
 
 def test_sampled_anndata_keeps_what_the_user_gave(trained, tmp_path):
