@@ -76,7 +76,8 @@ class DiffusionSampler:
         ``expr_to_pos``: at every step each cell's estimate of its clean position moves the
         share ``consensus`` of the way to the mean estimate of its ``consensus_neighbors`` most
         similar cells in expression, weighted by how near it they are placed
-        (:func:`pull_to_neighbors`); 0 = off.
+        (:func:`pull_to_neighbors`), the layout then scaled back to the estimate's RMS radius
+        (without known cells, which fix the frame); 0 = off.
     progress
         Wraps the reverse steps ``[(t, s), ...]`` for display, called as
         ``progress(pairs, description)`` (e.g. a tqdm bar; the caller owns the display).
@@ -285,7 +286,9 @@ class DiffusionSampler:
                     if known is not None:
                         pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
                     if alike is not None:
-                        pulled = pull_to_neighbors(pos_hat, *alike, self.consensus)
+                        pulled = center(pull_to_neighbors(pos_hat, *alike, self.consensus), mask)
+                        if known is None:  # known cells fix the frame; else keep the spread
+                            pulled = _with_spread_of(pos_hat, pulled, mask)
                         pos_hat = center(torch.where(movable.unsqueeze(-1), pulled, pos_hat), mask)
                     pos = self._step(
                         "position", pos_hat, pos, step_t, step_s, sampler, eta, generator
@@ -500,6 +503,17 @@ def pull_to_neighbors(positions: Tensor, index: Tensor, valid: Tensor, share: fl
     total = weight.sum(dim=2)  # (B, N, 1)
     mean = (near * weight).sum(dim=2) / total.clamp(min=torch.finfo(positions.dtype).tiny)
     return torch.where(total > 0, torch.lerp(positions, mean, share), positions)
+
+
+def _with_spread_of(reference: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    """Centred ``positions`` (B, N, D) scaled per item to the RMS radius of the centred
+    ``reference`` (B, N, D) over the real cells of ``mask`` (B, N): a pull toward neighbours
+    shrinks a layout, and the consensus is to arrange cells, not to scale the layout."""
+    real = mask.unsqueeze(-1).to(positions.dtype)
+    tiny = torch.finfo(positions.dtype).tiny
+    wanted = (reference.square() * real).sum(dim=(1, 2))  # (B,)
+    have = (positions.square() * real).sum(dim=(1, 2)).clamp(min=tiny)
+    return positions * torch.sqrt(wanted / have).view(-1, 1, 1)
 
 
 def _constant_expression(model: nn.Module, constant: bool) -> AbstractContextManager[None]:

@@ -8,7 +8,7 @@ import torch
 
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import load_config, upgrade_saved_config
-from alphastomics.data.batch import masked_mean
+from alphastomics.data.batch import center, masked_mean
 from alphastomics.diffusion_model import sample as sample_module
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, pull_to_neighbors
@@ -114,3 +114,26 @@ def test_consensus_reaches_the_sampler_is_checked_and_old_checkpoints_keep_it_of
     assert upgrade_saved_config({"sampling": {"steps": 10}})["sampling"]["consensus"] == 0.0
     kept = upgrade_saved_config({"sampling": {"consensus": 0.25}})
     assert kept["sampling"]["consensus"] == 0.25
+
+
+def test_consensus_keeps_the_spread_of_each_estimate() -> None:
+    """A pull toward neighbours shrinks a layout; the sampler scales it back, per item, to the
+    RMS radius of the network's own estimate, so only the arrangement changes."""
+    _, on, expr, pos, mask = _setup()
+    estimates = []
+    forward = on.model.forward
+
+    def recording(*args):
+        out = forward(*args)
+        estimates.append(center(out.positions, mask))
+        return out
+
+    on.model.forward = recording
+    _, placed = _draw(on, expr, pos, mask, "expr_to_pos")
+    real = mask.unsqueeze(-1).float()
+
+    def radius(x: torch.Tensor) -> torch.Tensor:
+        return ((x.square() * real).sum(dim=(1, 2)) / real.sum(dim=(1, 2))).sqrt()
+
+    torch.testing.assert_close(radius(placed), radius(estimates[-1]))
+    assert not torch.allclose(placed, estimates[-1], atol=1e-4)  # but arranged differently
