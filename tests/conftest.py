@@ -27,7 +27,9 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
+from alphastomics.attn_model.model import Denoiser
 from alphastomics.data.preprocess import SpatialDataPreprocessor
 from alphastomics.data.synthetic import synthetic_tissue
 from alphastomics.main import main
@@ -64,6 +66,27 @@ def small_slice(
     pos -= pos.mean(0)
     pos /= np.sqrt((pos**2).sum(1).mean() / 3)
     return expr, pos.astype(np.float32)
+
+
+def padded_batch(
+    n_cells: int = 9, n_real_second: int = 6, n_dims: int = 3, n_genes: int = 6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two items of random expression (2, N, G) and positions (2, N, D), and their mask (2, N):
+    the second item has ``n_real_second`` real cells, its padded rows 0. Seeded."""
+    gen = torch.Generator().manual_seed(1)
+    expr = torch.randn(2, n_cells, n_genes, generator=gen)
+    pos = torch.randn(2, n_cells, n_dims, generator=gen)
+    mask = torch.ones(2, n_cells, dtype=torch.bool)
+    mask[1, n_real_second:] = False
+    expr[1, n_real_second:] = 0
+    pos[1, n_real_second:] = 0
+    return expr, pos, mask
+
+
+def small_denoiser(n_genes: int = 6, n_dims: int = 3) -> Denoiser:
+    """A one-layer width-16 Denoiser in eval mode, weights seeded."""
+    torch.manual_seed(0)
+    return Denoiser(n_genes=n_genes, n_dims=n_dims, hidden_dim=16, n_layers=1, n_heads=2).eval()
 
 
 def make_tiny_adata(

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
+from conftest import padded_batch, small_denoiser
 
-from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import load_config, upgrade_saved_config
 from alphastomics.data.batch import center, masked_mean
 from alphastomics.diffusion_model import sample as sample_module
@@ -47,16 +47,9 @@ def test_pull_follows_the_alike_cells_placed_near_not_those_far_away() -> None:
 
 
 def _setup() -> tuple[DiffusionSampler, DiffusionSampler, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Denoiser(n_genes=6, n_dims=2, hidden_dim=16, n_layers=1, n_heads=2).eval()
+    model = small_denoiser(n_dims=2)
     noise = NoiseModel(diffusion_steps=50)
-    gen = torch.Generator().manual_seed(1)
-    expr = torch.randn(2, 12, 6, generator=gen)
-    pos = torch.randn(2, 12, 2, generator=gen)
-    mask = torch.ones(2, 12, dtype=torch.bool)
-    mask[1, 8:] = False
-    expr[1, 8:] = 0
-    pos[1, 8:] = 0
+    expr, pos, mask = padded_batch(n_cells=12, n_real_second=8, n_dims=2)
     off = DiffusionSampler(model, noise, eta=1.0)
     on = DiffusionSampler(model, noise, eta=1.0, consensus=0.5, consensus_neighbors=3)
     return off, on, expr, pos, mask

@@ -1,24 +1,16 @@
 import pytest
 import torch
+from conftest import padded_batch, small_denoiser
 
-from alphastomics.attn_model.model import Denoiser
 from alphastomics.data.batch import center, masked_mean
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.sample import DiffusionSampler, step_grid
 
 
 def _setup(n_dims=3, T=50):
-    torch.manual_seed(0)
-    model = Denoiser(n_genes=6, n_dims=n_dims, hidden_dim=16, n_layers=1, n_heads=2).eval()
-    noise = NoiseModel(diffusion_steps=T)
-    gen = torch.Generator().manual_seed(1)
-    expr = torch.randn(2, 9, 6, generator=gen)
-    pos = torch.randn(2, 9, n_dims, generator=gen)
-    mask = torch.ones(2, 9, dtype=torch.bool)
-    mask[1, 6:] = False
-    expr[1, 6:] = 0
-    pos[1, 6:] = 0
-    return DiffusionSampler(model, noise), expr, pos, mask
+    model = small_denoiser(n_dims=n_dims)
+    expr, pos, mask = padded_batch(n_dims=n_dims)
+    return DiffusionSampler(model, NoiseModel(diffusion_steps=T)), expr, pos, mask
 
 
 def test_step_grid_descends_from_T_to_zero():

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_OVERRIDES, make_tiny_adata
+from conftest import TINY_OVERRIDES, make_tiny_adata, padded_batch, small_denoiser
 
-from alphastomics.attn_model.model import Denoiser
 from alphastomics.config import load_config, upgrade_saved_config
 from alphastomics.data.batch import DataHolder, collate_holders
 from alphastomics.diffusion_model.diffusion_utils import hide_genes
@@ -105,16 +104,8 @@ def test_hide_share_keys_are_checked_and_old_checkpoints_hid_nothing() -> None:
 
 
 def _sampler() -> tuple[DiffusionSampler, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Denoiser(n_genes=6, n_dims=3, hidden_dim=16, n_layers=1, n_heads=2).eval()
-    gen = torch.Generator().manual_seed(1)
-    expr = torch.randn(2, 9, 6, generator=gen)
-    pos = torch.randn(2, 9, 3, generator=gen)
-    mask = torch.ones(2, 9, dtype=torch.bool)
-    mask[1, 6:] = False
-    expr[1, 6:] = 0
-    pos[1, 6:] = 0
-    return DiffusionSampler(model, NoiseModel(diffusion_steps=20)), expr, pos, mask
+    expr, pos, mask = padded_batch()
+    return DiffusionSampler(small_denoiser(), NoiseModel(diffusion_steps=20)), expr, pos, mask
 
 
 def test_impute_mean_reads_only_the_known_genes_once() -> None:
