@@ -248,7 +248,6 @@ class DiffusionSampler:
         if self.consensus > 0 and gen_pos and not gen_expr:
             read = None if keeps_everything(gene_mask.bool()) else gene_mask.bool()
             alike = expression_neighbor_index(true_expr, mask, self.consensus_neighbors, read)
-        movable = mask if known is None else mask & ~known
         expr_hat, pos_hat = expr, pos
         pairs = list(itertools.pairwise(grid))
         steps_shown = pairs if self.progress is None else self.progress(pairs, f"sampling {mode}")
@@ -287,9 +286,12 @@ class DiffusionSampler:
                         pos_hat = center(_paste_known(pos_hat, true_pos, known), mask)
                     if alike is not None:
                         pulled = center(pull_to_neighbors(pos_hat, *alike, self.consensus), mask)
-                        if known is None:  # known cells fix the frame; else keep the spread
-                            pulled = _with_spread_of(pos_hat, pulled, mask)
-                        pos_hat = center(torch.where(movable.unsqueeze(-1), pulled, pos_hat), mask)
+                        if known is None:  # the network's estimate sets the spread
+                            pos_hat = _with_spread_of(pos_hat, pulled, mask)
+                        else:  # known cells stay where they are and fix the frame
+                            pos_hat = center(
+                                torch.where(known.unsqueeze(-1), pos_hat, pulled), mask
+                            )
                     pos = self._step(
                         "position", pos_hat, pos, step_t, step_s, sampler, eta, generator
                     )
