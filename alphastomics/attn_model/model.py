@@ -142,8 +142,8 @@ class Denoiser(nn.Module):
         than their positions (the others read none); ``"cleaner"``, per item, whichever of the
         two has the lower diffusion time (expression in ``expr_to_pos``, positions in
         ``pos_to_expr``). Distances and offsets are read in the current positions always. The
-        search in expression costs O(N·G²) for the axes and a k-d tree in 16 dimensions, exact
-        up to a few tens of thousands of cells per item and approximate above
+        search in expression costs O(N·G²) for the axes and a search in 16 dimensions, exact
+        (brute force) up to a few tens of thousands of cells per item and approximate above
         (:func:`~alphastomics.attn_model.neighbors.neighbor_index`; costs in docs/benchmarks.md).
     checkpoint_min_cells
         Activation checkpointing: while gradients are recorded, a batch with at least this many

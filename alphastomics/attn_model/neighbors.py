@@ -1,14 +1,19 @@
-"""k-nearest-neighbour search over the cells of an item: k-d trees, never an N x N tensor.
+"""k-nearest-neighbour search over the cells of an item, never an N x N tensor.
 
 One owner for every neighbour search of the package: the denoiser's local attention (on the
 item's *current* positions, at every network evaluation), the sampled distance loss (on the
-true positions) and the neighbour read-out (query cells among reference cells). Building a
-k-d tree is O(N log N) and a query O(log N) per cell, memory O(N·k); tensors on a GPU make a
-round trip through host memory (N·D floats out, N·k indices back).
+true positions), the neighbour read-out (query cells among reference cells) and the search in
+expression (local attention and the sampler's consensus). In positions (2 or 3 axes) a k-d tree:
+building it is O(N log N) and a query O(log N) per cell, memory O(N·k); tensors on a GPU make a
+round trip through host memory (N·D floats out, N·k indices back). In expression (16 axes), where
+a k-d tree prunes little, items of up to ``_EXACT_SEARCH_CELLS`` cells are searched exactly by
+blocked brute force on their own device (O(N²) time, bounded by that size; O(block·N) memory),
+larger ones by an approximate k-d tree.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +23,12 @@ from torch import Tensor
 
 # Below this many query cells one thread answers faster than a pool of workers starts.
 _PARALLEL_QUERIES = 20_000
-# Items with more cells than this are searched approximately where asked (k-d tree eps):
-# ``neighbor_index(approximate=True)``, the search in expression.
+# The search in many axes (``neighbor_index(high_dimensional=True)``, the search in expression):
+# items of up to this many cells by brute force, larger ones by an approximate k-d tree (eps).
 _EXACT_SEARCH_CELLS = 20_000
 _APPROXIMATE_EPS = 2.0
+# Query cells per block of the brute-force search: (block, N) distances, 82 MB at N = 20,000.
+_BRUTE_FORCE_ROWS = 512
 # Cells per chunk of the expression principal axes (float64, G columns: 46 MB at G = 351).
 _PCA_CHUNK = 16_384
 # Principal axes of expression in which cells of similar expression are found.
@@ -75,6 +82,43 @@ def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
     drop = index == np.arange(n)[:, None]
     drop[~drop.any(axis=1), -1] = True  # self not returned (duplicates): drop the farthest
     return torch.from_numpy(index[~drop].reshape(n, k)).to(positions.device)
+
+
+def brute_force_neighbors(points: Tensor, k: int) -> Tensor:
+    """Each cell's ``k`` nearest other cells by blocked brute force (exact, no gradient).
+
+    O(n²·F) time and O(``_BRUTE_FORCE_ROWS``·n) memory, on the device of ``points`` (float64 on
+    CPU, float32 on a GPU): faster than a k-d tree in many dimensions up to some tens of
+    thousands of cells, where a k-d tree prunes little.
+
+    Parameters
+    ----------
+    points
+        (n, F) coordinates of one item's real cells.
+    k
+        Neighbours per cell; capped at n - 1.
+
+    Returns
+    -------
+    Tensor
+        (n, min(k, n - 1)) long indices into ``points``, nearest first, self excluded (also when
+        several cells share a location).
+    """
+    n = points.shape[0]
+    k = max(0, min(k, n - 1))
+    dtype = torch.float64 if points.device.type == "cpu" else torch.float32
+    # non-finite coordinates get neighbours of the origin, as in the k-d tree search
+    x = torch.nan_to_num(points.detach().to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    norms = x.square().sum(dim=1)  # (n,)
+    index = torch.empty(n, k, dtype=torch.long, device=points.device)
+    for start in range(0, n, _BRUTE_FORCE_ROWS):
+        stop = min(start + _BRUTE_FORCE_ROWS, n)
+        squared = x[start:stop] @ x.T  # (rows, n), then in place: |a|² - 2 a·b + |b|²
+        squared.mul_(-2.0).add_(norms[start:stop, None]).add_(norms)
+        rows = torch.arange(stop - start, device=x.device)
+        squared[rows, rows + start] = math.inf  # never itself
+        index[start:stop] = squared.topk(k, dim=1, largest=False).indices
+    return index
 
 
 def nearest_references(query: Tensor, reference: Tensor, k: int) -> Tensor:
@@ -136,8 +180,9 @@ def knn_graph(
     search
         (B, N, F) coordinates in which the nearest cells are found instead of ``positions``
         (for example :func:`expression_coordinates`); distances are still measured in
-        ``positions``. Items of more than ``_EXACT_SEARCH_CELLS`` cells search it
-        approximately (``eps = _APPROXIMATE_EPS``, see :func:`nearest_neighbors`).
+        ``positions``; it is searched as a space of many axes (``neighbor_index`` with
+        ``high_dimensional``: by brute force up to ``_EXACT_SEARCH_CELLS`` cells, approximately
+        above).
 
     Returns
     -------
@@ -145,18 +190,20 @@ def knn_graph(
         On the device of ``positions``.
     """
     space = positions if search is None else search
-    index, valid = neighbor_index(space, node_mask, k, approximate=search is not None)
+    index, valid = neighbor_index(space, node_mask, k, high_dimensional=search is not None)
     return graph_at(positions, index, valid)
 
 
 def neighbor_index(
-    space: Tensor, node_mask: Tensor, k: int, approximate: bool = False
+    space: Tensor, node_mask: Tensor, k: int, high_dimensional: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Each real cell's ``k`` nearest real cells of its item in ``space`` (no gradient).
 
     ``space`` (B, N, F) and ``node_mask`` (B, N) bool give ``index`` (B, N, k) long and
-    ``valid`` (B, N, k) bool as in :class:`NeighborGraph`. With ``approximate``, items of more
-    than ``_EXACT_SEARCH_CELLS`` cells are searched with ``eps = _APPROXIMATE_EPS``.
+    ``valid`` (B, N, k) bool as in :class:`NeighborGraph`. An exact k-d tree search, or with
+    ``high_dimensional`` (many axes, where a k-d tree prunes little): items of up to
+    ``_EXACT_SEARCH_CELLS`` cells exactly by :func:`brute_force_neighbors`, larger ones by a
+    k-d tree with ``eps = _APPROXIMATE_EPS``.
     """
     b, n, _ = space.shape
     device = space.device
@@ -169,11 +216,14 @@ def neighbor_index(
             if counts[item] < 2:
                 continue
             rows = torch.nonzero(mask[item]).squeeze(1)  # (n_b,)
-            # above a few tens of thousands of cells an exact search in many dimensions grows
-            # much faster than N: approximate it there (each neighbour within (1 + eps) times
-            # the distance of the exact k-th one)
-            eps = _APPROXIMATE_EPS if approximate and len(rows) > _EXACT_SEARCH_CELLS else 0.0
-            neighbors = nearest_neighbors(space[item, rows], k, eps)  # (n_b, k_b)
+            if high_dimensional and len(rows) <= _EXACT_SEARCH_CELLS:
+                neighbors = brute_force_neighbors(space[item, rows], k)  # (n_b, k_b)
+            else:
+                # above a few tens of thousands of cells an exact search in many dimensions
+                # grows much faster than N: approximate it there (each neighbour within
+                # (1 + eps) times the distance of the exact one)
+                eps = _APPROXIMATE_EPS if high_dimensional else 0.0
+                neighbors = nearest_neighbors(space[item, rows], k, eps)  # (n_b, k_b)
             k_b = neighbors.shape[1]
             index[item, rows, :k_b] = rows[neighbors]
             valid[item, rows, :k_b] = True
@@ -261,8 +311,9 @@ def expression_neighbor_index(
 
     Found on the top ``EXPRESSION_AXES`` principal axes of each item's standardised
     ``expression`` (B, N, G) over the genes of ``gene_mask`` (B, G)
-    (:func:`expression_coordinates`), approximately above ``_EXACT_SEARCH_CELLS`` cells;
+    (:func:`expression_coordinates`), exactly up to ``_EXACT_SEARCH_CELLS`` cells and
+    approximately above (:func:`neighbor_index` with ``high_dimensional``);
     ``index`` and ``valid`` (B, N, k) as in :class:`NeighborGraph`.
     """
     coords = expression_coordinates(expression, node_mask, EXPRESSION_AXES, gene_mask)
-    return neighbor_index(coords, node_mask, k, approximate=True)
+    return neighbor_index(coords, node_mask, k, high_dimensional=True)
