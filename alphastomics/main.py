@@ -172,6 +172,12 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
         "--seed", type=_seed, default=0, help="seed of the sampling noise (0 to 2**32-1)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing metrics and figures")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="sampling.KEY=VALUE",
+        help="change how the checkpoint samples, e.g. sampling.consensus=0 (sampling.* only)",
+    )
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -217,6 +223,12 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     _add_input_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="sampling.KEY=VALUE",
+        help="change how the checkpoint samples, e.g. sampling.consensus=0 (sampling.* only)",
+    )
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -338,7 +350,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     output_dir = args.output_dir or args.checkpoint.parent.parent / f"test_{args.split}"
     if (output_dir / "metrics.json").exists():
         check_output_dir(output_dir, overwrite=args.overwrite)
-    module = load_module(args.checkpoint)
+    module = load_module(args.checkpoint, sampling_overrides=args.overrides)
     check_steps(module, args.steps)
     result = run_evaluation(
         module,
@@ -419,7 +431,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     output = validate_output(
         args.output or default_output(source, args.sample_mode), source, args.overwrite
     )
-    module = load_module(args.checkpoint)
+    module = load_module(args.checkpoint, sampling_overrides=args.overrides)
     check_sample_request(module, args.sample_mode, args.steps, args.num_samples)
     common = {
         "mode": args.sample_mode,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alphastomics import __version__
-from alphastomics.config import Config, load_config, upgrade_saved_config
+from alphastomics.config import Config, config_to_dict, load_config, upgrade_saved_config
 from alphastomics.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -77,14 +78,35 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> Config:
         ) from err
 
 
-def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModule:
-    """Rebuild an :class:`AlphaSTomicsModule` (EMA weights when training used them), in eval mode."""
+def with_sampling_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with dotted ``sampling.KEY=VALUE`` overrides applied and checked.
+
+    Only the ``sampling`` section may change after training; any other key is a
+    :class:`UserInputError` (the trained model fixes it).
+    """
+    for item in overrides:
+        if not item.startswith("sampling."):
+            raise UserInputError(
+                f"override {item!r}: only sampling.* settings can change after training (the "
+                "trained model fixes the others); drop it, or train again with it"
+            )
+    return load_config(base=config_to_dict(cfg), overrides=list(overrides)) if overrides else cfg
+
+
+def load_module(
+    path: str | Path, map_location: str = "cpu", sampling_overrides: Sequence[str] = ()
+) -> AlphaSTomicsModule:
+    """Rebuild an :class:`AlphaSTomicsModule` (EMA weights when training used them), in eval mode.
+
+    ``sampling_overrides``: dotted ``sampling.KEY=VALUE`` words that change how it samples
+    (:func:`with_sampling_overrides`), e.g. ``sampling.consensus=0``.
+    """
     from alphastomics.training.module import AlphaSTomicsModule
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     module = AlphaSTomicsModule(
-        checkpoint_config(ckpt, path),
+        with_sampling_overrides(checkpoint_config(ckpt, path), sampling_overrides),
         hp["num_genes"],
         gene_names=hp.get("gene_names"),
         gene_mean=hp.get("gene_mean"),
@@ -100,6 +122,7 @@ def load_module(path: str | Path, map_location: str = "cpu") -> AlphaSTomicsModu
             "is damaged or was edited"
         ) from err
     module.on_load_checkpoint(ckpt)  # what the module keeps beside its weights
+    module.sampling_overrides = list(sampling_overrides)
     module.to(map_location)
     module.eval()
     return module

@@ -85,6 +85,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         cfg, _ = resolve_auto(cfg, data_info.n_training_frames)
         cfg_dict = config_to_dict(cfg)
         self.cfg: Config = cfg
+        self.sampling_overrides: list[str] = []  # sampling.* words applied at load (load_module)
         self.save_hyperparameters(
             {
                 "cfg": cfg_dict,

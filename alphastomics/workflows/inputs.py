@@ -160,7 +160,8 @@ def sampling_record(
     checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """What every sampled AnnData records in ``uns["alphastomics"]`` of the run that made it
-    (``checkpoint`` left out when None); each mode adds its own entries."""
+    (``checkpoint`` left out when None, ``sampling_overrides`` when there were none); each mode
+    adds its own entries."""
     record: dict[str, Any] = {
         "mode": mode,
         "sampler": sampler or module.cfg.sampling.sampler,
@@ -170,6 +171,8 @@ def sampling_record(
     }
     if checkpoint is not None:
         record["checkpoint"] = checkpoint
+    if module.sampling_overrides:
+        record["sampling_overrides"] = list(module.sampling_overrides)
     return record | {"version": __version__, "input": source}
 
 

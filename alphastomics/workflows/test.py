@@ -182,6 +182,7 @@ def _result(
         "sampler": sampler or module.cfg.sampling.sampler,
         "steps": steps or module.cfg.sampling.steps,
         "seed": seed,
+        "sampling_overrides": list(module.sampling_overrides),
         "units": "positions in the store's scaled units; expression log-normalised",
         "slices": per_slice,
         "overall": overall,

@@ -203,6 +203,40 @@ def test_sample_matches_genes_by_name(trained, tmp_path, caplog):
     assert info["consensus"] == 0.5 and info["consensus_neighbors"] == 10  # the defaults
 
 
+def test_sampling_settings_change_at_sample_and_test_time_and_nothing_else(
+    trained, tmp_path, capsys
+):
+    out, off = tmp_path / "default.h5ad", tmp_path / "off.h5ad"
+    assert main(_sample_argv(trained, trained["test_h5ad"], out, "expr_to_pos")) == 0
+    argv = _sample_argv(trained, trained["test_h5ad"], off, "expr_to_pos")
+    assert main([*argv, "sampling.consensus=0", "sampling.eta=0.5"]) == 0
+    default, changed = (ad.read_h5ad(p) for p in (out, off))
+    info = changed.uns["alphastomics"]
+    assert info["consensus"] == 0 and list(info["sampling_overrides"]) == [
+        "sampling.consensus=0",
+        "sampling.eta=0.5",
+    ]
+    assert "sampling_overrides" not in default.uns["alphastomics"]
+    assert not np.allclose(
+        default.obsm["alphastomics_positions"], changed.obsm["alphastomics_positions"]
+    )
+    test_out = tmp_path / "test"
+    test = ["test", "--checkpoint", trained["ckpt"], "--data_dir", trained["store"]]
+    assert cli(*test, "--output_dir", test_out, "sampling.consensus=0") == 0
+    metrics = json.loads((test_out / "metrics.json").read_text())
+    assert metrics["sampling_overrides"] == ["sampling.consensus=0"]
+    # what training fixed, or a bad value: one line, exit 2, nothing written
+    for bad, said in (
+        ("model.hidden_dim=8", "only sampling.* settings"),
+        ("sampling.consensus=2", "sampling.consensus"),
+        ("sampling.no_such_key=1", "sampling.no_such_key"),
+    ):
+        refused = tmp_path / f"refused_{bad.split('=')[0]}.h5ad"
+        assert main([*_sample_argv(trained, trained["test_h5ad"], refused, "joint"), bad]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and not refused.exists()
+
+
 def test_sampled_anndata_keeps_what_the_user_gave(trained, tmp_path):
     """pos_to_expr on a gene subset keeps X, obs, var, uns; ours is beside them."""
     adata = ad.read_h5ad(trained["test_h5ad"])[:, :10].copy()
