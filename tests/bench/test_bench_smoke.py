@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 from conftest import BENCH, TINY_OVERRIDES, load_bench_script
+from scipy.spatial.distance import pdist
 
 from alphastomics.main import main as cli
 
@@ -118,3 +121,48 @@ def test_memorisation_scores_training_and_test_entries(tiny_store: Path, tmp_pat
         ("mean", "test"),
     ]
     assert all(-1 <= float(r[3]) <= 1 and 0 <= float(r[4].rstrip(" |")) <= 1 for r in rows)
+
+
+def test_held_out_settings_keep_turn_and_cut(tmp_path: Path) -> None:
+    bench = load_bench_script("held_out_settings")
+    rng = np.random.default_rng(0)
+    slices = np.repeat(["a", "b", "c", "d"], 30)
+    positions = rng.normal(size=(120, 2)).astype(np.float32) + 5.0
+    adata = ad.AnnData(rng.random((120, 6)).astype(np.float32), obs={"slice": slices})
+    adata.obsm["spatial"] = positions
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    kept, turned, blocks = (tmp_path / f"{n}.h5ad" for n in ("kept", "turned", "blocks"))
+    common = ["--h5ad", str(src), "--keep_slices", "a", "c", "d"]
+    assert bench.main(["slices", *common, "--output", str(kept)]) == 0
+    assert bench.main(["slices", *common, "--rotate", "--output", str(turned)]) == 0
+    same, rotated = ad.read_h5ad(kept), ad.read_h5ad(turned)
+    assert list(same.obs["slice"].cat.categories) == ["a", "c", "d"] and same.n_obs == 90
+    np.testing.assert_array_equal(same.X, rotated.X)
+    for name in ("a", "c", "d"):  # each slice turned rigidly about its own centroid
+        rows = (same.obs["slice"] == name).to_numpy()
+        before, after = same.obsm["spatial"][rows], rotated.obsm["spatial"][rows]
+        np.testing.assert_allclose(before.mean(0), after.mean(0), atol=1e-4)
+        np.testing.assert_allclose(pdist(before), pdist(after), atol=1e-4)
+        assert not np.allclose(before, after)
+    assert (
+        bench.main(["blocks", "--h5ad", str(src), "--n_blocks", "4", "--output", str(blocks)]) == 0
+    )
+    cut = ad.read_h5ad(blocks)
+    assert cut.obs["block"].value_counts().to_dict() == {f"block{b}": 30 for b in range(4)}
+    x = cut.obsm["spatial"][:, 0]
+    assert x[cut.obs["block"] == "block0"].max() < x[cut.obs["block"] == "block1"].min()
+    with pytest.raises(SystemExit, match="exists"):
+        bench.main(["blocks", "--h5ad", str(src), "--output", str(blocks)])
+    with pytest.raises(SystemExit, match="no slice"):
+        bench.main(
+            [
+                "slices",
+                "--h5ad",
+                str(src),
+                "--keep_slices",
+                "z",
+                "--output",
+                str(tmp_path / "z.h5ad"),
+            ]
+        )
