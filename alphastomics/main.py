@@ -151,6 +151,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
+def _add_sampling_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="sampling.KEY=VALUE",
+        help="change how the checkpoint samples, e.g. sampling.consensus=0 (sampling.* only)",
+    )
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="sample held-out slices and write metrics.json and figures")
     p.add_argument("--checkpoint", type=Path, required=True, help=_CHECKPOINT_HELP)
@@ -172,12 +181,7 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
         "--seed", type=_seed, default=0, help="seed of the sampling noise (0 to 2**32-1)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing metrics and figures")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="sampling.KEY=VALUE",
-        help="change how the checkpoint samples, e.g. sampling.consensus=0 (sampling.* only)",
-    )
+    _add_sampling_overrides(p)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -223,12 +227,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     _add_input_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="sampling.KEY=VALUE",
-        help="change how the checkpoint samples, e.g. sampling.consensus=0 (sampling.* only)",
-    )
+    _add_sampling_overrides(p)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
