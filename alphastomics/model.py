@@ -47,11 +47,22 @@ class AlphaSTomics:
         self.checkpoint = "" if checkpoint is None else str(checkpoint)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, map_location: str = "cpu") -> AlphaSTomics:
-        """Load ``RUN/checkpoints/best.ckpt`` (or ``last.ckpt``) written by training."""
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        map_location: str = "cpu",
+        sampling_overrides: Sequence[str] = (),
+    ) -> AlphaSTomics:
+        """Load ``RUN/checkpoints/best.ckpt`` (or ``last.ckpt``) written by training.
+
+        ``sampling_overrides``: dotted ``sampling.KEY=VALUE`` words that change how it samples,
+        as on the command line (e.g. ``["sampling.consensus=0"]``); other keys are refused.
+        """
         from alphastomics.training.checkpoint import load_module
 
-        return cls(load_module(checkpoint, map_location=map_location), checkpoint)
+        module = load_module(checkpoint, map_location, sampling_overrides)
+        return cls(module, checkpoint)
 
     @classmethod
     def train(

@@ -47,3 +47,8 @@ def test_train_load_and_every_mode_on_anndata(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         again.place(cells).obsm[keys.POSITIONS], model.place(cells).obsm[keys.POSITIONS]
     )
+    off = AlphaSTomics.load(model.checkpoint, sampling_overrides=["sampling.consensus=0"])
+    assert off.module.cfg.sampling.consensus == 0 and again.module.cfg.sampling.consensus == 0.5
+    unpulled = off.place(cells)
+    assert list(unpulled.uns[keys.UNS]["sampling_overrides"]) == ["sampling.consensus=0"]
+    assert not np.allclose(unpulled.obsm[keys.POSITIONS], placed.obsm[keys.POSITIONS])
