@@ -48,7 +48,9 @@ def _query(tree: cKDTree, points: np.ndarray, k: int, eps: float = 0.0) -> np.nd
     return np.asarray(index).reshape(len(points), k)
 
 
-def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
+def nearest_neighbors(
+    positions: Tensor, k: int, eps: float = 0.0, brute_force: bool = False
+) -> Tensor:
     """Each cell's ``k`` nearest other cells (no gradient).
 
     Parameters
@@ -61,6 +63,10 @@ def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
         0 for the exact neighbours; above 0 an approximate search whose i-th neighbour is within
         (1 + eps) times the exact i-th distance (``cKDTree.query``), much faster in many
         dimensions.
+    brute_force
+        Exact, by blocked brute force on the device of ``positions`` instead of a k-d tree
+        (``eps`` unused): O(n²·D) time and O(``_BRUTE_FORCE_ROWS``·n) memory, faster than a k-d
+        tree in many dimensions up to some tens of thousands of cells, where a tree prunes little.
 
     Returns
     -------
@@ -72,6 +78,8 @@ def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
     k = max(0, min(k, n - 1))
     if k == 0:
         return torch.empty(n, 0, dtype=torch.long, device=positions.device)
+    if brute_force:
+        return _brute_force_neighbors(positions, k)
     points = _points(positions)
     tree = cKDTree(points)
     # asked in the tree's own order, consecutive queries walk the same branches (cache-warm):
@@ -84,28 +92,10 @@ def nearest_neighbors(positions: Tensor, k: int, eps: float = 0.0) -> Tensor:
     return torch.from_numpy(index[~drop].reshape(n, k)).to(positions.device)
 
 
-def brute_force_neighbors(points: Tensor, k: int) -> Tensor:
-    """Each cell's ``k`` nearest other cells by blocked brute force (exact, no gradient).
-
-    O(n²·F) time and O(``_BRUTE_FORCE_ROWS``·n) memory, on the device of ``points`` (float64 on
-    CPU, float32 on a GPU): faster than a k-d tree in many dimensions up to some tens of
-    thousands of cells, where a k-d tree prunes little.
-
-    Parameters
-    ----------
-    points
-        (n, F) coordinates of one item's real cells.
-    k
-        Neighbours per cell; capped at n - 1.
-
-    Returns
-    -------
-    Tensor
-        (n, min(k, n - 1)) long indices into ``points``, nearest first, self excluded (also when
-        several cells share a location).
-    """
+def _brute_force_neighbors(points: Tensor, k: int) -> Tensor:
+    # (n, D), 1 <= k < n -> (n, k): squared distances (rows, n) a block of rows at a time,
+    # float64 on CPU and float32 on a GPU, never a cell itself
     n = points.shape[0]
-    k = max(0, min(k, n - 1))
     dtype = torch.float64 if points.device.type == "cpu" else torch.float32
     # non-finite coordinates get neighbours of the origin, as in the k-d tree search
     x = torch.nan_to_num(points.detach().to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
@@ -202,7 +192,7 @@ def neighbor_index(
     ``space`` (B, N, F) and ``node_mask`` (B, N) bool give ``index`` (B, N, k) long and
     ``valid`` (B, N, k) bool as in :class:`NeighborGraph`. An exact k-d tree search, or with
     ``high_dimensional`` (many axes, where a k-d tree prunes little): items of up to
-    ``_EXACT_SEARCH_CELLS`` cells exactly by :func:`brute_force_neighbors`, larger ones by a
+    ``_EXACT_SEARCH_CELLS`` cells exactly by brute force (:func:`nearest_neighbors`), larger ones by a
     k-d tree with ``eps = _APPROXIMATE_EPS``.
     """
     b, n, _ = space.shape
@@ -216,14 +206,12 @@ def neighbor_index(
             if counts[item] < 2:
                 continue
             rows = torch.nonzero(mask[item]).squeeze(1)  # (n_b,)
-            if high_dimensional and len(rows) <= _EXACT_SEARCH_CELLS:
-                neighbors = brute_force_neighbors(space[item, rows], k)  # (n_b, k_b)
-            else:
-                # above a few tens of thousands of cells an exact search in many dimensions
-                # grows much faster than N: approximate it there (each neighbour within
-                # (1 + eps) times the distance of the exact one)
-                eps = _APPROXIMATE_EPS if high_dimensional else 0.0
-                neighbors = nearest_neighbors(space[item, rows], k, eps)  # (n_b, k_b)
+            # in many dimensions: brute force up to a few tens of thousands of cells; above,
+            # where an exact search grows much faster than N, an approximate k-d tree (each
+            # neighbour within (1 + eps) times the distance of the exact one)
+            brute_force = high_dimensional and len(rows) <= _EXACT_SEARCH_CELLS
+            eps = _APPROXIMATE_EPS if high_dimensional else 0.0
+            neighbors = nearest_neighbors(space[item, rows], k, eps, brute_force)  # (n_b, k_b)
             k_b = neighbors.shape[1]
             index[item, rows, :k_b] = rows[neighbors]
             valid[item, rows, :k_b] = True

@@ -18,9 +18,9 @@ from alphastomics.attn_model.local_graphs import LOCAL_GRAPH_WORDS, LOCAL_GRAPHS
 from alphastomics.attn_model.model import Denoiser
 from alphastomics.attn_model.neighbors import (
     EXPRESSION_AXES,
-    brute_force_neighbors,
     expression_coordinates,
     knn_graph,
+    nearest_neighbors,
     nearest_references,
     neighbor_index,
 )
@@ -418,12 +418,12 @@ def test_brute_force_search_is_exact_in_blocks_and_never_returns_the_cell_itself
     monkeypatch.setattr(neighbors, "_BRUTE_FORCE_ROWS", rows)  # 7: many blocks, a ragged last
     points = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
     points[1] = points[0]  # two cells at one location: each is the other's nearest
-    found = brute_force_neighbors(points, 6)
+    found = nearest_neighbors(points, 6, brute_force=True)
     dist = torch.cdist(points.double(), points.double()).fill_diagonal_(math.inf)
     assert torch.equal(found[2:], dist.topk(6, largest=False).indices[2:])  # nearest first
     assert found[0, 0] == 1 and found[1, 0] == 0
     assert (found != torch.arange(300).view(-1, 1)).all()
-    assert brute_force_neighbors(points[:4], 10).shape == (4, 3)  # capped at n - 1
+    assert nearest_neighbors(points[:4], 10, brute_force=True).shape == (4, 3)  # capped at n - 1
     mask = torch.ones(1, 300, dtype=torch.bool)
     index, valid = neighbor_index(points.unsqueeze(0), mask, 6, high_dimensional=True)
     assert valid.all() and torch.equal(index[0], found)
