@@ -123,6 +123,24 @@ def test_memorisation_scores_training_and_test_entries(tiny_store: Path, tmp_pat
     assert all(-1 <= float(r[3]) <= 1 and 0 <= float(r[4].rstrip(" |")) <= 1 for r in rows)
 
 
+def test_consensus_variants_swap_the_pull_and_put_it_back(
+    tiny_store: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    train = ["train", "--data_dir", str(tiny_store), "--output_dir", str(run)]
+    assert cli([*train, *TINY_OVERRIDES, "training.max_steps=2"]) == 0
+    capsys.readouterr()
+    bench = load_bench_script("consensus_variants")
+    args = ["--data_dir", str(tiny_store), "--checkpoint", str(run / "checkpoints" / "last.ckpt")]
+    assert bench.main([*args, "--seeds", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(bench.VARIANTS)
+    assert all(-1 <= float(line.split()[1]) <= 1 for line in lines)
+    from alphastomics.diffusion_model import sample
+
+    assert sample.pull_to_neighbors is bench.SHIPPED  # the shipped pull is back
+
+
 def test_held_out_settings_keep_turn_and_cut(tmp_path: Path) -> None:
     bench = load_bench_script("held_out_settings")
     rng = np.random.default_rng(0)
