@@ -128,6 +128,7 @@ class SamplingConfig:
     expression_start: float = 0.5
     consensus: float = 0.5
     consensus_neighbors: int = 10
+    reference_cells: Literal["auto", "none"] = "auto"
 
 
 @dataclass

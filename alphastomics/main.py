@@ -85,6 +85,15 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
         help="refuse when less than this share (0-1) of the model's genes is in the input "
         "(default 0.5; for sample --sample_mode impute, one shared gene is enough)",
     )
+    p.add_argument(
+        "--frame",
+        choices=["auto", "training", "own"],
+        default="auto",
+        help="how coordinates are centred and scaled: training = as the one slice or volume a "
+        "model was trained on (registered coordinates), own = each slice on its own; auto "
+        "(default): training for a model of one slice or volume when the slice lies within "
+        "its extent, else own (logged)",
+    )
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -405,6 +414,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f"--sample_mode impute reads which genes were measured from var_names, so it needs "
             f"an .h5ad input; got {source.name}"
         )
+    if args.frame != "auto" and source.suffix == ".pt":
+        raise UserInputError(
+            f"--frame {args.frame} reads .h5ad coordinates; {source.name} holds positions in "
+            "the model's units already. Drop --frame"
+        )
     n_cells = None
     if args.n_cells is not None:
         if args.sample_mode != "joint" or source.suffix != ".h5ad":
@@ -453,6 +467,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             checkpoint=str(args.checkpoint),
             measured_key=args.measured_key,
             n_cells=n_cells,
+            frame=args.frame,
             **common,
         )
     log.info("wrote %s", output)
@@ -481,6 +496,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
             keys=keys,
             normalize=args.normalize,
             min_gene_overlap=_min_gene_overlap(args),
+            frame=args.frame,
         )
     log.info("wrote %s", output)
 

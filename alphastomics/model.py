@@ -116,7 +116,7 @@ class AlphaSTomics:
         Returns a copy with ``obsm["alphastomics_positions"]`` (N, D) in ``adata``'s units
         (and ``obs["alphastomics_position_spread"]`` with ``num_samples`` > 1). ``options``:
         ``sampler``, ``steps``, ``num_samples``, ``seed``, ``keys``, ``normalize``,
-        ``min_gene_overlap`` (see :func:`~alphastomics.workflows.sampling.sample_anndata`).
+        ``min_gene_overlap``, ``frame`` (see :func:`~alphastomics.workflows.sampling.sample_anndata`).
         """
         return self._sample(adata, "expr_to_pos", **options)
 
@@ -127,7 +127,10 @@ class AlphaSTomics:
         Returns, for ``pos_to_expr`` (``adata`` has all of the model's genes, or none), a copy
         with ``layers["alphastomics_expression"]`` (``obsm`` on the model's genes when its genes
         differ); for ``impute``, the cells on the model's genes with
-        ``layers["alphastomics_expression"]`` and ``var["alphastomics_imputed"]``.
+        ``layers["alphastomics_expression"]`` and ``var["alphastomics_imputed"]``. A model of
+        one slice or volume reads coordinates within its extent in its training frame, and
+        ``pos_to_expr`` there reads its stored training cells (``frame`` option, README
+        ``sample``).
         """
         genes = set(self.module.hparams["gene_names"])
         shared = genes & set(map(str, adata.var_names))

@@ -41,6 +41,10 @@ _CHUNK_ROWS = 8192  # rows densified at a time
 
 _MAX_LISTED = 5  # names quoted in an error message
 
+FrameChoice = Literal["auto", "training", "own"]
+
+FRAME_MARGIN = 0.25  # an input lies in the training frame within this share of its extent beyond it
+
 
 @dataclass(frozen=True)
 class PreparedSlice:
@@ -76,6 +80,8 @@ class PreparedSlice:
         What was applied to the expression: ``"log1p"`` (library size + log1p) or ``"none"``.
     missing_genes
         Model genes the input did not measure.
+    in_training_frame
+        True when ``center`` and ``scale`` are the model's training frame's, not the slice's own.
     """
 
     name: str
@@ -91,6 +97,7 @@ class PreparedSlice:
     cell_type: np.ndarray
     normalization: AppliedNormalization
     missing_genes: tuple[str, ...] = field(default=())
+    in_training_frame: bool = False
 
     @property
     def n_cells(self) -> int:
@@ -519,12 +526,69 @@ def _gene_columns(file_genes: list[str], genes: Sequence[str]) -> tuple[np.ndarr
     return file_cols, model_cols
 
 
+@dataclass(frozen=True)
+class TrainingFrame:
+    """The one coordinate frame of a model trained on one slice or volume, in the user's units.
+
+    Such a model reads absolute positions (registered coordinates: one frame, whose
+    orientation and places it learns), so new coordinates in that frame must be centred and
+    scaled as the training data were, not each input on its own.
+
+    Attributes
+    ----------
+    center
+        (D,) the training slice's centre; D is the model's number of dimensions.
+    scale
+        Its isotropic scale: ``user = model * scale + center``.
+    low, high
+        (D,) corners of the bounding box of the training cells.
+    """
+
+    center: tuple[float, ...]
+    scale: float
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    def holds(self, positions: np.ndarray) -> bool:
+        """Whether raw coordinates (N, d <= D) lie in the training box, widened on each axis by
+        :data:`FRAME_MARGIN` of its extent (2D input gets z = 0, as the model reads it)."""
+        padded = np.zeros((len(positions), len(self.center)))
+        padded[:, : positions.shape[1]] = positions
+        low, high = np.asarray(self.low), np.asarray(self.high)
+        slack = FRAME_MARGIN * (high - low) + 1e-6 * self.scale
+        return bool(np.all(padded.min(axis=0) >= low - slack)) and bool(
+            np.all(padded.max(axis=0) <= high + slack)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (stored in a checkpoint's hyper-parameters)."""
+        return {
+            "center": list(self.center),
+            "scale": self.scale,
+            "low": list(self.low),
+            "high": list(self.high),
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any] | None) -> TrainingFrame | None:
+        """The frame :meth:`to_dict` wrote; None for None (a model of several frames)."""
+        if not saved:
+            return None
+        return cls(
+            center=tuple(float(c) for c in saved["center"]),
+            scale=float(saved["scale"]),
+            low=tuple(float(c) for c in saved["low"]),
+            high=tuple(float(c) for c in saved["high"]),
+        )
+
+
 def _slice_geometry(
-    positions: np.ndarray, n_dims: int | None = None
+    positions: np.ndarray, n_dims: int | None = None, frame: TrainingFrame | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Centred (N, n_dims) float64, centre (n_dims,) and isotropic scale of raw (N, D) coordinates.
 
-    ``n_dims`` (default D) may exceed D: 2D input in a 3D model gets z = 0.
+    ``n_dims`` (default D) may exceed D: 2D input in a 3D model gets z = 0. The centre and
+    scale are the slice's own, or ``frame``'s when given.
     """
     input_dims = positions.shape[1]
     n_dims = input_dims if n_dims is None else n_dims
@@ -532,11 +596,45 @@ def _slice_geometry(
         raise ValueError(f"cannot fit {input_dims}D coordinates into {n_dims} dimensions")
     padded = np.zeros((len(positions), n_dims), dtype=np.float64)
     padded[:, :input_dims] = positions
+    if frame is not None:
+        center = np.asarray(frame.center, dtype=np.float64)
+        return padded - center, center, frame.scale
     center = padded.mean(axis=0)
     centred = padded - center
     # One factor for every axis, so that the per-axis standard deviation is about 1.
     scale = float(np.sqrt((centred**2).sum(axis=1).mean() / input_dims))
     return centred, center, scale
+
+
+def _reading_frame(
+    checked: CheckedAnnData,
+    name: str,
+    rows: np.ndarray,
+    frame: TrainingFrame | None,
+    choice: FrameChoice,
+) -> TrainingFrame | None:
+    """The training frame a slice's coordinates are read in, or None (its own centre and
+    scale); ``auto`` takes the training frame when the slice lies within it, and logs it."""
+    if frame is None or checked.positions is None or choice == "own":
+        return None
+    if choice == "training":
+        return frame
+    if frame.holds(checked.positions[rows]):
+        logger.info(
+            "%s: slice %r read in the model's training frame (its coordinates lie within the "
+            "training data's extent; --frame own reads it centred and scaled on its own)",
+            checked.source,
+            name,
+        )
+        return frame
+    logger.warning(
+        "%s: slice %r lies outside the extent of the single slice or volume the model was "
+        "trained on, so it is read centred and scaled on its own; pass --frame training if "
+        "its coordinates are registered to the training data",
+        checked.source,
+        name,
+    )
+    return None
 
 
 def build_slice(
@@ -546,7 +644,10 @@ def build_slice(
     genes: Sequence[str],
     cell_types: Sequence[str] | None,
     n_dims: int,
+    frame: TrainingFrame | None = None,
 ) -> PreparedSlice:
+    """One slice's arrays on the model's genes; coordinates centred and scaled on their own, or
+    in ``frame`` when given."""
     file_cols, model_cols = _gene_columns(checked.genes, genes)
     expression = np.zeros((len(rows), len(genes)), dtype=np.float32)  # (N, G)
     blocks = () if checked.matrix is None else _row_chunks(checked.matrix, rows)
@@ -562,7 +663,7 @@ def build_slice(
 
     positions = center = scale = None
     if checked.positions is not None:
-        centred, center, scale = _slice_geometry(checked.positions[rows], n_dims)
+        centred, center, scale = _slice_geometry(checked.positions[rows], n_dims, frame)
         positions = (centred / scale).astype(np.float32)
 
     cell_type = np.full(len(rows), -1, dtype=np.int64)
@@ -583,6 +684,7 @@ def build_slice(
         cell_type=cell_type,
         normalization=checked.normalization,
         missing_genes=tuple(g for g, m in zip(genes, gene_mask, strict=True) if not m),
+        in_training_frame=frame is not None and positions is not None,
     )
 
 
@@ -615,12 +717,15 @@ def prepare_anndata(
     source: str = "input AnnData",
     n_dims: int | None = None,
     require_expression: bool = True,
+    frame: TrainingFrame | None = None,
+    frame_choice: FrameChoice = "auto",
 ) -> list[PreparedSlice]:
     """Prepare a new AnnData for an already-trained model, slice by slice.
 
     Same checks and transforms as :meth:`SpatialDataPreprocessor.preprocess_and_save`: the
     expression is put on ``genes`` (unmeasured genes are 0 and masked), normalised, and each
-    slice's coordinates are centred and scaled with that slice's own centre and scale.
+    slice's coordinates are centred and scaled with that slice's own centre and scale, or
+    with the model's ``frame`` (see ``frame_choice``).
 
     Parameters
     ----------
@@ -644,6 +749,13 @@ def prepare_anndata(
         True: an expression problem (no matrix, no model gene, NaN, …) is an error. False
         (expression is not an input, e.g. ``pos_to_expr``): it is logged and the slices get
         zero expression with every gene masked as unmeasured.
+    frame
+        The :class:`TrainingFrame` of a model trained on one slice or volume; None for a model
+        of several slices (each input slice is then read on its own).
+    frame_choice
+        ``auto``: a slice whose coordinates lie within ``frame`` is read in it, any other on
+        its own (logged either way); ``training``: every slice in ``frame``; ``own``: every
+        slice on its own.
 
     Returns
     -------
@@ -691,5 +803,14 @@ def prepare_anndata(
         )
     n_dims = dims if n_dims is None else n_dims
     return [
-        build_slice(checked, name, rows, genes, cell_types, n_dims) for name, rows in checked.groups
+        build_slice(
+            checked,
+            name,
+            rows,
+            genes,
+            cell_types,
+            n_dims,
+            _reading_frame(checked, name, rows, frame, frame_choice),
+        )
+        for name, rows in checked.groups
     ]

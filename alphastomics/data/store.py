@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alphastomics.data.anndata import MAX_DIMS
+from alphastomics.data.anndata import MAX_DIMS, TrainingFrame
 from alphastomics.errors import UserInputError
 from alphastomics.utils.io import (
     remove_stale_siblings,
@@ -255,6 +255,9 @@ class DataInfo:
         Median scale of the store's slices: the size of a generated slice without a reference.
     n_training_frames
         Distinct training slices or volumes (:func:`training_frames`; None: not recorded).
+    frame
+        :meth:`TrainingFrame.to_dict` of the one training slice or volume
+        (:meth:`ProcessedStore.training_frame`); None for several, or not recorded.
     """
 
     keys: dict[str, str | None] = field(default_factory=dict)
@@ -262,10 +265,13 @@ class DataInfo:
     cell_types: list[str] = field(default_factory=list)
     typical_scale: float = 1.0
     n_training_frames: int | None = None
+    frame: dict[str, Any] | None = None
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> DataInfo:
-        """Summarise a store's ``metadata.json``."""
+    def from_metadata(
+        cls, metadata: Mapping[str, Any], frame: TrainingFrame | None = None
+    ) -> DataInfo:
+        """Summarise a store's ``metadata.json`` (and its training ``frame``, when it has one)."""
         scales = sorted(float(s["scale"]) for s in metadata["slices"])
         return cls(
             keys=dict(metadata.get("keys", {})),
@@ -273,7 +279,13 @@ class DataInfo:
             cell_types=list(metadata.get("cell_types", [])),
             typical_scale=scales[len(scales) // 2] if scales else 1.0,
             n_training_frames=training_frames(metadata),
+            frame=None if frame is None else frame.to_dict(),
         )
+
+    @property
+    def training_frame(self) -> TrainingFrame | None:
+        """The recorded frame of a model trained on one slice or volume."""
+        return TrainingFrame.from_dict(self.frame)
 
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any] | None) -> DataInfo:
@@ -405,6 +417,30 @@ class ProcessedStore:
     def n_cells(self, index: int) -> int:
         """Number of cells of entry ``index``."""
         return int(self.metadata["slices"][index]["n_cells"])
+
+    def training_frame(self) -> TrainingFrame | None:
+        """The frame of the training entries when they are one slice or volume (cell-split
+        parts of one slice share its centre and scale); None for several slices."""
+        train = self.slice_indices("train")
+        if training_frames(self.metadata) != 1 or not train:
+            return None
+        info = self.metadata["slices"][train[0]]
+        center, scale = np.asarray(info["center"], dtype=np.float64), float(info["scale"])
+        boxes = []
+        for index in train:
+            positions = np.asarray(self.load_slice(index).positions, dtype=np.float64)
+            if len(positions):
+                boxes.append((positions.min(axis=0), positions.max(axis=0)))
+        if not boxes:
+            return None
+        low = np.min([b[0] for b in boxes], axis=0) * scale + center
+        high = np.max([b[1] for b in boxes], axis=0) * scale + center
+        return TrainingFrame(
+            center=tuple(center.tolist()),
+            scale=scale,
+            low=tuple(low.tolist()),
+            high=tuple(high.tolist()),
+        )
 
     def load_slice(self, index: int, mmap: bool = True) -> StoreSlice:
         """Arrays of entry ``index``; with ``mmap`` nothing is read until indexed."""

@@ -13,7 +13,9 @@ measurements; no generated cell copies a training cell.
 The same stored training cells are where joint sampling starts its expression
 (:meth:`ObservationModel.starting_states`, noised to ``sampling.expression_start``), which
 gives a generated tissue the training data's mix of cell types. ``train`` stores them in the
-checkpoint (at most :data:`MAX_CELLS`, and at most :data:`MAX_VALUES` values).
+checkpoint (at most :data:`MAX_CELLS`, and at most :data:`MAX_VALUES` values). A model of one
+slice or volume also stores their positions: they are a reference atlas in its frame, which
+``pos_to_expr`` reads (:attr:`ObservationModel.atlas`, ``sampling.reference_cells``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,21 @@ class ObservationModel:
         (n, G) log-normalised expression of training cells on the model's genes.
     gene_mask
         (n, G) bool, True where the cell's slice measured the gene.
+    positions
+        (n, D) the cells' positions in the store's units, when the training data is one frame
+        (one slice or volume); None otherwise.
+    n_training_cells
+        How many training cells there were (the stored ones are a random subset beyond the
+        caps); None: not recorded.
     """
 
-    def __init__(self, expression: np.ndarray, gene_mask: np.ndarray) -> None:
+    def __init__(
+        self,
+        expression: np.ndarray,
+        gene_mask: np.ndarray,
+        positions: np.ndarray | None = None,
+        n_training_cells: int | None = None,
+    ) -> None:
         expression = np.asarray(expression, dtype=np.float32)
         gene_mask = np.asarray(gene_mask, dtype=bool)
         if expression.ndim != 2 or expression.shape != gene_mask.shape or len(expression) < 2:
@@ -54,8 +68,16 @@ class ObservationModel:
                 f"expected (n, G) expression and gene mask with n >= 2; got {expression.shape} "
                 f"and {gene_mask.shape}"
             )
+        if positions is not None:
+            positions = np.asarray(positions, dtype=np.float32)
+            if positions.ndim != 2 or len(positions) != len(expression):
+                raise ValueError(
+                    f"expected (n, D) positions for {len(expression)} cells; got {positions.shape}"
+                )
         self.expression = expression
         self.gene_mask = gene_mask
+        self.positions = positions
+        self.n_training_cells = n_training_cells
         # (G,) each gene's mean over the cells that measured it: the value of unmeasured genes
         measured = np.where(gene_mask, expression, 0.0).sum(0) / np.maximum(gene_mask.sum(0), 1)
         self._gene_means = measured.astype(np.float32)
@@ -65,13 +87,23 @@ class ObservationModel:
     def n_cells(self) -> int:
         return len(self.expression)
 
+    @property
+    def atlas(self) -> bool:
+        """Whether the stored cells are every training cell of one frame, with positions: a
+        complete reference for expression at positions in that frame."""
+        return self.positions is not None and self.n_training_cells == self.n_cells
+
     @classmethod
     def from_slices(
-        cls, slices: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0
+        cls,
+        slices: Sequence[tuple[np.ndarray, np.ndarray]],
+        seed: int = 0,
+        positions: Sequence[np.ndarray] | None = None,
     ) -> ObservationModel | None:
         """The cells of ``slices`` (each (n_i, G) log-normalised expression, array-like such as
         a memory map, and its (G,) measured-gene mask), a random subset beyond
-        :data:`MAX_CELLS` or :data:`MAX_VALUES` values; None with fewer than 2 cells."""
+        :data:`MAX_CELLS` or :data:`MAX_VALUES` values; None with fewer than 2 cells.
+        ``positions``: each slice's (n_i, D) positions, for training data of one frame."""
         sizes = [len(expression) for expression, _ in slices]
         total = sum(sizes)
         n_genes = int(np.shape(slices[0][0])[1]) if slices else 0
@@ -81,31 +113,48 @@ class ObservationModel:
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=keep, replace=False))
         starts = np.cumsum([0, *sizes])
-        expression, gene_mask = [], []
-        for (values, measured), start, stop in zip(slices, starts[:-1], starts[1:], strict=True):
+        expression, gene_mask, kept_positions = [], [], []
+        for k, ((values, measured), start, stop) in enumerate(
+            zip(slices, starts[:-1], starts[1:], strict=True)
+        ):
             rows = chosen[(chosen >= start) & (chosen < stop)] - start
             if len(rows) == 0:
                 continue
             expression.append(np.asarray(values[rows], dtype=np.float32))
             mask = np.asarray(measured, bool)
             gene_mask.append(np.broadcast_to(mask, (len(rows), n_genes)))
-        return cls(np.concatenate(expression), np.concatenate(gene_mask))
+            if positions is not None:
+                kept_positions.append(np.asarray(positions[k][rows], dtype=np.float32))
+        return cls(
+            np.concatenate(expression),
+            np.concatenate(gene_mask),
+            positions=None if positions is None else np.concatenate(kept_positions),
+            n_training_cells=total,
+        )
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores (tensors, so ``torch.load`` reads it back)."""
-        return {
+        state: dict[str, Any] = {
             "expression": torch.from_numpy(self.expression),
             "gene_mask": torch.from_numpy(self.gene_mask),
         }
+        if self.positions is not None:
+            state["positions"] = torch.from_numpy(self.positions)
+        if self.n_training_cells is not None:
+            state["n_training_cells"] = self.n_training_cells
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> ObservationModel | None:
         """The model stored by :meth:`state`; None for a checkpoint without one."""
         if not state:
             return None
+        positions = state.get("positions")
         return cls(
             np.asarray(state["expression"], dtype=np.float32),
             np.asarray(state["gene_mask"], dtype=bool),
+            positions=None if positions is None else np.asarray(positions, dtype=np.float32),
+            n_training_cells=state.get("n_training_cells"),
         )
 
     def _neighbor_search(self) -> tuple[PCA, NearestNeighbors]:

@@ -1,8 +1,8 @@
 """`Predictor`: what a trained network answers, on batches in the store's units.
 
 It holds the parts a checkpoint restores (denoiser, noise model, expression scaler, optional
-neighbour read-out) and the sampling settings, and serves the three sampling modes, the one-step
-conditional mean and gene imputation. Expression goes in and comes out log-normalised (the
+neighbour read-out and reference cells) and the sampling settings, and serves the three sampling
+modes, the one-step conditional mean and gene imputation. Expression goes in and comes out log-normalised (the
 scaler standardises it for the network and maps the result back); positions are the store's
 scaled units. Mapping to the user's units and AnnData lives in :mod:`alphastomics.workflows`.
 """
@@ -29,6 +29,27 @@ from alphastomics.diffusion_model.sample import (
 )
 from alphastomics.utils.memory import tune_malloc
 
+READ_CHUNK = 65_536  # query cells read out at a time (a (chunk, 4, G) buffer)
+
+
+@dataclass(frozen=True)
+class ReferenceCells:
+    """Measured training cells of a model of one frame, where ``pos_to_expr`` reads expression.
+
+    Attributes
+    ----------
+    positions
+        (R, D) in the store's units (the training frame).
+    expression
+        (R, G) log-normalised.
+    gene_mask
+        (G,) bool: genes every reference cell measured (the others come from positions).
+    """
+
+    positions: Tensor
+    expression: Tensor
+    gene_mask: Tensor
+
 
 @dataclass
 class Predictor:
@@ -42,6 +63,9 @@ class Predictor:
         The checkpoint's ``sampling`` settings: defaults of every call.
     neighbor_readout
         The neighbour read-out, when the model has one (``pos_to_expr`` with known cells).
+    reference
+        Training cells that ``pos_to_expr`` reads through the neighbour read-out
+        (``sampling.reference_cells``); None: it predicts from positions alone.
     """
 
     denoiser: Denoiser
@@ -49,6 +73,7 @@ class Predictor:
     scaler: ExpressionScaler
     sampling: SamplingConfig
     neighbor_readout: NeighborReadout | None = None
+    reference: ReferenceCells | None = None
 
     @property
     def device(self) -> torch.device:
@@ -94,15 +119,17 @@ class Predictor:
         expression_estimate: Literal["mean", "sample"] = "sample",
         warm_start: float | None = None,
         expression_start: float = 0.0,
+        in_training_frame: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Sample from a log-normalised batch; returns log-normalised expression and scaled positions.
 
         ``known`` (B, N) bool marks cells whose generated modality is given (inpainting, see
         :meth:`DiffusionSampler.sample`). With ``expression_estimate="mean"``, ``pos_to_expr``
-        returns a point estimate instead of a draw: the conditional mean
-        (:meth:`DiffusionSampler.predict_mean`) without known cells, the neighbour read-out
-        (:meth:`impute_from_neighbors`) with them when the model has one. ``progress`` wraps
-        the reverse steps for display (:class:`DiffusionSampler`).
+        returns a point estimate instead of a draw: without known cells, the read-out of the
+        model's reference cells (:meth:`read_reference`) when it has them and the positions are
+        ``in_training_frame``, else the conditional mean (:meth:`DiffusionSampler.predict_mean`);
+        with known cells, the neighbour read-out (:meth:`impute_from_neighbors`) when the model
+        has one. ``progress`` wraps the reverse steps for display (:class:`DiffusionSampler`).
 
         Returns
         -------
@@ -114,6 +141,8 @@ class Predictor:
         if point_estimate and known is not None and self.neighbor_readout is not None:
             return self.impute_from_neighbors(batch, known, generator=generator)
         if point_estimate and known is None:
+            if self.reference is not None and in_training_frame:
+                return self.read_reference(batch, generator=generator)
             return self.predict_mean(batch, mode, generator=generator)
         batch, expr = self._standardized_on_device(batch)
         expr_out, pos_out = self.sampler(sampler, steps, progress).sample(
@@ -156,6 +185,59 @@ class Predictor:
             generator=generator,
         )
         return apply_mask(self.scaler.unstandardize(expr_out), batch.node_mask), pos_out
+
+    @torch.inference_mode()
+    def read_reference(
+        self, batch: DataHolder, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Expression at the batch's positions from the reference cells around them.
+
+        Each cell reads the nearest reference cells through the learned neighbour read-out
+        (what it learned on training cells hidden from it: how to interpolate, never absolute
+        positions); genes not every reference cell measured get the conditional mean from
+        positions (:meth:`DiffusionSampler.predict_mean`, drawn from ``generator``).
+
+        Parameters
+        ----------
+        batch
+            Positions (B, N, D) in the training frame; expression is not read.
+
+        Returns
+        -------
+        (expression, positions)
+            (B, N, G) log-normalised and (B, N, D) centred, as :meth:`sample` returns them.
+        """
+        readout, reference = self.neighbor_readout, self.reference
+        if readout is None or reference is None:
+            raise ValueError("this model has no reference cells to read (sampling.reference_cells)")
+        batch, expr = self._standardized_on_device(batch)
+        mask = batch.node_mask.bool()
+        device = self.device
+        positions = reference.positions.to(device)
+        known = reference.gene_mask.to(device)
+        standardized = self.scaler.standardize(
+            reference.expression.to(device).unsqueeze(0),
+            torch.ones(1, len(positions), dtype=torch.bool, device=device),
+            known.unsqueeze(0),
+        )[0]  # (R, G)
+        out = torch.zeros_like(expr)
+        for b in range(batch.batch_size):
+            rows = torch.nonzero(mask[b]).squeeze(1)
+            for start in range(0, len(rows), READ_CHUNK):
+                chunk = rows[start : start + READ_CHUNK]
+                out[b, chunk] = readout(batch.positions[b, chunk], positions, standardized)
+        expr_out = self.scaler.unstandardize(out)
+        if not bool(known.all()):
+            mean, _ = self.sampler().predict_mean(
+                expr,
+                batch.positions,
+                mask,
+                "pos_to_expr",
+                gene_mask=batch.gene_mask,
+                generator=generator,
+            )
+            expr_out = torch.where(known, expr_out, self.scaler.unstandardize(mean))
+        return apply_mask(expr_out, mask), center(batch.positions, mask)
 
     @torch.inference_mode()
     def impute_from_neighbors(

@@ -37,7 +37,7 @@ from alphastomics.diffusion_model.diffusion_utils import hide_genes
 from alphastomics.diffusion_model.loss import DiffusionLoss, NeighborCache, compute_loss
 from alphastomics.diffusion_model.noise_model import NoiseModel
 from alphastomics.diffusion_model.observation import CHECKPOINT_KEY, ObservationModel
-from alphastomics.diffusion_model.predict import Predictor
+from alphastomics.diffusion_model.predict import Predictor, ReferenceCells
 from alphastomics.utils.memory import tune_malloc
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,32 @@ class AlphaSTomicsModule(pl.LightningModule):
     def predictor(self) -> Predictor:
         """Inference with this module's network and ``sampling`` settings (shares its weights)."""
         return Predictor(
-            self.model, self.noise_model, self.scaler, self.cfg.sampling, self.neighbor_readout
+            self.model,
+            self.noise_model,
+            self.scaler,
+            self.cfg.sampling,
+            self.neighbor_readout,
+            self.reference_cells,
+        )
+
+    @property
+    def reference_cells(self) -> ReferenceCells | None:
+        """The stored training cells ``pos_to_expr`` reads (``sampling.reference_cells: auto``):
+        every training cell of a model of one slice or volume, with a neighbour read-out to
+        read them; None otherwise."""
+        stored = self.observation_model
+        if (
+            self.cfg.sampling.reference_cells == "none"
+            or self.neighbor_readout is None
+            or stored is None
+            or not stored.atlas
+        ):
+            return None
+        assert stored.positions is not None  # an atlas has them
+        return ReferenceCells(
+            positions=torch.from_numpy(stored.positions),
+            expression=torch.from_numpy(stored.expression),
+            gene_mask=torch.from_numpy(stored.gene_mask.all(axis=0)),
         )
 
     # ------------------------------------------------------------------ optimiser

@@ -7,7 +7,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from alphastomics.data.anndata import NormalizeMode, read_h5ad
+from alphastomics.data.anndata import FrameChoice, NormalizeMode, read_h5ad
 from alphastomics.data.store import ProcessedStore
 from alphastomics.embedding import EmbeddingExtractor, ExtractMode
 from alphastomics.keys import EMBEDDING, EMBEDDING_INFO
@@ -56,10 +56,11 @@ def extract_h5ad(
     keys: dict[str, str | None] | None = None,
     normalize: NormalizeMode | None = None,
     min_gene_overlap: float = 0.5,
+    frame: FrameChoice = "auto",
 ) -> dict[str, np.ndarray]:
     """Embeddings of an .h5ad: ``output`` (.npz) plus ``output``'s stem + .h5ad with obsm.
 
-    ``keys``, ``normalize`` and ``min_gene_overlap`` as for ``sample`` (see
+    ``keys``, ``normalize``, ``min_gene_overlap`` and ``frame`` as for ``sample`` (see
     :func:`~alphastomics.workflows.inputs.prepare_input`).
     """
     adata = read_h5ad(input_path)
@@ -71,6 +72,7 @@ def extract_h5ad(
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
         source=str(input_path),
+        frame=frame,
     )
     with staged_outputs() as stage:  # both files, or neither
         stage.write(output, lambda tmp: _write_npz(tmp, stacked))
@@ -87,6 +89,7 @@ def embed_anndata(
     normalize: NormalizeMode | None = None,
     min_gene_overlap: float = 0.5,
     source: str = "input AnnData",
+    frame: FrameChoice = "auto",
 ) -> tuple[ad.AnnData, dict[str, np.ndarray]]:
     """Embeddings of every cell of ``adata``, in memory.
 
@@ -101,6 +104,7 @@ def embed_anndata(
         keys=keys,
         normalize=normalize,
         min_gene_overlap=min_gene_overlap,
+        frame_choice=frame,
     ).slices
     extractor = EmbeddingExtractor(module, mode=mode)
     result: dict[str, np.ndarray] = {}

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from alphastomics.data.anndata import MIN_SLICE_CELLS, NormalizeMode, PreparedSlice
+from alphastomics.data.anndata import MIN_SLICE_CELLS, FrameChoice, NormalizeMode, PreparedSlice
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
 from alphastomics.diffusion_model.observation import N_NEIGHBORS
@@ -208,8 +208,10 @@ def generate_for_file(
     normalize: NormalizeMode | None,
     min_gene_overlap: float,
     expression_start: float | None = None,
+    frame: FrameChoice = "auto",
 ) -> tuple[ad.AnnData, list[list[TissuePanel]]]:
-    """:func:`generate_tissue`, and the rows of its figure (reference beside generated)."""
+    """:func:`generate_tissue`, and the rows of its figure (reference beside generated);
+    ``frame``: how the reference's coordinates are read (:func:`prepare_input`)."""
     if num_samples < 1:
         raise UserInputError(f"--num_samples {num_samples} must be >= 1")
     prepared = prepare_input(
@@ -221,6 +223,7 @@ def generate_for_file(
         min_gene_overlap=min_gene_overlap,
         require_expression=True,
         require_positions=False,
+        frame_choice=frame,
     )
     counts = _slice_counts(n_cells, prepared.slices, source)
     genes = list(module.hparams["gene_names"])

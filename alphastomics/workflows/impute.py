@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alphastomics.data.anndata import NormalizeMode, PreparedSlice
+from alphastomics.data.anndata import FrameChoice, NormalizeMode, PreparedSlice
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.figures import MODE_TITLES, plot_genes
 from alphastomics.keys import EXPRESSION, EXPRESSION_STD, IMPUTED, UNS
@@ -82,9 +82,11 @@ def impute_for_file(
     sampler: str | None,
     steps: int | None,
     checkpoint: str | None,
+    frame: FrameChoice = "auto",
 ) -> tuple[ad.AnnData, PreparedSlice | None]:
     """:func:`impute_anndata` of a file (``checkpoint`` recorded in ``uns``), and the slice
-    its figure draws (None without positions)."""
+    its figure draws (None without positions); ``frame``: how coordinates are read
+    (:func:`prepare_input`)."""
     genes = list(module.hparams["gene_names"])
     prepared = prepare_input(
         module,
@@ -95,6 +97,7 @@ def impute_for_file(
         min_gene_overlap=min_gene_overlap,
         require_expression=True,
         require_positions=keys.get("position_key") is not None,
+        frame_choice=frame,
     )
     if not prepared.missing_genes:
         raise UserInputError(

@@ -4,7 +4,8 @@ record every sampled AnnData carries.
 Keys, layer and normalisation default to those used at preprocess time (stored in the
 checkpoint); genes are matched to the checkpoint's by name, and too small an overlap is refused;
 an input whose expression is of another kind than the training data's (raw counts vs. already
-normalised) is refused unless ``--normalize`` says what to do.
+normalised) is refused unless ``--normalize`` says what to do. Coordinates are read in the
+frame of a model trained on one slice or volume when they lie within it (``--frame``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 import anndata as ad
 
 from alphastomics import __version__
-from alphastomics.data.anndata import TARGET_SUM, NormalizeMode, PreparedSlice, prepare_anndata
+from alphastomics.data.anndata import (
+    TARGET_SUM,
+    FrameChoice,
+    NormalizeMode,
+    PreparedSlice,
+    prepare_anndata,
+)
 from alphastomics.errors import UserInputError
 from alphastomics.keys import POSITION_KEY, SLICE_KEY
 from alphastomics.training.module import AlphaSTomicsModule
@@ -73,6 +80,7 @@ def prepare_input(
     min_gene_overlap: float = 0.5,
     require_expression: bool = True,
     require_positions: bool = True,
+    frame_choice: FrameChoice = "auto",
 ) -> PreparedInput:
     """Prepare ``adata`` for ``module`` (see the module docstring).
 
@@ -91,8 +99,20 @@ def prepare_input(
         errors, and no gene overlap is needed.
     require_positions
         True: the position key must exist.
+    frame_choice
+        How coordinates are centred and scaled (:func:`~alphastomics.data.anndata.prepare_anndata`):
+        ``auto`` (in the training frame of a one-slice or one-volume model when they lie
+        within it), ``training`` or ``own``.
     """
     info = module.data_info
+    frame = info.training_frame
+    if frame_choice == "training" and frame is None:
+        trained_on = info.n_training_frames
+        raise UserInputError(
+            f"--frame training needs a model trained on one slice or volume; this one was "
+            f"trained on {trained_on if trained_on is not None else 'several'} slices, each "
+            "centred and scaled on its own (or before frames were recorded); use --frame auto"
+        )
     saved = info.keys
     wanted = keys or {}
     resolved = {
@@ -120,6 +140,8 @@ def prepare_input(
         source=source,
         require_expression=require_expression,
         n_dims=module.n_dims,
+        frame=frame,
+        frame_choice=frame_choice,
     )
     read = any(piece.gene_mask.any() for piece in slices)
     applied = slices[0].normalization if read else None

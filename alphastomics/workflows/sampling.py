@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from scipy.spatial import procrustes
 
-from alphastomics.data.anndata import NormalizeMode, read_h5ad
+from alphastomics.data.anndata import FrameChoice, NormalizeMode, read_h5ad
 from alphastomics.data.batch import DataHolder
 from alphastomics.data.units import to_user_units
 from alphastomics.diffusion_model.sample import SAMPLE_MODES
@@ -80,12 +80,14 @@ def _draw(
     num_samples: int,
     seed: int,
     known: torch.Tensor | None = None,
+    in_training_frame: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expression point estimate (N, G), its spread over samples (N, G), positions (K, N, D).
 
     For ``pos_to_expr`` with ``sampling.expression_estimate: mean`` the point estimate is the
-    conditional mean (with ``known`` (1, N) measured cells: the neighbour read-out); otherwise
-    it is the mean of the ``num_samples`` draws.
+    conditional mean, or the read-out of the model's reference cells for positions
+    ``in_training_frame`` (with ``known`` (1, N) measured cells: the neighbour read-out of
+    those); otherwise it is the mean of the ``num_samples`` draws.
     """
     use_mean = mode == "pos_to_expr" and module.cfg.sampling.expression_estimate == "mean"
     exprs, poss = [], []
@@ -106,7 +108,12 @@ def _draw(
     if use_mean:
         generator = torch.Generator(device=module.device).manual_seed(seed)
         point, pos = module.predictor.sample(
-            holder, mode, generator=generator, expression_estimate="mean", known=known
+            holder,
+            mode,
+            generator=generator,
+            expression_estimate="mean",
+            known=known,
+            in_training_frame=in_training_frame,
         )
         poss = poss or [pos[0].cpu().numpy()]
         point = point[0].cpu().numpy()
@@ -165,6 +172,7 @@ def sample_h5ad(
     measured_key: str | None = None,
     normalize: NormalizeMode | None = None,
     n_cells: NCells = None,
+    frame: FrameChoice = "auto",
 ) -> ad.AnnData:
     """Sample every slice of an .h5ad and write the result (see spec §3) atomically.
 
@@ -173,6 +181,7 @@ def sample_h5ad(
     ``measured_key`` (``pos_to_expr`` only) names a boolean ``obs`` column: those cells keep
     their expression and the others of their slice are imputed from them. ``n_cells``
     (``joint`` only) sets the cell count of each generated slice (see :func:`generate_tissue`).
+    ``frame``: how coordinates are centred and scaled (:func:`prepare_input`).
     """
     adata = read_h5ad(input_path)
     draw: Callable[[Path], None] | None
@@ -189,6 +198,7 @@ def sample_h5ad(
             sampler=sampler,
             steps=steps,
             checkpoint=checkpoint,
+            frame=frame,
         )
         draw = None if piece is None else partial(impute_figure, result, piece)
         if piece is None:
@@ -206,6 +216,7 @@ def sample_h5ad(
             keys=keys,
             normalize=normalize,
             min_gene_overlap=min_gene_overlap,
+            frame=frame,
         )
         result.uns[UNS].update(checkpoint=checkpoint, input=str(input_path))
         title = MODE_TITLES["joint"]
@@ -235,6 +246,7 @@ def sample_h5ad(
             measured_key=measured_key,
             normalize=normalize,
             source=str(input_path),
+            frame=frame,
         )
         genes = list(module.hparams["gene_names"])
         draw = partial(_figure, figure_data, mode=mode, genes=genes, module=module)
@@ -261,13 +273,16 @@ def sample_anndata(
     measured_key: str | None = None,
     normalize: NormalizeMode | None = None,
     source: str = "input AnnData",
+    frame: FrameChoice = "auto",
 ) -> tuple[ad.AnnData, list]:
     """``expr_to_pos`` or ``pos_to_expr`` on every slice of ``adata``, in memory.
 
     The result is the input with the outputs of spec §3 beside its own slots (see
     :func:`sample_h5ad`, which writes it); also returns what the figure draws. ``measured``
     ((N,) bool, ``pos_to_expr`` only) marks cells that keep their expression (named
-    ``measured_key`` in messages); the others of their slice are imputed from them.
+    ``measured_key`` in messages); the others of their slice are imputed from them. ``frame``:
+    how coordinates are centred and scaled (:func:`prepare_input`; ``auto``: in the training
+    frame of a one-slice or one-volume model when they lie within it).
     """
     keys = keys or {}
     genes = list(module.hparams["gene_names"])
@@ -280,6 +295,7 @@ def sample_anndata(
         min_gene_overlap=min_gene_overlap,
         require_expression=mode != "pos_to_expr" or measured_key is not None,
         require_positions=mode == "pos_to_expr",
+        frame_choice=frame,
     )
     slices, missing = prepared.slices, prepared.missing_genes
     share = 1 - len(missing) / len(genes)
@@ -318,6 +334,7 @@ def sample_anndata(
             num_samples=num_samples,
             seed=seed + 1000 * k,
             known=known,
+            in_training_frame=piece.in_training_frame,
         )
         scale = piece.scale if has_pos else module.data_info.typical_scale
         center = piece.center if has_pos else np.zeros(module.n_dims)
@@ -343,7 +360,14 @@ def sample_anndata(
         "missing_gene_share": 1 - share,
         "normalization": prepared.normalization or "not read",
         "expression_estimate": module.cfg.sampling.expression_estimate,
+        "frames": {
+            piece.name: "training" if piece.in_training_frame else "own"
+            for piece in slices
+            if piece.positions is not None
+        },
     }
+    if mode == "pos_to_expr" and measured is None:
+        meta["expression_from"] = _expression_sources(module, slices)
     if mode == "expr_to_pos":  # how far each cell followed the cells alike in expression
         meta["consensus"] = module.cfg.sampling.consensus
         meta["consensus_neighbors"] = module.cfg.sampling.consensus_neighbors
@@ -357,6 +381,19 @@ def sample_anndata(
     meta["expression_key"] = _expression_key(result, mode)
     result.uns[UNS] = meta
     return result, figure_data
+
+
+def _expression_sources(module: AlphaSTomicsModule, slices: list) -> dict[str, str]:
+    """What ``pos_to_expr`` read each slice's expression from, for ``uns``."""
+    reads_reference = (
+        module.reference_cells is not None and module.cfg.sampling.expression_estimate == "mean"
+    )
+    return {
+        piece.name: "training cells (neighbour read-out)"
+        if reads_reference and piece.in_training_frame
+        else "positions"
+        for piece in slices
+    }
 
 
 def _expression_key(result: ad.AnnData, mode: str) -> str | None:

@@ -40,10 +40,13 @@ def evaluate_slice(
     steps: int | None,
     generator: torch.Generator,
     cell_type_names: list[str],
+    in_training_frame: bool = False,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Sample one slice in every conditional mode the model was trained for and score it.
 
-    Returns the metrics and the predictions (``positions`` (N, 3), ``expression`` (N, G)).
+    ``in_training_frame``: the slice's positions are in the frame of the model's reference
+    cells (``pos_to_expr`` may read them). Returns the metrics and the predictions
+    (``positions`` (N, 3), ``expression`` (N, G)).
     """
     expr_true = np.asarray(arrays.expression, dtype=np.float32)
     pos_true = np.asarray(arrays.positions, dtype=np.float32)
@@ -76,6 +79,7 @@ def evaluate_slice(
             steps=steps,
             generator=generator,
             expression_estimate=estimate,
+            in_training_frame=in_training_frame,
         )
         expr_pred = expr[0].cpu().numpy()
         predictions["expression"] = expr_pred
@@ -84,12 +88,29 @@ def evaluate_slice(
         )["pos_to_expr"]
         scores["seconds"] = time.perf_counter() - start
         scores["estimate"] = estimate
+        reads_reference = (
+            module.reference_cells is not None and estimate == "mean" and in_training_frame
+        )
+        scores["expression_from"] = (
+            "training cells (neighbour read-out)" if reads_reference else "positions"
+        )
         metrics["pos_to_expr"] = scores
         mean_expr = np.broadcast_to(module.scaler.mean.cpu().numpy(), expr_true.shape)
         metrics["baseline_mean_expression"] = expression_metrics(
             expr_true, mean_expr, gene_mask=gene_mask
         )
     return metrics, predictions
+
+
+def _in_training_frame(module: AlphaSTomicsModule, entry: dict[str, Any]) -> bool:
+    """Whether a store entry was centred and scaled as the model's one training frame (a
+    cell-split part of the training slice is)."""
+    frame = module.data_info.training_frame
+    return (
+        frame is not None
+        and np.allclose(entry["center"], frame.center, rtol=1e-9, atol=1e-9 * frame.scale)
+        and bool(np.isclose(entry["scale"], frame.scale, rtol=1e-9))
+    )
 
 
 def run_evaluation(
@@ -128,6 +149,7 @@ def run_evaluation(
                 steps=steps,
                 generator=generator,
                 cell_type_names=names,
+                in_training_frame=_in_training_frame(module, store.metadata["slices"][index]),
             )
             per_slice[name] = metrics
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

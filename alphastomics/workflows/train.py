@@ -101,6 +101,27 @@ def run_training(
             output_dir.rmdir()
 
 
+def _log_reference_cells(module: AlphaSTomicsModule) -> None:
+    """Say how ``pos_to_expr`` of the model being trained will read expression."""
+    stored = module.observation_model
+    if stored is None or stored.positions is None or module.neighbor_readout is None:
+        return
+    if module.reference_cells is not None:
+        log.info(
+            "sampling.reference_cells=auto: pos_to_expr reads the expression of the %s stored "
+            "training cells around each position with the learned neighbour read-out (one "
+            "training frame); sampling.reference_cells=none predicts from positions alone",
+            f"{stored.n_cells:,}",
+        )
+    elif module.cfg.sampling.reference_cells == "auto":
+        log.info(
+            "pos_to_expr predicts from positions alone: the checkpoint keeps %s of the %s "
+            "training cells, not a complete reference",
+            f"{stored.n_cells:,}",
+            f"{stored.n_training_cells:,}",
+        )
+
+
 def _fit(
     cfg: Config,
     trainer: pl.Trainer,
@@ -135,7 +156,7 @@ def _fit(
         rank=rank,
         world_size=world_size,
     )
-    data_info = DataInfo.from_metadata(meta)
+    data_info = DataInfo.from_metadata(meta, ProcessedStore(data_dir).training_frame())
     module = AlphaSTomicsModule(
         cfg,
         meta["n_genes"],
@@ -148,8 +169,11 @@ def _fit(
     if cfg.training_mode == "joint":
         store = ProcessedStore(data_dir)
         parts = [store.load_slice(i) for i in store.slice_indices("train")]
+        one_frame = data_info.frame is not None  # their positions are a reference atlas
         module.observation_model = ObservationModel.from_slices(
-            [(part.expression, part.gene_mask) for part in parts], seed=cfg.training.seed
+            [(part.expression, part.gene_mask) for part in parts],
+            seed=cfg.training.seed,
+            positions=[part.positions for part in parts] if one_frame else None,
         )
         if module.observation_model is not None:
             log.info(
@@ -157,6 +181,7 @@ def _fit(
                 "checkpoint (alphastomics.diffusion_model.observation)",
                 f"{module.observation_model.n_cells:,}",
             )
+            _log_reference_cells(module)
     if world_size > 1:
         # same initial weights everywhere (above), a different noise stream per rank (below)
         pl.seed_everything(cfg.training.seed + rank, workers=True, verbose=False)

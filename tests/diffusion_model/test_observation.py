@@ -91,6 +91,27 @@ def test_from_slices_keeps_the_given_cells_and_caps_them(tiny_store, monkeypatch
     assert ObservationModel.from_slices([]) is None
 
 
+def test_positions_of_one_frame_make_an_atlas_only_when_every_cell_is_kept(tiny_store, monkeypatch):
+    store = ProcessedStore(tiny_store)
+    train = [store.load_slice(i) for i in store.slice_indices("train")]
+    slices = [(part.expression, part.gene_mask) for part in train]
+    positions = [part.positions for part in train]
+    assert not ObservationModel.from_slices(slices).atlas  # no positions: several frames
+    model = ObservationModel.from_slices(slices, positions=positions)
+    assert model.atlas and model.n_training_cells == model.n_cells
+    rows = np.concatenate([np.asarray(part.expression) for part in train])
+    where = np.concatenate([np.asarray(part.positions) for part in train])
+    for expression, position in zip(model.expression, model.positions, strict=True):
+        match = (rows == expression).all(axis=1)  # each kept cell keeps its own position
+        assert (where[match] == position).all(axis=1).any()
+    again = ObservationModel.from_state(model.state())
+    np.testing.assert_array_equal(again.positions, model.positions)
+    assert again.atlas
+    monkeypatch.setattr(observation, "MAX_CELLS", 30)
+    capped = ObservationModel.from_slices(slices, positions=positions)
+    assert capped.positions.shape == (30, 3) and not capped.atlas
+
+
 def test_starting_states_are_stored_cells_with_unmeasured_genes_at_their_mean():
     cells, _ = two_types(n=20)
     mask = np.ones_like(cells, bool)

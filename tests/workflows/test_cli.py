@@ -21,6 +21,7 @@ from conftest import TINY_OVERRIDES, cli, make_tiny_adata
 
 from alphastomics.errors import UserInputError
 from alphastomics.main import build_parser, main
+from alphastomics.training.checkpoint import load_module
 
 TINY = [
     *TINY_OVERRIDES,
@@ -421,6 +422,23 @@ def test_sample_refuses_to_overwrite(trained, tmp_path, capsys):
     code = main(_sample_argv(trained, trained["test_h5ad"], out, "joint"))
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "keep me"
+
+
+def test_frame_training_needs_a_model_of_one_frame_and_an_h5ad(trained, tmp_path, capsys):
+    # this model was trained on several slices, each centred and scaled on its own
+    module = load_module(trained["ckpt"])
+    assert module.data_info.training_frame is None and module.reference_cells is None
+    out = tmp_path / "out.h5ad"
+    argv = _sample_argv(trained, trained["test_h5ad"], out, "pos_to_expr", "--frame", "training")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--frame training needs a model trained on one slice or volume" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    pt = tmp_path / "in.pt"
+    torch.save({"expression": torch.zeros(3, 16), "positions": torch.zeros(3, 3)}, pt)
+    argv = _sample_argv(trained, pt, tmp_path / "out.pt", "pos_to_expr", "--frame", "own")
+    assert main(argv) == 2 and "Drop --frame" in capsys.readouterr().err
 
 
 def test_extract_store_and_h5ad(trained, tmp_path):
