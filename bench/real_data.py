@@ -40,8 +40,9 @@ split where placing cells in unseen tissue matters (kNN regression about 0.83).
 The model and every baseline are scored on the same arrays: the test entries of the store,
 loaded by ``ProcessedStore.load_slice``; only held-out cells enter a metric. The model is
 scored by ``alphastomics.workflows.test.run_evaluation`` (it samples each test entry
-from its expression alone for ``expr_to_pos`` and from its positions alone for
-``pos_to_expr``); the baselines by :func:`alphastomics.evaluation.baselines.evaluate_baselines`, fitted on
+from its expression alone for ``expr_to_pos`` and from its positions for ``pos_to_expr``:
+alone for a model of several slices, through the stored training cells around them for a model
+of one slice, ``sampling.reference_cells``); the baselines by :func:`alphastomics.evaluation.baselines.evaluate_baselines`, fitted on
 the training entries. When a single slice was split by cells, a second model row generates the
 test cells among the training cells of their slice (``known`` = training cells): it places
 them from their expression (inpainting) and imputes their expression at their positions (with

@@ -10,7 +10,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import BENCH, TINY_OVERRIDES, load_bench_script
+from conftest import BENCH, TINY_OVERRIDES, load_bench_script, make_tiny_adata
 from scipy.spatial.distance import pdist
 
 from alphastomics.main import main as cli
@@ -184,3 +184,20 @@ def test_held_out_settings_keep_turn_and_cut(tmp_path: Path) -> None:
                 str(tmp_path / "z.h5ad"),
             ]
         )
+
+
+def test_region_queries_run_through_the_cli(tmp_path: Path) -> None:
+    adata = make_tiny_adata(n_slices=1, n_cells=150)
+    source = tmp_path / "volume.h5ad"
+    adata.write_h5ad(source)
+    bench = load_bench_script("region_queries")
+    args = ["--h5ad", str(source), "--position_key", "ccf", "--budget_minutes", "0.2"]
+    args += ["--output_dir", str(tmp_path / "out"), *TINY_OVERRIDES, "training.max_steps=3"]
+    result = bench.run(args)
+    rows = {(r["method"], r["task"]): r for r in result["rows"]}
+    assert len(rows) == 6 and result["n_region_cells"] + result["n_train_cells"] == adata.n_obs
+    defaults = rows[("model, sample (defaults)", "pos_to_expr")]["pcc_gene_mean"]
+    own = rows[("model, sample --frame own", "pos_to_expr")]["pcc_gene_mean"]
+    assert np.isfinite(defaults) and np.isfinite(own) and defaults != own
+    assert np.isfinite(rows[("kNN regression", "expr_to_pos")]["knn_preservation"])
+    assert (tmp_path / "out" / "results.md").is_file()
