@@ -154,25 +154,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     genes = list(map(str, region.var_names))
     truth_positions = np.asarray(region.obsm[args.position_key], dtype=np.float64)
     rows: list[dict[str, Any]] = []
+
+    def sample(mode: str, path: Path, words: Sequence[str] = ()) -> ad.AnnData:
+        """``alphastomics sample`` of the region in ``mode`` to ``path``, read back."""
+        argv = ["sample", "--checkpoint", str(checkpoint), "--input_data", str(region_h5ad)]
+        _cli([*argv, "--sample_mode", mode, "--output", str(path), "--overwrite", *words], log)
+        return ad.read_h5ad(path)
+
+    region_h5ad = inputs / "region.h5ad"
     for name, words in POS_TO_EXPR_RUNS.items():
-        path = out / f"pos_to_expr_{name}.h5ad"
-        _cli(
-            [
-                "sample",
-                "--checkpoint",
-                str(checkpoint),
-                "--input_data",
-                str(inputs / "region.h5ad"),
-                "--sample_mode",
-                "pos_to_expr",
-                "--output",
-                str(path),
-                "--overwrite",
-                *words,
-            ],
-            log,
-        )
-        sampled = ad.read_h5ad(path)
+        sampled = sample("pos_to_expr", out / f"pos_to_expr_{name}.h5ad", words)
         normalization = str(sampled.uns["alphastomics"]["normalization"])
         truth_expression = _expression(region, normalization)
         scored = expression_metrics(truth_expression, _sampled_expression(sampled, genes))
@@ -180,23 +171,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             {"method": f"model, sample {' '.join(words) or '(defaults)'}", "task": "pos_to_expr"}
             | scored
         )
-    path = out / "expr_to_pos.h5ad"
-    _cli(
-        [
-            "sample",
-            "--checkpoint",
-            str(checkpoint),
-            "--input_data",
-            str(inputs / "region.h5ad"),
-            "--sample_mode",
-            "expr_to_pos",
-            "--output",
-            str(path),
-            "--overwrite",
-        ],
-        log,
-    )
-    placed = np.asarray(ad.read_h5ad(path).obsm[POSITIONS], dtype=np.float64)
+    placed_cells = sample("expr_to_pos", out / "expr_to_pos.h5ad")
+    placed = np.asarray(placed_cells.obsm[POSITIONS], dtype=np.float64)
     rows.append(
         {"method": "model", "task": "expr_to_pos"} | position_metrics(truth_positions, placed)
     )

@@ -85,6 +85,17 @@ class Predictor:
         uses the neighbour read-out (else it inpaints a reverse-process draw)."""
         return self.neighbor_readout is not None and self.sampling.expression_estimate == "mean"
 
+    def expression_source(self, in_training_frame: bool) -> str:
+        """What ``pos_to_expr``'s point estimate reads for positions ``in_training_frame`` (or
+        not), as outputs record it: the reference cells, or the positions alone."""
+        if (
+            self.reference is not None
+            and in_training_frame
+            and self.sampling.expression_estimate == "mean"
+        ):
+            return "training cells (neighbour read-out)"
+        return "positions"
+
     def sampler(
         self,
         sampler: SamplerKind | None = None,
@@ -228,15 +239,8 @@ class Predictor:
                 out[b, chunk] = readout(batch.positions[b, chunk], positions, standardized)
         expr_out = self.scaler.unstandardize(out)
         if not bool(known.all()):
-            mean, _ = self.sampler().predict_mean(
-                expr,
-                batch.positions,
-                mask,
-                "pos_to_expr",
-                gene_mask=batch.gene_mask,
-                generator=generator,
-            )
-            expr_out = torch.where(known, expr_out, self.scaler.unstandardize(mean))
+            mean = self._mean_from_positions(batch, expr, generator)
+            expr_out = torch.where(known, expr_out, mean)
         return apply_mask(expr_out, mask), center(batch.positions, mask)
 
     @torch.inference_mode()
@@ -288,17 +292,8 @@ class Predictor:
         )
         unmeasured = ~batch.gene_mask.bool()  # (B, G)
         if bool(unmeasured.any()):
-            mean, _ = self.sampler().predict_mean(
-                expr,
-                batch.positions,
-                mask,
-                "pos_to_expr",
-                gene_mask=batch.gene_mask,
-                generator=generator,
-            )
-            expr_out = torch.where(
-                unmeasured.unsqueeze(1), self.scaler.unstandardize(mean), expr_out
-            )
+            mean = self._mean_from_positions(batch, expr, generator)
+            expr_out = torch.where(unmeasured.unsqueeze(1), mean, expr_out)
         return apply_mask(expr_out, mask), center(batch.positions, mask)
 
     @torch.inference_mode()
@@ -366,6 +361,21 @@ class Predictor:
             measured.unsqueeze(1), batch.expression, self.scaler.unstandardize(out)
         )
         return apply_mask(imputed, batch.node_mask)
+
+    def _mean_from_positions(
+        self, batch: DataHolder, expr: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """(B, N, G) log-normalised conditional mean from the positions of ``batch`` (on the
+        device; ``expr`` its standardised expression), for genes a read-out cannot give."""
+        mean, _ = self.sampler().predict_mean(
+            expr,
+            batch.positions,
+            batch.node_mask.bool(),
+            "pos_to_expr",
+            gene_mask=batch.gene_mask,
+            generator=generator,
+        )
+        return self.scaler.unstandardize(mean)
 
     def _standardized_on_device(self, batch: DataHolder) -> tuple[DataHolder, Tensor]:
         """``batch`` on the model's device and its standardised (B, N, G) expression."""

@@ -367,7 +367,10 @@ def sample_anndata(
         },
     }
     if mode == "pos_to_expr" and measured is None:
-        meta["expression_from"] = _expression_sources(module, slices)
+        predictor = module.predictor
+        meta["expression_from"] = {
+            piece.name: predictor.expression_source(piece.in_training_frame) for piece in slices
+        }
     if mode == "expr_to_pos":  # how far each cell followed the cells alike in expression
         meta["consensus"] = module.cfg.sampling.consensus
         meta["consensus_neighbors"] = module.cfg.sampling.consensus_neighbors
@@ -381,19 +384,6 @@ def sample_anndata(
     meta["expression_key"] = _expression_key(result, mode)
     result.uns[UNS] = meta
     return result, figure_data
-
-
-def _expression_sources(module: AlphaSTomicsModule, slices: list) -> dict[str, str]:
-    """What ``pos_to_expr`` read each slice's expression from, for ``uns``."""
-    reads_reference = (
-        module.reference_cells is not None and module.cfg.sampling.expression_estimate == "mean"
-    )
-    return {
-        piece.name: "training cells (neighbour read-out)"
-        if reads_reference and piece.in_training_frame
-        else "positions"
-        for piece in slices
-    }
 
 
 def _expression_key(result: ad.AnnData, mode: str) -> str | None:

@@ -88,12 +88,7 @@ def evaluate_slice(
         )["pos_to_expr"]
         scores["seconds"] = time.perf_counter() - start
         scores["estimate"] = estimate
-        reads_reference = (
-            module.reference_cells is not None and estimate == "mean" and in_training_frame
-        )
-        scores["expression_from"] = (
-            "training cells (neighbour read-out)" if reads_reference else "positions"
-        )
+        scores["expression_from"] = module.predictor.expression_source(in_training_frame)
         metrics["pos_to_expr"] = scores
         mean_expr = np.broadcast_to(module.scaler.mean.cpu().numpy(), expr_true.shape)
         metrics["baseline_mean_expression"] = expression_metrics(
