@@ -43,7 +43,10 @@ _MAX_LISTED = 5  # names quoted in an error message
 
 FrameChoice = Literal["auto", "training", "own"]
 
-FRAME_MARGIN = 0.25  # an input lies in the training frame within this share of its extent beyond it
+# an input within the training extent widened by this share of it on each axis is read in the
+# training frame: a neighbouring block of a registered volume is; another origin (coordinates of
+# another specimen or system, usually far away) is not
+FRAME_MARGIN = 1.0
 
 
 @dataclass(frozen=True)

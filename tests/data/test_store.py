@@ -62,8 +62,8 @@ def test_training_frame_holds_what_lies_within_its_extent_and_round_trips():
         center=(5.0, 5.0, 0.0), scale=2.0, low=(0.0, 0.0, 0.0), high=(10.0, 10.0, 0.0)
     )
     assert frame.holds(np.array([[4.0, 6.0], [9.0, 1.0]]))  # 2D input: z = 0, as trained
-    assert frame.holds(np.array([[-2.0, 12.0]]))  # within a quarter of the extent beyond it
-    assert not frame.holds(np.array([[4.0, 6.0], [13.0, 5.0]]))
+    assert frame.holds(np.array([[-8.0, 19.0]]))  # within the extent beyond it: a neighbour
+    assert not frame.holds(np.array([[4.0, 6.0], [21.0, 5.0]]))
     assert not frame.holds(np.array([[4.0, 6.0, 1.0]]))  # off the trained plane
     assert TrainingFrame.from_dict(frame.to_dict()) == frame
     assert TrainingFrame.from_dict(None) is None
