@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from alphastomics.data.store import ProcessedStore, StoreSlice
+from alphastomics.data.units import to_model_units, to_user_units
 from alphastomics.diffusion_model.diffusion_utils import sample_centered_gaussian
 from alphastomics.errors import UserInputError
 from alphastomics.evaluation.evaluate import score_positions, score_slice
@@ -97,15 +99,22 @@ def evaluate_slice(
     return metrics, predictions
 
 
-def _in_training_frame(module: AlphaSTomicsModule, entry: dict[str, Any]) -> bool:
-    """Whether a store entry was centred and scaled as the model's one training frame (a
-    cell-split part of the training slice is)."""
+def _in_training_frame(
+    module: AlphaSTomicsModule, entry: dict[str, Any], arrays: StoreSlice
+) -> StoreSlice | None:
+    """A store entry re-read in the training frame of a model of one slice or volume, when its
+    coordinates lie within it (as ``sample --frame auto`` reads a file); None otherwise.
+
+    A cell-split part of the training slice is in that frame already; a slice preprocessed
+    beside it (a held-out block given as a file of its own) was centred and scaled on its own.
+    """
     frame = module.data_info.training_frame
-    return (
-        frame is not None
-        and np.allclose(entry["center"], frame.center, rtol=1e-9, atol=1e-9 * frame.scale)
-        and bool(np.isclose(entry["scale"], frame.scale, rtol=1e-9))
-    )
+    if frame is None:
+        return None
+    user = to_user_units(np.asarray(arrays.positions), entry["center"], entry["scale"])
+    if not frame.holds(user):
+        return None
+    return dataclasses.replace(arrays, positions=to_model_units(user, frame.center, frame.scale))
 
 
 def run_evaluation(
@@ -135,6 +144,8 @@ def run_evaluation(
     with staged_outputs() as stage:  # every figure and metrics.json, or nothing
         for k, index in enumerate(indices):
             arrays = store.load_slice(index)
+            reframed = _in_training_frame(module, store.metadata["slices"][index], arrays)
+            arrays = arrays if reframed is None else reframed
             name = store.metadata["slices"][index]["name"]
             generator = torch.Generator(device=module.device).manual_seed(seed + k)
             metrics, pred = evaluate_slice(
@@ -144,8 +155,9 @@ def run_evaluation(
                 steps=steps,
                 generator=generator,
                 cell_type_names=names,
-                in_training_frame=_in_training_frame(module, store.metadata["slices"][index]),
+                in_training_frame=reframed is not None,
             )
+            metrics["frame"] = "own" if reframed is None else "training"
             per_slice[name] = metrics
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
             labels = _cell_type_names(np.asarray(arrays.cell_type), names)

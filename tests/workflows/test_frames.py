@@ -14,7 +14,9 @@ import torch
 from conftest import TINY_OVERRIDES, make_tiny_adata
 
 from alphastomics.data.batch import DataHolder
+from alphastomics.data.store import ProcessedStore
 from alphastomics.data.units import to_model_units
+from alphastomics.evaluation.metrics import expression_metrics
 from alphastomics.main import main
 from alphastomics.training.checkpoint import load_module
 
@@ -147,3 +149,30 @@ def test_test_reads_the_training_cells_for_parts_of_the_training_slice(volume, t
     scored = json.loads((out / "metrics.json").read_text())["slices"]
     expected = "positions" if words else "training cells (neighbour read-out)"
     assert [m["pos_to_expr"]["expression_from"] for m in scored.values()] == [expected]
+
+
+def test_test_reads_a_block_preprocessed_as_a_slice_of_its_own_in_the_training_frame(
+    volume, tmp_path
+):
+    # the held-out band given to preprocess as a file of its own: its entry is centred and
+    # scaled on its own, and `test` re-reads it in the training frame, as `sample` reads the file
+    region = ad.read_h5ad(volume["root"] / "region.h5ad")
+    region.obs["slice"] = "band"
+    band = tmp_path / "band.h5ad"
+    region.write_h5ad(band)
+    store, scores = tmp_path / "store", tmp_path / "scores"
+    argv = ["preprocess", "--input", volume["root"] / "train.h5ad", band, "--output_dir", store]
+    assert main([str(a) for a in [*argv, "--test_slices", "band"]]) == 0
+    argv = ["test", "--checkpoint", volume["ckpt"], "--data_dir", store, "--output_dir", scores]
+    assert main([str(a) for a in argv]) == 0
+    scored = json.loads((scores / "metrics.json").read_text())["slices"]["band"]
+    assert scored["frame"] == "training"
+    assert scored["pos_to_expr"]["expression_from"] == "training cells (neighbour read-out)"
+    sampled = _pos_to_expr(volume, "region.h5ad")  # the same cells through `sample`
+    entry = ProcessedStore(store)
+    arrays = entry.load_slice(entry.slice_indices("test")[0])
+    rows = sampled.obs_names.get_indexer(arrays.obs_names)
+    pcc = expression_metrics(
+        np.asarray(arrays.expression), sampled.layers["alphastomics_expression"][rows]
+    )["pcc_gene_mean"]
+    assert scored["pos_to_expr"]["pcc_gene_mean"] == pytest.approx(pcc, abs=1e-4)
