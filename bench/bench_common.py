@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,23 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(arguments for argparse, ``KEY=VALUE`` config overrides)."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     return [a for a in argv if a not in overrides], overrides
+
+
+def run_cli(args: Sequence[object], log_path: Path | None = None) -> None:
+    """Run ``alphastomics ARGS`` with this interpreter in a subprocess (its output written to
+    ``log_path``); a failure is a :class:`UserInputError` naming the command and its last line."""
+    command = [sys.executable, "-m", "alphastomics.main", *map(str, args)]
+    logging.getLogger(__name__).info("running %s", " ".join(command[2:]))
+    if log_path is None:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        output = done.stderr
+    else:
+        with log_path.open("w") as handle:
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+        output = log_path.read_text()
+    if done.returncode != 0:
+        tail = output.strip().splitlines()[-1:] or ["(no output)"]
+        raise UserInputError(f"`alphastomics {args[0]}` failed ({done.returncode}): {tail[0]}")
 
 
 def write_results(output_dir: Path, result: dict[str, Any], text: str) -> None:

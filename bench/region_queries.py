@@ -6,8 +6,8 @@ cells from their expression (``expr_to_pos``), with the CLI and its defaults. Th
 protocol of issue 17's held-out checks (``sample`` on the held-out cells, scored by a script),
 which ``bench/real_data.py`` does not follow: it scores the store's arrays, in the store's frame.
 
-Steps (each a CLI command, logged): the cells whose coordinate ``--axis`` is ranked between the
-``--region`` quantiles are written to ``inputs/region.h5ad``, the others to
+Steps (each a CLI command, its output in ``logs/``): the cells whose coordinate ``--axis`` is
+ranked between the ``--region`` quantiles are written to ``inputs/region.h5ad``, the others to
 ``inputs/train.h5ad``; ``alphastomics preprocess`` (one slice: a random 10 % of its cells are
 held out for validation, as by default) and ``alphastomics train`` with
 ``training.max_time_minutes`` = ``--budget_minutes`` (and any ``KEY=VALUE`` overrides); then
@@ -30,7 +30,6 @@ About ``--budget_minutes`` + 2 minutes (preprocess, two samples, scoring).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +38,13 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-from bench_common import add_output_arguments, input_parser, split_overrides, write_results
+from bench_common import (
+    add_output_arguments,
+    input_parser,
+    run_cli,
+    split_overrides,
+    write_results,
+)
 
 from alphastomics.data.anndata import TARGET_SUM
 from alphastomics.evaluation.baselines import KNNExpression, KNNPositions
@@ -62,17 +67,6 @@ def split_region(
     low, high = np.quantile(coordinate, region)
     inside = (coordinate >= low) & (coordinate <= high)
     return adata[~inside].copy(), adata[inside].copy()
-
-
-def _cli(args: list[str], log: Path) -> None:
-    """Run ``alphastomics ARGS`` (this interpreter), its output appended to ``log``."""
-    command = [sys.executable, "-m", "alphastomics.main", *args]
-    with log.open("a") as out:
-        out.write("$ alphastomics " + " ".join(args) + "\n")
-        out.flush()
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"`alphastomics {' '.join(args)}` failed; see {log}")
 
 
 def _expression(adata: ad.AnnData, normalization: str) -> np.ndarray:
@@ -105,8 +99,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.output_dir or Path("runs/region_queries")
     if out.exists() and any(out.iterdir()) and not args.overwrite and args.checkpoint is None:
         raise SystemExit(f"{out} is not empty; pass --overwrite or another --output_dir")
-    inputs, log = out / "inputs", out / "commands.log"
+    inputs, logs = out / "inputs", out / "logs"  # logs: one file per command
     inputs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
 
     adata = ad.read_h5ad(args.h5ad)
     train, region = split_region(adata, args.position_key, args.axis, args.region)
@@ -117,7 +112,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_seconds = 0.0
     if checkpoint is None:
         start = time.perf_counter()
-        _cli(
+        run_cli(
             [
                 "preprocess",
                 "--input",
@@ -129,9 +124,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "--output_dir",
                 str(out / "data"),
             ],
-            log,
+            logs / "preprocess.log",
         )
-        _cli(
+        run_cli(
             [
                 "train",
                 "--data_dir",
@@ -141,7 +136,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"training.max_time_minutes={args.budget_minutes:g}",
                 *overrides,
             ],
-            log,
+            logs / "train.log",
         )
         train_seconds = time.perf_counter() - start
         checkpoint = out / "run" / "checkpoints" / "last.ckpt"
@@ -158,7 +153,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def sample(mode: str, path: Path, words: Sequence[str] = ()) -> ad.AnnData:
         """``alphastomics sample`` of the region in ``mode`` to ``path``, read back."""
         argv = ["sample", "--checkpoint", str(checkpoint), "--input_data", str(region_h5ad)]
-        _cli([*argv, "--sample_mode", mode, "--output", str(path), "--overwrite", *words], log)
+        command = [*argv, "--sample_mode", mode, "--output", str(path), "--overwrite", *words]
+        run_cli(command, logs / f"{path.stem}.log")
         return ad.read_h5ad(path)
 
     region_h5ad = inputs / "region.h5ad"

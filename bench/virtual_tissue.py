@@ -69,7 +69,6 @@ import argparse
 import logging
 import math
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -83,6 +82,7 @@ from bench_common import (
     add_output_arguments,
     add_sampling_arguments,
     input_parser,
+    run_cli,
     split_overrides,
     write_results,
 )
@@ -234,22 +234,6 @@ def _check_slices(args: argparse.Namespace) -> None:
 # Store and model, through the CLI
 
 
-def _cli(args: list[str], log_path: Path | None = None) -> None:
-    """Run ``alphastomics ARGS`` in a subprocess (its log in ``log_path``); fail loudly."""
-    command = [sys.executable, "-m", "alphastomics.main", *map(str, args)]
-    log.info("running %s", " ".join(command[2:]))
-    if log_path is None:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        output = done.stderr
-    else:
-        with log_path.open("w") as handle:
-            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
-        output = log_path.read_text()
-    if done.returncode != 0:
-        tail = output.strip().splitlines()[-1:] or ["(no output)"]
-        raise UserInputError(f"`alphastomics {args[0]}` failed ({done.returncode}): {tail[0]}")
-
-
 def preprocess(args: argparse.Namespace, data_dir: Path) -> None:
     """``alphastomics preprocess`` with its defaults, holding out ``--test_slices``; without
     them every cell is a training cell."""
@@ -266,7 +250,7 @@ def preprocess(args: argparse.Namespace, data_dir: Path) -> None:
         command += ["--val_slices", *args.val_slices]
     elif not args.test_slices:
         command += ["--val_fraction", "0"]
-    _cli(command)
+    run_cli(command)
 
 
 def train(args: argparse.Namespace, overrides: list[str], data_dir: Path, run_dir: Path) -> Path:
@@ -276,7 +260,7 @@ def train(args: argparse.Namespace, overrides: list[str], data_dir: Path, run_di
     run_dir.mkdir(parents=True)
     command = ["train", "--data_dir", data_dir, "--output_dir", run_dir]
     command += [f"training.max_time_minutes={args.budget_minutes}", *overrides]
-    _cli(command, run_dir / "train.log")
+    run_cli(command, run_dir / "train.log")
     # the final weights: the learning rate decays to the end of the budget
     return run_dir / "checkpoints" / "last.ckpt"
 

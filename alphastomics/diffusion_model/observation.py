@@ -21,6 +21,7 @@ slice or volume also stores their positions: they are a reference atlas in its f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,11 @@ class ObservationModel:
     @property
     def n_cells(self) -> int:
         return len(self.expression)
+
+    @cached_property
+    def measured_by_all(self) -> np.ndarray:
+        """(G,) bool: the genes every stored cell measured."""
+        return self.gene_mask.all(axis=0)
 
     @property
     def atlas(self) -> bool:

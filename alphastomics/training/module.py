@@ -388,7 +388,7 @@ class AlphaSTomicsModule(pl.LightningModule):
         return ReferenceCells(
             positions=torch.from_numpy(stored.positions),
             expression=torch.from_numpy(stored.expression),
-            gene_mask=torch.from_numpy(stored.gene_mask.all(axis=0)),
+            gene_mask=torch.from_numpy(stored.measured_by_all),
         )
 
     # ------------------------------------------------------------------ optimiser

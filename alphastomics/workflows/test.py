@@ -99,7 +99,7 @@ def evaluate_slice(
     return metrics, predictions
 
 
-def _in_training_frame(
+def _read_in_training_frame(
     module: AlphaSTomicsModule, entry: dict[str, Any], arrays: StoreSlice
 ) -> StoreSlice | None:
     """A store entry re-read in the training frame of a model of one slice or volume, when its
@@ -144,7 +144,7 @@ def run_evaluation(
     with staged_outputs() as stage:  # every figure and metrics.json, or nothing
         for k, index in enumerate(indices):
             arrays = store.load_slice(index)
-            reframed = _in_training_frame(module, store.metadata["slices"][index], arrays)
+            reframed = _read_in_training_frame(module, store.metadata["slices"][index], arrays)
             arrays = arrays if reframed is None else reframed
             name = store.metadata["slices"][index]["name"]
             generator = torch.Generator(device=module.device).manual_seed(seed + k)

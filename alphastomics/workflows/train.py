@@ -137,7 +137,8 @@ def _fit(
     if rank != 0:
         logging.getLogger("alphastomics").setLevel(logging.WARNING)
     _log_validation_plan(cfg, has_val)
-    cfg, decisions = resolve_auto(cfg, training_frames(ProcessedStore(data_dir).metadata))
+    store = ProcessedStore(data_dir)
+    cfg, decisions = resolve_auto(cfg, training_frames(store.metadata))
     for decision in decisions:
         log.info(decision)
     log.info(local_attention_note(cfg.model.local_neighbors, cfg.model.local_graph))
@@ -156,7 +157,7 @@ def _fit(
         rank=rank,
         world_size=world_size,
     )
-    data_info = DataInfo.from_metadata(meta, ProcessedStore(data_dir).training_frame())
+    data_info = DataInfo.from_metadata(meta, store.training_frame())
     module = AlphaSTomicsModule(
         cfg,
         meta["n_genes"],
@@ -167,7 +168,6 @@ def _fit(
         n_dims=meta.get("n_dims", 3),
     )
     if cfg.training_mode == "joint":
-        store = ProcessedStore(data_dir)
         parts = [store.load_slice(i) for i in store.slice_indices("train")]
         one_frame = data_info.frame is not None  # their positions are a reference atlas
         module.observation_model = ObservationModel.from_slices(
